@@ -1,0 +1,174 @@
+"""Benchmarks, run side by side with the baselines in one process so ratios are meaningful."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import hub
+from .errors import GearshiftError
+
+
+def data_dir() -> Path:
+    """The shared data folder: $GEARSHIFT_DATA, else ../shared/data next to the checkout."""
+    candidates = [os.environ.get("GEARSHIFT_DATA"), Path.cwd().parent / "shared" / "data",
+                  Path(__file__).resolve().parents[3] / "shared" / "data"]
+    for c in candidates:
+        if c and (Path(c) / "spec_bench" / "question.jsonl").exists():
+            return Path(c)
+    raise GearshiftError("Spec-Bench data not found: set GEARSHIFT_DATA to the folder holding spec_bench/question.jsonl")
+
+
+def spec_bench_questions(limit: int | None = None) -> list[dict]:
+    with open(data_dir() / "spec_bench" / "question.jsonl") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return rows[:limit] if limit else rows
+
+
+def _time_engine(name: str, fn, prompts: list, warmup) -> dict:
+    """Total generated tokens over total wall time (prefill included), after one warm-up call."""
+    warmup()
+    tokens, seconds, outputs = 0, 0.0, []
+    for ids in tqdm(prompts, desc=name, unit="q"):
+        t0 = time.perf_counter()
+        out = fn(ids)
+        seconds += time.perf_counter() - t0
+        tokens += len(out)
+        outputs.append(out)
+    return {"tok_per_s": tokens / seconds, "generated_tokens": tokens, "seconds": seconds, "outputs": outputs}
+
+
+def run_quick(model: str | None, n_questions: int = 10, max_new_tokens: int = 128, json_path: str | None = None,
+              plot_path: str | None = None, with_transformers: bool = True, device: str | None = None) -> dict:
+    from .engine import LLM
+    from .loading import load
+
+    path = hub.resolve_model(model)
+    questions = spec_bench_questions(n_questions)
+    t0 = time.perf_counter()
+    cold = load(path, device=device, use_cache=False)
+    cold_s = time.perf_counter() - t0
+    warm = load(path, device=device)  # writes the conversion cache if missing
+    warm = load(path, device=device)
+    llm = LLM(warm)
+    prompts = [llm.encode([{"role": "user", "content": q["turns"][0]}]) for q in questions]
+    del cold
+
+    def ours(engine: LLM):
+        def run(ids):
+            return engine.generate(ids, max_tokens=max_new_tokens).token_ids
+        return run
+
+    results: dict = {"model": path.name, "max_new_tokens": max_new_tokens, "questions": len(prompts), "engines": {}}
+    eng = results["engines"]
+    warmup_ids = prompts[0][:16]
+    eng["gearshift"] = _time_engine("gearshift", ours(llm), prompts, lambda: ours(llm)(warmup_ids))
+    eng["gearshift"].update(weights=llm.model.fmts, load_cold_s=cold_s, load_warm_s=warm.load_seconds)
+    exact = LLM(load(path, device=device, weights="float32"))
+    eng["gearshift-float32"] = _time_engine("gearshift float32", ours(exact), prompts, lambda: ours(exact)(warmup_ids))
+    eng["gearshift-float32"]["weights"] = exact.model.fmts
+    del exact
+    if with_transformers:
+        eng["transformers"] = _bench_transformers(path, prompts, max_new_tokens, device)
+        results["speedup_vs_transformers"] = eng["gearshift"]["tok_per_s"] / eng["transformers"]["tok_per_s"]
+        ref = eng["transformers"]["outputs"]
+        for name in ("gearshift", "gearshift-float32"):
+            eng[name]["identical_to_transformers"] = sum(o == r for o, r in zip(eng[name]["outputs"], ref)) / len(ref)
+    llama = _bench_llama_cpp(path, prompts, max_new_tokens)
+    if llama:
+        eng["llama.cpp"] = llama
+    for e in eng.values():
+        e.pop("outputs", None)
+    _print_quick(results)
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=1))
+    if plot_path:
+        _plot_quick(results, plot_path)
+    return results
+
+
+def _bench_transformers(path: Path, prompts: list[list[int]], max_new_tokens: int, device: str | None) -> dict:
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    t0 = time.perf_counter()
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if path.is_file():
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    model = model.to(dev).eval()
+    load_s = time.perf_counter() - t0
+
+    @torch.inference_mode()
+    def run(ids):
+        x = torch.tensor([ids], device=dev)
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=model.config.eos_token_id)
+        new = out[0, len(ids):].tolist()
+        eos = model.generation_config.eos_token_id
+        eos = {eos} if isinstance(eos, int) else set(eos or [])
+        return [t for t in new if t not in eos]
+
+    r = _time_engine("transformers", run, prompts, lambda: run(prompts[0][:16]))
+    r["load_s"] = load_s
+    return r
+
+
+def _bench_llama_cpp(path: Path, prompts, max_new_tokens: int) -> dict | None:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    if not path.is_file():
+        return None
+    llm = Llama(str(path), n_ctx=4096, n_threads=torch.get_num_threads(), verbose=False)
+
+    def run(ids):
+        out = []
+        for t in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+            if t == llm.token_eos() or len(out) >= max_new_tokens:
+                break
+            out.append(t)
+        return out
+
+    return _time_engine("llama.cpp", run, prompts, lambda: run(prompts[0][:16]))
+
+
+def _print_quick(r: dict) -> None:
+    print(f"\nmodel: {r['model']}   {r['questions']} Spec-Bench questions, greedy, {r['max_new_tokens']} new tokens")
+    print(f"{'engine':<20}{'tok/s':>9}{'tokens':>9}  notes")
+    for name, e in r["engines"].items():
+        notes = []
+        if "weights" in e:
+            notes.append("weights " + "/".join(sorted(set(e["weights"].values()))))
+        if "identical_to_transformers" in e:
+            notes.append(f"{e['identical_to_transformers']:.0%} outputs identical to transformers")
+        for k in ("load_cold_s", "load_warm_s", "load_s"):
+            if k in e:
+                notes.append(f"{k.replace('_s', '')} {e[k]:.2f}s")
+        print(f"{name:<20}{e['tok_per_s']:>9.1f}{e['generated_tokens']:>9}  {', '.join(notes)}")
+    if "speedup_vs_transformers" in r:
+        print(f"speedup vs transformers: {r['speedup_vs_transformers']:.2f}x")
+
+
+def _plot_quick(r: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(r["engines"])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(names, [r["engines"][n]["tok_per_s"] for n in names], color="tab:blue")
+    ax.set_ylabel("tokens / s")
+    ax.set_title(f"{r['model']}: greedy decoding, {r['max_new_tokens']} new tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

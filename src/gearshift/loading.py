@@ -1,0 +1,298 @@
+"""Read GGUF files and Hugging Face directories into one in-memory form, then build a model.
+
+Everything funnels through `Checkpoint` (a config, float32 tensors under Hugging Face names, and a
+tokenizer directory), so GGUF and safetensors share one model-building path. Turning a GGUF file
+into packed runtime weights costs seconds (dequantize, requantize, convert the tokenizer), so the
+result is cached under $GEARSHIFT_HOME/converted, written to a temporary directory and renamed
+into place, keyed by the file's identity and the chosen formats.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import hub
+from .errors import GearshiftError
+from .model import FORMATS, ModelConfig, Transformer
+from .tokenizer import Tokenizer
+
+SUPPORTED = ("llama", "mistral", "qwen2")
+CACHE_VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    config: ModelConfig
+    tensors: dict[str, torch.Tensor]  # Hugging Face names, float32
+    bits: dict[str, float]  # precision each tensor had on disk (4 for Q4_1, 16 for bf16, ...)
+    tokenizer_dir: Path
+    quantization: str
+
+
+# ---------------------------------------------------------------- GGUF
+
+GGUF_NAMES = {
+    "token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+    "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    parts = gguf_name.split(".")
+    if parts[0] == "blk":
+        base = GGUF_NAMES.get(parts[2])
+        return base and f"model.layers.{parts[1]}.{base}.{parts[3]}"
+    base = GGUF_NAMES.get(parts[0])
+    return base and f"{base}.{parts[1]}"
+
+
+def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp stores Llama q/k rows interleaved for its RoPE; undo it for rotate-half RoPE."""
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def read_gguf(path: Path) -> Checkpoint:
+    import gguf
+
+    if not _is_gguf(path):
+        raise GearshiftError(f"{path} is not a GGUF file (bad magic)")
+    try:
+        reader = gguf.GGUFReader(str(path))
+        meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+        for t in reader.tensors:  # a truncated file leaves tensors pointing past its end
+            if t.data_offset + t.n_bytes > path.stat().st_size:
+                raise ValueError(f"tensor {t.name} extends past the end of the file")
+    except GearshiftError:
+        raise
+    except Exception as e:
+        raise GearshiftError(f"{path} is not a readable GGUF file (truncated or corrupt): {e}") from None
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED:
+        raise GearshiftError(f"unsupported architecture {arch!r} in {path.name}; gearshift runs {', '.join(SUPPORTED)}")
+    a = lambda key, default=None: meta.get(f"{arch}.{key}", default)  # noqa: E731
+    n_heads = a("attention.head_count")
+    n_kv = a("attention.head_count_kv", n_heads)
+    dim = a("embedding_length")
+    names = {t.name for t in reader.tensors}
+    tok_field = lambda key: reader.fields[key].contents() if key in reader.fields else None  # noqa: E731
+    eos = [tok_field(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")]
+    cfg = ModelConfig(
+        arch=arch, vocab_size=len(reader.fields["tokenizer.ggml.tokens"].data), dim=dim,
+        hidden_dim=a("feed_forward_length"), n_layers=a("block_count"), n_heads=n_heads, n_kv_heads=n_kv,
+        head_dim=a("attention.key_length", dim // n_heads), norm_eps=a("attention.layer_norm_rms_epsilon", 1e-5),
+        rope_theta=a("rope.freq_base", 10000.0), max_seq_len=a("context_length", 4096),
+        tie_embeddings="output.weight" not in names, qkv_bias="blk.0.attn_q.bias" in names,
+        bos_token_id=tok_field("tokenizer.ggml.bos_token_id"), eos_token_ids=sorted({i for i in eos if i is not None}))
+    if a("rope.scaling.type") == "linear":
+        cfg.rope_scaling = {"rope_type": "linear", "factor": a("rope.scaling.factor")}
+    tensors, bits, counts = {}, {}, {}
+    for t in reader.tensors:
+        qtype = t.tensor_type
+        arr = gguf.quants.dequantize(t.data, qtype).astype(np.float32, copy=False)
+        arr = arr.reshape(tuple(reversed([int(d) for d in t.shape])))
+        if t.name == "rope_freqs.weight":
+            cfg.rope_scaling = {"rope_type": "freq_factors", "factors": arr.tolist()}
+            continue
+        name = _hf_name(t.name)
+        if name is None:
+            raise GearshiftError(f"unexpected tensor {t.name} in {path.name}")
+        if arch != "qwen2" and t.name.split(".")[-2] in ("attn_q", "attn_k"):
+            arr = _unpermute(arr, n_heads if t.name.split(".")[-2] == "attn_q" else n_kv)
+        tensors[name] = torch.from_numpy(np.array(arr, dtype=np.float32))
+        bits[name] = _gguf_bits(qtype)
+        if arr.ndim == 2:
+            counts[qtype.name] = counts.get(qtype.name, 0) + arr.size
+    tok_dir = Path(tempfile.mkdtemp(prefix="gearshift-tok-"))
+    _convert_gguf_tokenizer(path, tok_dir)
+    return Checkpoint(cfg, tensors, bits, tok_dir, max(counts, key=counts.get))
+
+
+def _gguf_bits(qtype) -> float:
+    name = qtype.name
+    if name in ("F32",):
+        return 32
+    if name in ("F16", "BF16"):
+        return 16
+    digits = [c for c in name if c.isdigit()]
+    return float(digits[0]) if digits else 8
+
+
+def _convert_gguf_tokenizer(path: Path, out: Path) -> None:
+    """Let transformers build the fast tokenizer from GGUF metadata once; we keep its files."""
+    import transformers
+    transformers.logging.set_verbosity_error()
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:
+        raise GearshiftError(f"cannot read the tokenizer in {path.name}: {e}") from None
+    tok.save_pretrained(str(out))
+
+
+# ---------------------------------------------------------------- Hugging Face directories
+
+def read_hf(path: Path) -> Checkpoint:
+    from safetensors import safe_open
+
+    if not (path / "config.json").exists():
+        raise GearshiftError(f"{path} has no config.json (expected a Hugging Face model directory)")
+    c = json.loads((path / "config.json").read_text())
+    arch = c.get("model_type")
+    if arch not in SUPPORTED:
+        raise GearshiftError(f"unsupported architecture {arch!r} in {path}; gearshift runs {', '.join(SUPPORTED)}")
+    rope = c.get("rope_parameters") or {}
+    scaling = c.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    eos = c.get("eos_token_id")
+    n_heads = c["num_attention_heads"]
+    max_len = c.get("max_position_embeddings", 4096)
+    if c.get("sliding_window") and c.get("use_sliding_window", arch == "mistral"):
+        max_len = min(max_len, c["sliding_window"])  # beyond the window our full attention would differ
+    cfg = ModelConfig(
+        arch=arch, vocab_size=c["vocab_size"], dim=c["hidden_size"], hidden_dim=c["intermediate_size"],
+        n_layers=c["num_hidden_layers"], n_heads=n_heads, n_kv_heads=c.get("num_key_value_heads") or n_heads,
+        head_dim=c.get("head_dim") or c["hidden_size"] // n_heads, norm_eps=c.get("rms_norm_eps", 1e-6),
+        rope_theta=c.get("rope_theta", rope.get("rope_theta", 10000.0)), rope_scaling=scaling,
+        max_seq_len=max_len, tie_embeddings=c.get("tie_word_embeddings", False),
+        qkv_bias=arch == "qwen2" or c.get("attention_bias", False), bos_token_id=c.get("bos_token_id"),
+        eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)))
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise GearshiftError(f"no *.safetensors files in {path}")
+    tensors, bits = {}, {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            for name in sf.keys():
+                t = sf.get_tensor(name)
+                bits[name] = t.element_size() * 8
+                tensors[name] = t.float()
+    if not tensors:
+        raise GearshiftError(f"no tensors in the safetensors files of {path}")
+    return Checkpoint(cfg, tensors, bits, path, f"{int(max(bits.values()))}-bit float")
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    if path.is_dir():
+        return read_hf(path)
+    return read_gguf(path)
+
+
+# ---------------------------------------------------------------- building the runtime model
+
+def choose_formats(bits: dict[str, float], tie: bool, device: torch.device, weights: str) -> dict[str, str]:
+    """Pick each linear's weight format: never below the precision the file had.
+
+    On a CPU decoding is bound by bytes streamed per token, so 4-bit sources run on the int4
+    kernel and 5-8-bit sources on the int8 one; float sources stay float32. On CUDA, bf16.
+    """
+    if weights != "auto":
+        if weights in ("int4", "int8") and device.type != "cpu":
+            raise GearshiftError(f"weight format {weights} runs on the CPU only; use bfloat16 on {device.type}")
+        return {"layers": weights, "lm_head": weights}
+    if device.type != "cpu":
+        return {"layers": "bfloat16", "lm_head": "bfloat16"}
+
+    def pick(b: float) -> str:
+        return "int4" if b <= 4 else "int8" if b <= 8 else "float32"
+
+    layer_bits = max(v for k, v in bits.items() if ".layers." in k and k.endswith("proj.weight"))
+    head_bits = bits["model.embed_tokens.weight" if tie or "lm_head.weight" not in bits else "lm_head.weight"]
+    return {"layers": pick(layer_bits), "lm_head": pick(head_bits)}
+
+
+def build_model(ck: Checkpoint, fmts: dict[str, str], dtype: torch.dtype) -> Transformer:
+    cfg, t = ck.config, ck.tensors
+    with torch.device("meta"):
+        model = Transformer(cfg, fmts, dtype)
+    model.to_empty(device="cpu")
+    model.inv_freq = torch.empty(0)
+    model.embed = t["model.embed_tokens.weight"].to(dtype)
+    model.norm.weight = t["model.norm.weight"]
+    model.lm_head.set_weight(t.get("lm_head.weight", t["model.embed_tokens.weight"]))
+    for i, layer in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        qkv = [t[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]
+        bias = [t[p + f"self_attn.{n}_proj.bias"] for n in "qkv"] if cfg.qkv_bias else None
+        layer.qkv.set_weight(torch.cat(qkv), torch.cat(bias) if bias else None)
+        layer.o.set_weight(t[p + "self_attn.o_proj.weight"])
+        layer.gate_up.set_weight(torch.cat([t[p + "mlp.gate_proj.weight"], t[p + "mlp.up_proj.weight"]]))
+        layer.down.set_weight(t[p + "mlp.down_proj.weight"])
+        layer.attn_norm.weight = t[p + "input_layernorm.weight"]
+        layer.mlp_norm.weight = t[p + "post_attention_layernorm.weight"]
+    return model
+
+
+@dataclass
+class Loaded:
+    model: Transformer
+    tokenizer: Tokenizer
+    path: Path
+    quantization: str
+    load_seconds: float
+    cached: bool
+    info: dict = field(default_factory=dict)
+
+
+def _cache_key(path: Path, weights: str) -> str:
+    st = path.stat()
+    ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{weights}|{torch.__version__}|{CACHE_VERSION}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+
+def _finish(model: Transformer, device: torch.device) -> Transformer:
+    from .model import rope_inv_freq
+    model.inv_freq = rope_inv_freq(model.cfg)
+    return model.to(device).eval()
+
+
+def load(model: str | Path | None = None, device: str | None = None, weights: str = "auto",
+         use_cache: bool = True) -> Loaded:
+    """Load a GGUF file or Hugging Face directory (None = the default model)."""
+    from safetensors.torch import load_file, save_file
+
+    t0 = time.perf_counter()
+    if weights != "auto" and weights not in FORMATS:
+        raise GearshiftError(f"unknown weight format {weights!r}; choose from auto, {', '.join(FORMATS)}")
+    path = hub.resolve_model(model)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise GearshiftError("device cuda requested but no CUDA GPU is available")
+    cache_dir = hub.home() / "converted" / f"{path.stem}-{_cache_key(path, weights + dev.type)}"
+    if use_cache and path.is_file() and (cache_dir / "model.safetensors").exists():
+        meta = json.loads((cache_dir / "meta.json").read_text())
+        cfg = ModelConfig(**meta["config"])
+        with torch.device("meta"):
+            m = Transformer(cfg, meta["formats"], getattr(torch, meta["dtype"]))
+        m.load_state_dict(load_file(str(cache_dir / "model.safetensors")), assign=True, strict=True)
+        return Loaded(_finish(m, dev), Tokenizer.from_dir(cache_dir), path, meta["quantization"],
+                      time.perf_counter() - t0, True)
+    ck = read_checkpoint(path)
+    fmts = choose_formats(ck.bits, ck.config.tie_embeddings, dev, weights)
+    dtype = torch.float32 if dev.type == "cpu" or "float32" in fmts.values() else torch.bfloat16
+    m = build_model(ck, fmts, dtype)
+    tok = Tokenizer.from_dir(ck.tokenizer_dir)
+    if path.is_file():
+        shutil.rmtree(ck.tokenizer_dir, ignore_errors=True)
+        if use_cache:
+            tmp = hub.atomic_dir(cache_dir)
+            save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(tmp / "model.safetensors"))
+            tok.save(tmp)
+            (tmp / "meta.json").write_text(json.dumps({"config": ck.config.to_dict(), "formats": fmts,
+                                                        "dtype": str(dtype).replace("torch.", ""),
+                                                        "quantization": ck.quantization}))
+            hub.commit_dir(tmp, cache_dir)
+    return Loaded(_finish(m, dev), tok, path, ck.quantization, time.perf_counter() - t0, False)

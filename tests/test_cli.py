@@ -1,0 +1,108 @@
+"""The command line as a user runs it: real processes, real files, one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from gearshift import hub
+
+
+def run(*args, stdin: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gearshift", *args], input=stdin, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, pattern: str) -> None:
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gearshift: error:"), proc.stderr
+    assert pattern in lines[0]
+
+
+@pytest.fixture(scope="module")
+def default_model() -> Path:
+    return hub.pull()
+
+
+def test_generate_streams_and_reports_speed(default_model):
+    p = run("generate", "What is 2 + 2?", "--max-tokens", "20")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip()
+    assert "tok/s" in p.stderr
+
+
+def test_chat_keeps_the_conversation(default_model):
+    p = run("chat", "--max-tokens", "20", stdin="My name is Ada.\nWhat is my name?\n/exit\n")
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.count("tok/s") == 2
+    assert "Ada" in p.stdout
+
+
+def test_info_json(default_model):
+    p = run("info", "--json")
+    assert p.returncode == 0, p.stderr
+    info = json.loads(p.stdout)
+    assert info["architecture"] == "llama" and info["layers"] == 30 and info["file_quantization"] == "Q4_1"
+    assert 130e6 < info["parameters"] < 140e6
+
+
+def test_pull_is_idempotent_and_verified(default_model):
+    before = default_model.stat().st_mtime_ns
+    p = run("pull")
+    assert p.returncode == 0 and Path(p.stdout.strip()) == default_model
+    assert default_model.stat().st_mtime_ns == before
+    assert hub.sha256_file(default_model) == hub.DEFAULT_SHA256
+    assert not list(default_model.parent.glob(".pull-*"))
+
+
+def test_missing_file():
+    assert_one_line_error(run("generate", "hi", "--model", "/no/such/model.gguf"), "model not found")
+
+
+def test_not_a_gguf_file(tmp_path):
+    f = tmp_path / "model.gguf"
+    f.write_bytes(b"this is not a model" * 100)
+    assert_one_line_error(run("generate", "hi", "--model", str(f)), "not a GGUF file")
+
+
+def test_truncated_gguf(tmp_path, default_model):
+    f = tmp_path / "cut.gguf"
+    with open(default_model, "rb") as src:
+        f.write_bytes(src.read(5_000_000))
+    assert_one_line_error(run("generate", "hi", "--model", str(f)), "truncated or corrupt")
+
+
+def test_unsupported_architecture_gguf(tmp_path):
+    f = tmp_path / "gpt2.gguf"
+    w = gguf.GGUFWriter(str(f), "gpt2")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert_one_line_error(run("info", str(f)), "unsupported architecture 'gpt2'")
+
+
+def test_unsupported_architecture_hf_dir(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
+    assert_one_line_error(run("info", str(tmp_path)), "unsupported architecture 'bert'")
+
+
+def test_prompt_longer_than_context(default_model):
+    assert_one_line_error(run("generate", "word " * 9000, "--raw"), "context window is 8192")
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["--temperature", "-1"], "temperature"), (["--top-p", "0"], "top_p"), (["--top-k", "-5"], "top_k"),
+    (["--max-tokens", "0"], "max_tokens"), (["--weights", "int3"], "unknown weight format"),
+])
+def test_invalid_parameters(default_model, args, pattern):
+    assert_one_line_error(run("generate", "hi", *args), pattern)
