@@ -21,6 +21,12 @@ def llm():
     return gearshift.load()
 
 
+@pytest.fixture(scope="module")
+def exact():
+    """float32 weights: the mode whose arithmetic has no bf16 rounding to amplify differences."""
+    return gearshift.load(weights="float32")
+
+
 def test_stream_concatenates_to_generate(llm):
     text = "".join(llm.stream(CHATS[0], max_tokens=40))
     done = llm.generate(CHATS[0], max_tokens=40)
@@ -29,23 +35,24 @@ def test_stream_concatenates_to_generate(llm):
     assert done.text.strip()
 
 
-def test_batch_matches_one_at_a_time(llm):
+def test_batch_matches_one_at_a_time(exact):
     """Left-padded rows see the same context as single prompts.
 
-    Padding changes the attention's summation order, so logits agree to float rounding rather
-    than bit for bit; a masking or position bug would change them by whole units.
+    Padding changes the attention's summation order, so logits agree to float32 rounding rather
+    than bit for bit (hence the float32 weights here: the packed kernels round to bf16); a masking
+    or position bug would change them by whole units.
     """
-    prompts = [llm.encode(c) for c in CHATS]
+    prompts = [exact.encode(c) for c in CHATS]
     assert len({len(p) for p in prompts}) == 3  # the batch really needs left padding
-    m, longest = llm.model, max(len(p) for p in prompts)
+    m, longest = exact.model, max(len(p) for p in prompts)
     cache = m.new_cache(3, 128)
     cache.reset(torch.tensor([longest - len(p) for p in prompts]))
     with torch.inference_mode():
         batched = m(torch.tensor([[0] * (longest - len(p)) + p for p in prompts]), cache, last_only=True)[:, -1]
         single = torch.cat([m(torch.tensor([p]), m.new_cache(1, 128), last_only=True)[:, -1] for p in prompts])
-    assert (batched - single).abs().max() < 0.05
-    batch = llm.generate(CHATS, max_tokens=8)
-    assert [b.token_ids for b in batch] == [llm.generate(c, max_tokens=8).token_ids for c in CHATS]
+    assert (batched - single).abs().max() < 1e-3
+    batch = exact.generate(CHATS, max_tokens=24)
+    assert [b.token_ids for b in batch] == [exact.generate(c, max_tokens=24).token_ids for c in CHATS]
 
 
 def test_token_ids_prompt_equals_text_prompt(llm):
@@ -99,10 +106,10 @@ def test_kv_rollback_recomputes_identically(llm):
         cache.rollback(cache.length + 1)
 
 
-def test_one_token_steps_equal_one_multi_token_forward(llm):
-    """Decoding token by token and scoring the same tokens at once give the same argmax."""
-    m = llm.model
-    ids = llm.encode(CHATS[1])
+def test_one_token_steps_equal_one_multi_token_forward(exact):
+    """Decoding token by token and scoring the same tokens at once agree (float32 weights)."""
+    m = exact.model
+    ids = exact.encode(CHATS[1])
     with torch.inference_mode():
         c1 = m.new_cache(1, 256)
         full = m(torch.tensor([ids]), c1)[0]

@@ -19,8 +19,10 @@ from .errors import GearshiftError
 from .kv_cache import KVCache
 from .loading import Loaded, load as load_weights
 from .model import Transformer
+from .drafters import Drafter, Proposal, make_drafter
 from .sampling import SamplingParams, make_generator, sample
 from .tokenizer import IncrementalDetokenizer, Tokenizer
+from .verify import verify
 
 Prompt = str | list[dict] | list[int]
 PREFILL_CHUNK = 512
@@ -85,6 +87,7 @@ class LLM:
         if self.tokenizer.eos_id is not None:
             self.eos_ids.add(self.tokenizer.eos_id)
         self._cache: KVCache | None = None
+        self._drafters: dict[str, Drafter] = {}
 
     @property
     def device(self) -> torch.device:
@@ -126,53 +129,100 @@ class LLM:
 
     # ------------------------------------------------------------------ decoding
 
-    @torch.inference_mode()
-    def _steps(self, prompts: list[list[int]], p: SamplingParams, stats: dict) -> Iterator[list[int]]:
-        """Yield one new token per row per step, until the caller stops or max_tokens."""
+    def _prefill(self, prompts: list[list[int]], p: SamplingParams, extra: int = 0):
+        """Left-pad the prompts into one cache and run them; return (cache, last logits, budget)."""
         batch, longest = len(prompts), max(len(x) for x in prompts)
         budget = min(self._check_length(len(x), p) for x in prompts)
-        cache = self._get_cache(batch, longest + budget)
-        pad = torch.tensor([longest - len(x) for x in prompts], device=self.device)
-        cache.reset(pad)
+        cache = self._get_cache(batch, min(longest + budget + extra, self.model.cfg.max_seq_len + extra))
+        cache.reset(torch.tensor([longest - len(x) for x in prompts], device=self.device))
         tokens = torch.tensor([[0] * (longest - len(x)) + x for x in prompts], device=self.device)
-        gen = make_generator(p.seed, self.device)
-        t0 = time.perf_counter()
         for s in range(0, longest, PREFILL_CHUNK):
             logits = self.model(tokens[:, s:s + PREFILL_CHUNK], cache, last_only=True)
+        return cache, logits[:, -1], budget
+
+    @torch.inference_mode()
+    def _steps(self, prompts: list[list[int]], p: SamplingParams, stats: dict) -> Iterator[list[list[int]]]:
+        """Plain decoding: yield one new token per row per step, until the caller stops or max_tokens."""
+        gen = make_generator(p.seed, self.device)
+        t0 = time.perf_counter()
+        cache, logits, budget = self._prefill(prompts, p)
         stats["prefill_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         try:
             for i in range(budget):
-                nxt = sample(logits[:, -1], p, gen)
-                yield nxt.tolist()
-                stats["steps"] = i + 1
+                nxt = sample(logits, p, gen)
+                stats["target_forwards"] = i + 1
+                yield [[t] for t in nxt.tolist()]
                 if i + 1 < budget:
-                    logits = self.model(nxt[:, None], cache)
+                    logits = self.model(nxt[:, None], cache)[:, -1]
         finally:
             stats["decode_s"] = time.perf_counter() - t0
-            stats["target_forwards"] = stats.get("steps", 0)
 
-    def _iterate(self, prompts: list[list[int]], p: SamplingParams):
+    @torch.inference_mode()
+    def _speculative_steps(self, prompt: list[int], p: SamplingParams, stats: dict,
+                           drafter: Drafter) -> Iterator[list[list[int]]]:
+        """Draft, verify in one target pass, keep what the verifier accepts, roll back the rest."""
+        gen = make_generator(p.seed, self.device)
+        t0 = time.perf_counter()
+        k_max = drafter.length.k_max
+        cache, logits, budget = self._prefill([prompt], p, extra=k_max + 1)
+        stats["prefill_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        context = prompt + [int(sample(logits, p, gen))]
+        drafter.reset(prompt)
+        produced, forwards = 1, 1
+        stats.update(target_forwards=1, proposed=0, accepted=0, draft_s=0.0, verify_s=0.0)
+        try:
+            yield [context[-1:]]
+            while produced < budget:
+                t1 = time.perf_counter()
+                k = min(drafter.length.k, budget - produced - 1, cache.max_len - cache.length - 1)
+                proposal = drafter.propose(context, k, p, gen) if k > 0 else Proposal([])
+                proposal.tokens = proposal.tokens[:k]
+                t2 = time.perf_counter()
+                base = cache.length
+                target = self.model(torch.tensor([context[-1:] + proposal.tokens], device=self.device), cache)[0]
+                new, accepted = verify(target, proposal, p, gen)
+                cache.rollback(base + 1 + accepted)
+                drafter.observe(accepted)
+                drafter.length.update(len(proposal.tokens), accepted)
+                stats["draft_s"] += t2 - t1
+                stats["verify_s"] += time.perf_counter() - t2
+                stats["proposed"] += len(proposal.tokens)
+                stats["accepted"] += accepted
+                forwards += 1
+                stats["target_forwards"] = forwards
+                context += new
+                produced += len(new)
+                yield [new]
+        finally:
+            stats["decode_s"] = time.perf_counter() - t0
+
+    def _iterate(self, prompts: list[list[int]], p: SamplingParams, drafter: Drafter | None = None):
         """Yield (row, text delta) as tokens arrive; return the finished completions."""
         states = [_TextState(self.tokenizer, ids, p.stop) for ids in prompts]
         out: list[list[int]] = [[] for _ in prompts]
         reason: list[str | None] = [None] * len(prompts)
         stats: dict = {}
-        steps = self._steps(prompts, p, stats)
+        consumed = 0  # tokens taken from the model, the stopping EOS included
+        steps = self._steps(prompts, p, stats) if drafter is None else \
+            self._speculative_steps(prompts[0], p, stats, drafter)
         try:
-            for toks in steps:
-                for r, t in enumerate(toks):
-                    if reason[r]:
-                        continue
-                    if t in self.eos_ids and not p.ignore_eos:
-                        reason[r] = "stop"
-                        continue
-                    out[r].append(t)
-                    delta = states[r].push(t)
-                    if states[r].stopped:
-                        reason[r] = "stop"
-                    if delta:
-                        yield r, delta
+            for new in steps:
+                for r, toks in enumerate(new):
+                    for t in toks:
+                        if reason[r] or len(out[r]) >= p.max_tokens:
+                            break
+                        consumed += 1
+                        if t in self.eos_ids and not p.ignore_eos:
+                            reason[r] = "stop"
+                            break
+                        out[r].append(t)
+                        delta = states[r].push(t)
+                        if states[r].stopped:
+                            reason[r] = "stop"
+                        if delta:
+                            yield r, delta
                 if all(reason):
                     break
         finally:
@@ -180,29 +230,47 @@ class LLM:
         for r, st in enumerate(states):
             if tail := st.flush():
                 yield r, tail
-        n_gen, decode_s = sum(len(o) for o in out), stats.get("decode_s", 0.0)
-        metrics = {"prefill_s": stats.get("prefill_s", 0.0), "decode_s": decode_s, "generated_tokens": n_gen,
-                   "target_forwards": stats.get("target_forwards", 0),
-                   "tok_per_s": n_gen / decode_s if decode_s > 0 else 0.0}
+        metrics = _metrics(stats, sum(len(o) for o in out), consumed, len(prompts))
         return [Completion(st.text, o, len(ids), r or "length", metrics)
                 for st, o, ids, r in zip(states, out, prompts, reason)]
 
     # ------------------------------------------------------------------ public API
 
-    def generate(self, prompt: Prompt | list[Prompt], **params) -> Completion | list[Completion]:
-        """Complete one prompt, or several at once (a list of prompts) in one batch."""
-        p = SamplingParams(**params)
-        many = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], (str, list))
-        it = self._iterate([self.encode(x) for x in (prompt if many else [prompt])], p)
-        while True:
-            try:
-                next(it)
-            except StopIteration as done:
-                return done.value if many else done.value[0]
+    def drafter(self, spec: str | Drafter | None) -> Drafter | None:
+        """A drafter by name ("lookup", "early-exit:L", "model:PATH", "auto"), built once and reused."""
+        if spec is None or not isinstance(spec, str):
+            return spec
+        if spec not in self._drafters:
+            self._drafters[spec] = make_drafter(spec, self)
+        return self._drafters[spec]
 
-    def stream(self, prompt: Prompt, **params) -> Iterator[str]:
+    def generate(self, prompt: Prompt | list[Prompt], drafter: str | Drafter | None = None,
+                 **params) -> Completion | list[Completion]:
+        """Complete one prompt, or several (a list of prompts: one batch, or one by one when drafting).
+
+        With a drafter, decoding is speculative and lossless: greedy output is token-identical
+        to plain decoding, sampled output has the target's distribution.
+        """
+        p = SamplingParams(**params)
+        d = self.drafter(drafter)
+        many = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], (str, list))
+        prompts = [self.encode(x) for x in (prompt if many else [prompt])]
+        groups = [prompts] if d is None else [[x] for x in prompts]
+        results = []
+        for group in groups:
+            it = self._iterate(group, p, d)
+            while True:
+                try:
+                    next(it)
+                except StopIteration as done:
+                    results += done.value
+                    break
+        return results if many else results[0]
+
+    def stream(self, prompt: Prompt, drafter: str | Drafter | None = None, **params) -> Iterator[str]:
         """Yield text deltas as they are generated; the finished Completion is then in `.last`."""
-        it = self._iterate([self.encode(prompt)], SamplingParams(**params))
+        p = SamplingParams(**params)
+        it = self._iterate([self.encode(prompt)], p, self.drafter(drafter))
         while True:
             try:
                 _, delta = next(it)
@@ -210,6 +278,20 @@ class LLM:
                 self.last = done.value[0]
                 return
             yield delta
+
+
+def _metrics(stats: dict, generated: int, consumed: int, rows: int) -> dict:
+    """Per-generation numbers. MAT, mean accepted tokens per target forward (the prefill that gives
+    the first token included), is 1.0 for plain decoding as in Spec-Bench."""
+    decode_s, forwards = stats.get("decode_s", 0.0), stats.get("target_forwards", 0)
+    m = {"prefill_s": stats.get("prefill_s", 0.0), "decode_s": decode_s, "generated_tokens": generated,
+         "target_forwards": forwards, "tok_per_s": generated / decode_s if decode_s > 0 else 0.0,
+         "mat": consumed / (forwards * rows) if forwards else 0.0}
+    if "proposed" in stats:
+        m.update(proposed=stats["proposed"], accepted=stats["accepted"], draft_s=stats["draft_s"],
+                 verify_s=stats["verify_s"],
+                 acceptance_rate=stats["accepted"] / stats["proposed"] if stats["proposed"] else 0.0)
+    return m
 
 
 def load(model: str | Path | None = None, device: str | None = None, weights: str = "auto") -> LLM:

@@ -22,11 +22,11 @@ import torch
 
 from . import hub
 from .errors import GearshiftError
-from .model import FORMATS, ModelConfig, Transformer
+from .model import FORMATS, ModelConfig, Transformer, interleave_rope_rows
 from .tokenizer import Tokenizer
 
 SUPPORTED = ("llama", "mistral", "qwen2")
-CACHE_VERSION = 1
+CACHE_VERSION = 4
 
 
 @dataclass
@@ -98,6 +98,7 @@ def read_gguf(path: Path) -> Checkpoint:
         head_dim=a("attention.key_length", dim // n_heads), norm_eps=a("attention.layer_norm_rms_epsilon", 1e-5),
         rope_theta=a("rope.freq_base", 10000.0), max_seq_len=a("context_length", 4096),
         tie_embeddings="output.weight" not in names, qkv_bias="blk.0.attn_q.bias" in names,
+        o_bias="blk.0.attn_output.bias" in names, mlp_bias="blk.0.ffn_up.bias" in names,
         bos_token_id=tok_field("tokenizer.ggml.bos_token_id"), eos_token_ids=sorted({i for i in eos if i is not None}))
     if a("rope.scaling.type") == "linear":
         cfg.rope_scaling = {"rope_type": "linear", "factor": a("rope.scaling.factor")}
@@ -169,6 +170,7 @@ def read_hf(path: Path) -> Checkpoint:
         rope_theta=c.get("rope_theta", rope.get("rope_theta", 10000.0)), rope_scaling=scaling,
         max_seq_len=max_len, tie_embeddings=c.get("tie_word_embeddings", False),
         qkv_bias=arch == "qwen2" or c.get("attention_bias", False), bos_token_id=c.get("bos_token_id"),
+        o_bias=arch != "qwen2" and c.get("attention_bias", False), mlp_bias=c.get("mlp_bias", False),
         eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)))
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -193,11 +195,13 @@ def read_checkpoint(path: Path) -> Checkpoint:
 
 # ---------------------------------------------------------------- building the runtime model
 
-def choose_formats(bits: dict[str, float], tie: bool, device: torch.device, weights: str) -> dict[str, str]:
+def choose_formats(bits: dict[str, float], device: torch.device, weights: str) -> dict[str, str]:
     """Pick each linear's weight format: never below the precision the file had.
 
-    On a CPU decoding is bound by bytes streamed per token, so 4-bit sources run on the int4
-    kernel and 5-8-bit sources on the int8 one; float sources stay float32. On CUDA, bf16.
+    On a CPU decoding is bound by bytes streamed per token, so 4-bit layers run on the int4
+    kernel and 5-8-bit layers on the int8 one; float layers stay float32. The LM head stays
+    float32 whatever the file holds: the packed kernels return bf16, and bf16 logits (a step of
+    0.06 at magnitude 20) turn close calls into argmax ties. On CUDA, bf16.
     """
     if weights != "auto":
         if weights in ("int4", "int8") and device.type != "cpu":
@@ -210,8 +214,7 @@ def choose_formats(bits: dict[str, float], tie: bool, device: torch.device, weig
         return "int4" if b <= 4 else "int8" if b <= 8 else "float32"
 
     layer_bits = max(v for k, v in bits.items() if ".layers." in k and k.endswith("proj.weight"))
-    head_bits = bits["model.embed_tokens.weight" if tie or "lm_head.weight" not in bits else "lm_head.weight"]
-    return {"layers": pick(layer_bits), "lm_head": pick(head_bits)}
+    return {"layers": pick(layer_bits), "lm_head": "float32"}
 
 
 def build_model(ck: Checkpoint, fmts: dict[str, str], dtype: torch.dtype) -> Transformer:
@@ -225,12 +228,18 @@ def build_model(ck: Checkpoint, fmts: dict[str, str], dtype: torch.dtype) -> Tra
     model.lm_head.set_weight(t.get("lm_head.weight", t["model.embed_tokens.weight"]))
     for i, layer in enumerate(model.layers):
         p = f"model.layers.{i}."
+        heads = {"q": cfg.n_heads, "k": cfg.n_kv_heads}
         qkv = [t[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]
         bias = [t[p + f"self_attn.{n}_proj.bias"] for n in "qkv"] if cfg.qkv_bias else None
+        qkv[:2] = [interleave_rope_rows(w, heads[n]) for w, n in zip(qkv, "qk")]
+        if bias:
+            bias[:2] = [interleave_rope_rows(b, heads[n]) for b, n in zip(bias, "qk")]
         layer.qkv.set_weight(torch.cat(qkv), torch.cat(bias) if bias else None)
-        layer.o.set_weight(t[p + "self_attn.o_proj.weight"])
-        layer.gate_up.set_weight(torch.cat([t[p + "mlp.gate_proj.weight"], t[p + "mlp.up_proj.weight"]]))
-        layer.down.set_weight(t[p + "mlp.down_proj.weight"])
+        layer.o.set_weight(t[p + "self_attn.o_proj.weight"], t.get(p + "self_attn.o_proj.bias"))
+        gate_up_bias = [t[p + f"mlp.{n}_proj.bias"] for n in ("gate", "up")] if cfg.mlp_bias else None
+        layer.gate_up.set_weight(torch.cat([t[p + "mlp.gate_proj.weight"], t[p + "mlp.up_proj.weight"]]),
+                                 torch.cat(gate_up_bias) if gate_up_bias else None)
+        layer.down.set_weight(t[p + "mlp.down_proj.weight"], t.get(p + "mlp.down_proj.bias"))
         layer.attn_norm.weight = t[p + "input_layernorm.weight"]
         layer.mlp_norm.weight = t[p + "post_attention_layernorm.weight"]
     return model
@@ -281,7 +290,7 @@ def load(model: str | Path | None = None, device: str | None = None, weights: st
         return Loaded(_finish(m, dev), Tokenizer.from_dir(cache_dir), path, meta["quantization"],
                       time.perf_counter() - t0, True)
     ck = read_checkpoint(path)
-    fmts = choose_formats(ck.bits, ck.config.tie_embeddings, dev, weights)
+    fmts = choose_formats(ck.bits, dev, weights)
     dtype = torch.float32 if dev.type == "cpu" or "float32" in fmts.values() else torch.bfloat16
     m = build_model(ck, fmts, dtype)
     tok = Tokenizer.from_dir(ck.tokenizer_dir)

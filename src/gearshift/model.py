@@ -18,6 +18,7 @@ from torch import nn
 from .kv_cache import KVCache
 
 FORMATS = ("float32", "bfloat16", "float16", "int8", "int4")
+ROW_EXACT = 16  # forwards of at most this many tokens attend row by row (see Transformer.forward)
 GROUP = 32  # int4 group size: the block size of GGUF's 4-bit formats, so Q4_0/Q4_1 map onto it
 
 
@@ -37,6 +38,8 @@ class ModelConfig:
     max_seq_len: int = 4096
     tie_embeddings: bool = False
     qkv_bias: bool = False
+    o_bias: bool = False  # Llama's attention_bias also biases o_proj; Qwen2 biases only q/k/v
+    mlp_bias: bool = False
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
 
@@ -125,9 +128,7 @@ class RMSNorm(nn.Module):
         self.register_buffer("weight", torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight.to(x.dtype) * xf.to(x.dtype)
+        return F.rms_norm(x, x.shape[-1:], self.weight.to(x.dtype), self.eps)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -154,10 +155,19 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return inv
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE (the Hugging Face layout): x is [B, H, S, D], cos/sin are [B, 1, S, D/2]."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+def interleave_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder q/k projection rows from rotate-half to interleaved pairs (the llama.cpp layout).
+
+    Attention scores only see q.k, so permuting the head dim of both alike changes nothing,
+    and interleaved pairs let RoPE be one complex multiply over q and k together.
+    """
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """x: [B, S, heads, D] with interleaved pairs; rot: [B, S, 1, D/2] complex."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
 
 
 class Block(nn.Module):
@@ -167,24 +177,29 @@ class Block(nn.Module):
         q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.qkv = Linear(cfg.dim, q + 2 * kv, fmt, bias=cfg.qkv_bias)
-        self.o = Linear(q, cfg.dim, fmt)
+        self.o = Linear(q, cfg.dim, fmt, bias=cfg.o_bias)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.gate_up = Linear(cfg.dim, 2 * cfg.hidden_dim, fmt)
-        self.down = Linear(cfg.hidden_dim, cfg.dim, fmt)
+        self.gate_up = Linear(cfg.dim, 2 * cfg.hidden_dim, fmt, bias=cfg.mlp_bias)
+        self.down = Linear(cfg.hidden_dim, cfg.dim, fmt, bias=cfg.mlp_bias)
 
-    def forward(self, x, layer: int, cache: KVCache, start: int, cos, sin, mask):
+    def forward(self, x, layer: int, cache: KVCache, start: int, rot, mask):
         cfg = self.cfg
         b, s, _ = x.shape
-        q, k, v = self.qkv(self.attn_norm(x)).split(
-            [cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim], dim=-1)
-        q = apply_rope(q.view(b, s, cfg.n_heads, cfg.head_dim).transpose(1, 2), cos, sin)
-        k = apply_rope(k.view(b, s, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2), cos, sin)
+        qk, v = self.qkv(self.attn_norm(x)).split(
+            [(cfg.n_heads + cfg.n_kv_heads) * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim], dim=-1)
+        qk = apply_rope(qk.view(b, s, cfg.n_heads + cfg.n_kv_heads, cfg.head_dim), rot).transpose(1, 2)
+        q, k = qk[:, :cfg.n_heads], qk[:, cfg.n_heads:]
         v = v.view(b, s, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         end = start + s
         cache.k[layer, :, :, start:end] = k
         cache.v[layer, :, :, start:end] = v
-        y = F.scaled_dot_product_attention(q, cache.k[layer, :, :, :end], cache.v[layer, :, :, :end],
-                                           attn_mask=mask, enable_gqa=cfg.n_heads != cfg.n_kv_heads)
+        keys, values, gqa = cache.k[layer], cache.v[layer], cfg.n_heads != cfg.n_kv_heads
+        if mask is None:  # row-exact: each row exactly as a one-token decode step computes it
+            y = torch.cat([F.scaled_dot_product_attention(q[:, :, i:i + 1], keys[:, :, :start + i + 1],
+                                                          values[:, :, :start + i + 1], enable_gqa=gqa)
+                           for i in range(s)], dim=2)
+        else:
+            y = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=mask, enable_gqa=gqa)
         x = x + self.o(y.transpose(1, 2).reshape(b, s, -1))
         gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
@@ -206,13 +221,18 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.embed.device
 
-    def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
+    def new_cache(self, batch: int = 1, max_len: int | None = None, n_layers: int | None = None) -> KVCache:
         c = self.cfg
-        return KVCache(c.n_layers, batch, c.n_kv_heads, max_len or c.max_seq_len, c.head_dim, self.dtype, self.device)
+        return KVCache(n_layers or c.n_layers, batch, c.n_kv_heads, max_len or c.max_seq_len, c.head_dim,
+                       self.dtype, self.device)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False,
                 n_layers: int | None = None) -> torch.Tensor:
         """Run `tokens` [B, S] after the cache's `length` positions; return logits (float32).
+
+        Up to ROW_EXACT unpadded tokens are attended row by row, so scoring k tokens in one pass
+        gives bitwise the logits of k one-token steps (the packed kernels are row-independent too):
+        that is what makes greedy speculative decoding token-identical to plain decoding.
 
         `n_layers` stops after that many blocks (the early-exit sub-model the speculative drafters
         use): the final norm and LM head are shared, so the sub-model costs no extra weights.
@@ -225,9 +245,9 @@ class Transformer(nn.Module):
         pos = torch.arange(start, end, device=tokens.device)
         pos = (pos[None, :] - cache.pad[:, None]).clamp(min=0)  # [B, S]
         freqs = pos[..., None].float() * self.inv_freq  # [B, S, D/2]
-        cos, sin = freqs.cos().to(self.dtype)[:, None], freqs.sin().to(self.dtype)[:, None]
+        rot = torch.polar(torch.ones_like(freqs), freqs)[:, :, None]
         mask = None
-        if s > 1 or bool(cache.pad.any()):
+        if s > ROW_EXACT or bool(cache.pad.any()):
             keys = torch.arange(end, device=tokens.device)[None, None, :]
             query = torch.arange(start, end, device=tokens.device)[None, :, None]
             # causal, not into the row's left padding; a padding query sees itself so no row is empty
@@ -235,7 +255,7 @@ class Transformer(nn.Module):
             mask = mask[:, None]  # [B, 1, S, end]
         x = F.embedding(tokens, self.embed)
         for i, layer in enumerate(self.layers[:n_layers]):
-            x = layer(x, i, cache, start, cos, sin, mask)
+            x = layer(x, i, cache, start, rot, mask)
         cache.length = end
         if last_only:
             x = x[:, -1:]
