@@ -26,7 +26,7 @@ from .model import FORMATS, ModelConfig, Transformer, interleave_rope_rows
 from .tokenizer import Tokenizer
 
 SUPPORTED = ("llama", "mistral", "qwen2")
-CACHE_VERSION = 4
+CACHE_VERSION = 5
 
 
 @dataclass
@@ -199,9 +199,10 @@ def choose_formats(bits: dict[str, float], device: torch.device, weights: str) -
     """Pick each linear's weight format: never below the precision the file had.
 
     On a CPU decoding is bound by bytes streamed per token, so 4-bit layers run on the int4
-    kernel and 5-8-bit layers on the int8 one; float layers stay float32. The LM head stays
-    float32 whatever the file holds: the packed kernels return bf16, and bf16 logits (a step of
-    0.06 at magnitude 20) turn close calls into argmax ties. On CUDA, bf16.
+    kernel and 5-8-bit layers on the int8 one; float layers stay float32. A quantized file's LM
+    head runs on the int8 kernel: a quarter of float32's bytes (the head is a fifth of SmolLM2's
+    weights), and, unlike MKL's float32 GEMM, its rows do not depend on how many are computed
+    together, which speculative verification needs to be bit-exact. On CUDA, bf16.
     """
     if weights != "auto":
         if weights in ("int4", "int8") and device.type != "cpu":
@@ -214,7 +215,8 @@ def choose_formats(bits: dict[str, float], device: torch.device, weights: str) -
         return "int4" if b <= 4 else "int8" if b <= 8 else "float32"
 
     layer_bits = max(v for k, v in bits.items() if ".layers." in k and k.endswith("proj.weight"))
-    return {"layers": pick(layer_bits), "lm_head": "float32"}
+    layers = pick(layer_bits)
+    return {"layers": layers, "lm_head": "float32" if layers == "float32" else "int8"}
 
 
 def build_model(ck: Checkpoint, fmts: dict[str, str], dtype: torch.dtype) -> Transformer:
