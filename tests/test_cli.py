@@ -106,3 +106,15 @@ def test_prompt_longer_than_context(default_model):
 ])
 def test_invalid_parameters(default_model, args, pattern):
     assert_one_line_error(run("generate", "hi", *args), pattern)
+
+
+def test_generate_with_drafter_matches_plain(default_model):
+    plain = run("generate", "Repeat: red green blue, red green blue.", "--max-tokens", "24")
+    spec = run("generate", "Repeat: red green blue, red green blue.", "--max-tokens", "24", "--drafter", "lookup")
+    assert spec.returncode == 0, spec.stderr
+    assert spec.stdout == plain.stdout
+    assert "MAT" in spec.stderr
+
+
+def test_unknown_drafter_is_a_one_line_error(default_model):
+    assert_one_line_error(run("generate", "hi", "--drafter", "oracle"), "unknown drafter")

@@ -172,3 +172,166 @@ def _plot_quick(r: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------- Spec-Bench
+
+SPEC_BENCH_GROUPS = {  # Spec-Bench reports MT-bench's eight categories as one "multi-turn" column
+    "writing": "mt_bench", "roleplay": "mt_bench", "reasoning": "mt_bench", "math": "mt_bench",
+    "coding": "mt_bench", "extraction": "mt_bench", "stem": "mt_bench", "humanities": "mt_bench",
+}
+
+
+def spec_bench_sample(per_category: int) -> list[dict]:
+    """The first `per_category` questions of each Spec-Bench category (first turn only)."""
+    seen: dict[str, int] = {}
+    out = []
+    for q in spec_bench_questions():
+        cat = SPEC_BENCH_GROUPS.get(q["category"], q["category"])
+        if seen.get(cat, 0) < per_category:
+            seen[cat] = seen.get(cat, 0) + 1
+            out.append({**q, "group": cat})
+    return out
+
+
+def run_spec_bench(model: str | None, per_category: int = 2, max_new_tokens: int = 128, draft: str | None = None,
+                   drafters: list[str] | None = None, json_path: str | None = None, plot_path: str | None = None,
+                   with_transformers: bool = True, device: str | None = None) -> dict:
+    """Every method on the same questions in one process; speedups are relative to our plain decoding."""
+    from .engine import LLM
+    from .loading import load
+
+    path = hub.resolve_model(model)
+    llm = LLM(load(path, device=device))
+    questions = spec_bench_sample(per_category)
+    prompts = [llm.encode([{"role": "user", "content": q["turns"][0]}]) for q in questions]
+    names = drafters or ["lookup", "early-exit"] + ([f"model:{draft}"] if draft else [])
+    methods: dict = {"plain": _ours(llm, None, max_new_tokens)}
+    for spec in names:
+        methods[spec.split(":")[0] if spec.startswith(("early-exit", "model")) else spec] = \
+            _ours(llm, llm.drafter(spec), max_new_tokens)
+    if with_transformers:
+        methods.update(_hf_methods(path, draft, max_new_tokens, device))
+    runs = {}
+    for name, fn in methods.items():
+        fn(prompts[0][:16])  # warm-up
+        runs[name] = [fn(ids) for ids in tqdm(prompts, desc=name, unit="q")]
+    results = _summarize(path.name, max_new_tokens, questions, runs)
+    _print_spec_bench(results)
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=1))
+    if plot_path:
+        _plot_spec_bench(results, plot_path)
+    return results
+
+
+def _ours(llm, drafter, max_new_tokens: int):
+    def run(ids):
+        t0 = time.perf_counter()
+        c = llm.generate(ids, drafter=drafter, max_tokens=max_new_tokens)
+        return {"tokens": c.token_ids, "seconds": time.perf_counter() - t0, "forwards": c.metrics["target_forwards"],
+                "consumed": round(c.metrics["mat"] * c.metrics["target_forwards"])}
+    return run
+
+
+def _hf_methods(path: Path, draft: str | None, max_new_tokens: int, device: str | None) -> dict:
+    """transformers' generate, plain and with its own speculative options, forwards counted by a hook."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    def hf_load(p: Path):
+        kw = dict(gguf_file=p.name) if p.is_file() else {}
+        return AutoModelForCausalLM.from_pretrained(str(p.parent if p.is_file() else p), dtype=torch.float32,
+                                                    **kw).to(dev).eval()
+
+    model = hf_load(path)
+    calls = [0]
+    model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    eos = model.generation_config.eos_token_id
+    eos = {eos} if isinstance(eos, int) else set(eos or [])
+
+    def make(**kw):
+        @torch.inference_mode()
+        def run(ids):
+            x = torch.tensor([ids], device=dev)
+            calls[0] = 0
+            t0 = time.perf_counter()
+            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=next(iter(eos), 0), **kw)
+            seconds = time.perf_counter() - t0
+            new = out[0, len(ids):].tolist()
+            kept = [t for t in new if t not in eos]
+            return {"tokens": kept, "seconds": seconds, "forwards": calls[0], "consumed": len(kept) + (len(kept) < len(new))}
+        return run
+
+    methods = {"hf-plain": make(), "hf-prompt-lookup": make(prompt_lookup_num_tokens=10)}
+    if draft:
+        methods["hf-assisted"] = make(assistant_model=hf_load(Path(draft)))
+    return methods
+
+
+def _summarize(model: str, max_new_tokens: int, questions: list[dict], runs: dict) -> dict:
+    groups = sorted({q["group"] for q in questions}, key=list(dict.fromkeys(q["group"] for q in questions)).index)
+
+    def rate(name, idx):
+        return sum(len(runs[name][i]["tokens"]) for i in idx) / sum(runs[name][i]["seconds"] for i in idx)
+
+    def mat(name, idx):
+        return sum(runs[name][i]["consumed"] for i in idx) / max(1, sum(runs[name][i]["forwards"] for i in idx))
+
+    every = range(len(questions))
+    by_group = {g: [i for i, q in enumerate(questions) if q["group"] == g] for g in groups}
+    out = {"model": model, "max_new_tokens": max_new_tokens, "questions": len(questions), "methods": {}}
+    for name in runs:
+        reference = "hf-plain" if name.startswith("hf-") else "plain"
+        mismatches = [questions[i]["question_id"] for i in every
+                      if runs[name][i]["tokens"] != runs[reference][i]["tokens"]]
+        out["methods"][name] = {
+            "tok_per_s": rate(name, every), "speedup": rate(name, every) / rate("plain", every),
+            "mat": mat(name, every), "identical_to_plain": not mismatches, "mismatched_questions": mismatches,
+            "compared_with": reference, "lossless": True,  # every method here is lossless by construction
+            "per_category": {g: {"speedup": rate(name, idx) / rate("plain", idx), "mat": mat(name, idx)}
+                             for g, idx in by_group.items()},
+        }
+    return out
+
+
+def _print_spec_bench(r: dict) -> None:
+    methods = r["methods"]
+    groups = list(next(iter(methods.values()))["per_category"])
+    print(f"\nSpec-Bench on {r['model']}: {r['questions']} questions, greedy, {r['max_new_tokens']} new tokens; "
+          "speedup vs our plain decoding")
+    head = f"{'method':<18}" + "".join(f"{g[:13]:>14}" for g in groups) + f"{'overall':>9}{'MAT':>6}{'tok/s':>8}  same"
+    print(head)
+    for name, m in methods.items():
+        cells = "".join(f"{m['per_category'][g]['speedup']:>13.2f}x" for g in groups)
+        same = "yes" if m["identical_to_plain"] else f"NO ({len(m['mismatched_questions'])} differ)"
+        print(f"{name:<18}{cells}{m['speedup']:>8.2f}x{m['mat']:>6.2f}{m['tok_per_s']:>8.1f}  {same}")
+
+
+def _plot_spec_bench(r: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    methods = [m for m in r["methods"] if m != "plain"]
+    groups = list(r["methods"]["plain"]["per_category"]) + ["overall"]
+    fig, ax = plt.subplots(figsize=(max(7, 1.3 * len(groups)), 4))
+    width = 0.8 / max(1, len(methods))
+    for j, name in enumerate(methods):
+        m = r["methods"][name]
+        vals = [m["per_category"][g]["speedup"] for g in groups[:-1]] + [m["speedup"]]
+        ax.bar(np.arange(len(groups)) + j * width, vals, width, label=name)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(np.arange(len(groups)) + width * (len(methods) - 1) / 2, groups, rotation=20)
+    ax.set_ylabel("speedup vs plain decoding")
+    ax.set_title(f"Spec-Bench, {r['model']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -25,6 +25,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--drafter", default=None,
+                   help="speculative decoding (lossless): lookup, early-exit[:L], model:PATH, or auto")
 
 
 def _sampling(a: argparse.Namespace) -> dict:
@@ -43,7 +45,8 @@ def _load(a: argparse.Namespace):
 
 def _stats(c) -> str:
     m = c.metrics
-    return (f"[{m['generated_tokens']} tokens, {m['tok_per_s']:.1f} tok/s, "
+    spec = f", MAT {m['mat']:.2f}, acceptance {m['acceptance_rate']:.0%}" if "proposed" in m else ""
+    return (f"[{m['generated_tokens']} tokens, {m['tok_per_s']:.1f} tok/s{spec}, "
             f"prefill {m['prefill_s'] * 1000:.0f} ms, finish: {c.finish_reason}]")
 
 
@@ -57,7 +60,8 @@ def cmd_generate(a) -> None:
     llm = _load(a)
     prompt = a.prompt if a.raw or not llm.tokenizer.chat_template else \
         ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": a.prompt}]
-    for delta in llm.stream(prompt, **params):
+    drafter = llm.drafter(a.drafter)
+    for delta in llm.stream(prompt, drafter=drafter, **params):
         sys.stdout.write(delta)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -68,6 +72,7 @@ def cmd_chat(a) -> None:
     params = _sampling(a)
     llm = _load(a)
     messages = [{"role": "system", "content": a.system}] if a.system else []
+    drafter = llm.drafter(a.drafter)
     print("gearshift chat: type a message; /reset clears the conversation, /exit or Ctrl-D quits.", file=sys.stderr)
     while True:
         try:
@@ -83,7 +88,7 @@ def cmd_chat(a) -> None:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
-        for delta in llm.stream(messages, **params):
+        for delta in llm.stream(messages, drafter=drafter, **params):
             sys.stdout.write(delta)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -115,11 +120,16 @@ def cmd_info(a) -> None:
 
 
 def cmd_bench(a) -> None:
-    from .bench import run_quick
-    if not a.quick:
-        raise GearshiftError("choose a benchmark: gearshift bench --quick")
-    run_quick(a.model, n_questions=a.limit, max_new_tokens=a.max_tokens, json_path=a.json, plot_path=a.plot,
-              with_transformers=not a.no_transformers, device=a.device)
+    from .bench import run_quick, run_spec_bench
+    if a.suite == "spec-bench":
+        run_spec_bench(a.model, per_category=a.limit_per_category, max_new_tokens=a.max_tokens, draft=a.draft,
+                       drafters=a.drafter, json_path=a.json, plot_path=a.plot,
+                       with_transformers=not a.no_transformers, device=a.device)
+    elif a.quick:
+        run_quick(a.model, n_questions=a.limit, max_new_tokens=a.max_tokens, json_path=a.json, plot_path=a.plot,
+                  with_transformers=not a.no_transformers, device=a.device)
+    else:
+        raise GearshiftError("choose a benchmark: gearshift bench --quick, or gearshift bench spec-bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,7 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=cmd_info)
     p = sub.add_parser("bench", help="measure decoding speed against transformers")
+    p.add_argument("suite", nargs="?", choices=["spec-bench"], help="spec-bench: every drafter, per category")
     p.add_argument("--quick", action="store_true", help="first 10 Spec-Bench questions, 128 new tokens")
+    p.add_argument("--limit-per-category", type=int, default=2)
+    p.add_argument("--draft", default=None, help="draft model for model:PATH and transformers' assistant_model")
+    p.add_argument("--drafter", action="append", default=None, help="drafters to run (default: lookup, early-exit)")
     p.add_argument("--limit", type=int, default=10)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--json", default=None, help="write results to this JSON file")

@@ -130,31 +130,34 @@ class LLM:
     # ------------------------------------------------------------------ decoding
 
     def _prefill(self, prompts: list[list[int]], p: SamplingParams, extra: int = 0):
-        """Left-pad the prompts into one cache and run them; return (cache, last logits, budget)."""
+        """Left-pad the prompts into one cache and run all but their last token.
+
+        Every generated token then comes from a step forward (the prompt's last token first), so
+        plain and speculative decoding compute the first token the same way, bit for bit.
+        Returns (cache, last prompt token per row, token budget).
+        """
         batch, longest = len(prompts), max(len(x) for x in prompts)
         budget = min(self._check_length(len(x), p) for x in prompts)
-        cache = self._get_cache(batch, min(longest + budget + extra, self.model.cfg.max_seq_len + extra))
+        cache = self._get_cache(batch, min(longest + budget, self.model.cfg.max_seq_len) + extra)
         cache.reset(torch.tensor([longest - len(x) for x in prompts], device=self.device))
         tokens = torch.tensor([[0] * (longest - len(x)) + x for x in prompts], device=self.device)
-        for s in range(0, longest, PREFILL_CHUNK):
-            logits = self.model(tokens[:, s:s + PREFILL_CHUNK], cache, last_only=True)
-        return cache, logits[:, -1], budget
+        for s in range(0, longest - 1, PREFILL_CHUNK):
+            self.model(tokens[:, s:min(s + PREFILL_CHUNK, longest - 1)], cache, last_only=True)
+        return cache, tokens[:, -1], budget
 
     @torch.inference_mode()
     def _steps(self, prompts: list[list[int]], p: SamplingParams, stats: dict) -> Iterator[list[list[int]]]:
         """Plain decoding: yield one new token per row per step, until the caller stops or max_tokens."""
         gen = make_generator(p.seed, self.device)
         t0 = time.perf_counter()
-        cache, logits, budget = self._prefill(prompts, p)
+        cache, nxt, budget = self._prefill(prompts, p)
         stats["prefill_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         try:
             for i in range(budget):
-                nxt = sample(logits, p, gen)
+                nxt = sample(self.model(nxt[:, None], cache)[:, -1], p, gen)
                 stats["target_forwards"] = i + 1
                 yield [[t] for t in nxt.tolist()]
-                if i + 1 < budget:
-                    logits = self.model(nxt[:, None], cache)[:, -1]
         finally:
             stats["decode_s"] = time.perf_counter() - t0
 
@@ -164,16 +167,14 @@ class LLM:
         """Draft, verify in one target pass, keep what the verifier accepts, roll back the rest."""
         gen = make_generator(p.seed, self.device)
         t0 = time.perf_counter()
-        k_max = drafter.length.k_max
-        cache, logits, budget = self._prefill([prompt], p, extra=k_max + 1)
+        cache, _, budget = self._prefill([prompt], p, extra=drafter.length.k_max)
         stats["prefill_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        context = prompt + [int(sample(logits, p, gen))]
+        context = list(prompt)
         drafter.reset(prompt)
-        produced, forwards = 1, 1
-        stats.update(target_forwards=1, proposed=0, accepted=0, draft_s=0.0, verify_s=0.0)
+        produced = 0
+        stats.update(target_forwards=0, proposed=0, accepted=0, draft_s=0.0, verify_s=0.0)
         try:
-            yield [context[-1:]]
             while produced < budget:
                 t1 = time.perf_counter()
                 k = min(drafter.length.k, budget - produced - 1, cache.max_len - cache.length - 1)
@@ -190,8 +191,7 @@ class LLM:
                 stats["verify_s"] += time.perf_counter() - t2
                 stats["proposed"] += len(proposal.tokens)
                 stats["accepted"] += accepted
-                forwards += 1
-                stats["target_forwards"] = forwards
+                stats["target_forwards"] += 1
                 context += new
                 produced += len(new)
                 yield [new]
@@ -281,8 +281,8 @@ class LLM:
 
 
 def _metrics(stats: dict, generated: int, consumed: int, rows: int) -> dict:
-    """Per-generation numbers. MAT, mean accepted tokens per target forward (the prefill that gives
-    the first token included), is 1.0 for plain decoding as in Spec-Bench."""
+    """Per-generation numbers. MAT, mean tokens per target forward, is 1.0 for plain decoding as in
+    Spec-Bench (the prefill of all but the last prompt token produces no token and is not counted)."""
     decode_s, forwards = stats.get("decode_s", 0.0), stats.get("target_forwards", 0)
     m = {"prefill_s": stats.get("prefill_s", 0.0), "decode_s": decode_s, "generated_tokens": generated,
          "target_forwards": forwards, "tok_per_s": generated / decode_s if decode_s > 0 else 0.0,

@@ -1,0 +1,247 @@
+"""Speculative decoding is lossless: greedy token-identical, sampling distribution-exact."""
+
+import json
+from itertools import product
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import models, pre_tokenizers
+
+import gearshift
+from gearshift import verify as verify_module
+from gearshift.drafters import DraftLength, LookupDrafter, ModelDrafter, make_drafter
+from gearshift.engine import LLM
+from gearshift.errors import GearshiftError
+from gearshift.loading import load, read_checkpoint
+from gearshift.sampling import SamplingParams, probs
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about autumn.",
+    "Explain photosynthesis in two sentences.",
+    "List the first five prime numbers.",
+    "Translate 'good morning' into Spanish, French and German.",
+    "Summarize: The cat sat on the mat. The cat was happy. The mat was red. The cat sat on the red mat all day.",
+    "Repeat after me: one two three four five, one two three four five.",
+    "Write a Python function that returns the square of a number.",
+    "What is 15 times 12?",
+    "Give three tips for better sleep.",
+    "Who wrote Romeo and Juliet?",
+    "Describe the color blue to someone who cannot see.",
+    "Name four planets of the solar system.",
+    "What does a CPU do?",
+    "Continue the list: apple, banana, cherry,",
+    "Write a short email asking for a meeting tomorrow.",
+    "Why is the sky blue?",
+    "What is the boiling point of water in Fahrenheit?",
+    "Give a synonym for 'happy'.",
+    "Rewrite this sentence in the passive voice: The dog chased the ball.",
+    "def fib(n):\n    # return the n-th Fibonacci number\n",
+]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return gearshift.load()
+
+
+@pytest.fixture(scope="module")
+def plain(llm):
+    return [llm.generate([{"role": "user", "content": p}], max_tokens=48).token_ids for p in PROMPTS]
+
+
+def write_truncated_draft(src: LLM, path: Path, layers: int, vocab: int) -> None:
+    """A real Hugging Face directory holding the default model's first `layers` blocks, with its
+    vocabulary cut or padded to `vocab` (to exercise the vocabulary alignment)."""
+    ck = read_checkpoint(src.loaded.path)
+    cfg = ck.config
+    tensors = {k: v for k, v in ck.tensors.items()
+               if ".layers." not in k or int(k.split(".layers.")[1].split(".")[0]) < layers}
+    emb = tensors["model.embed_tokens.weight"]
+    tensors["model.embed_tokens.weight"] = emb[:vocab] if vocab <= len(emb) else \
+        torch.cat([emb, emb.new_zeros(vocab - len(emb), emb.shape[1])])
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": vocab, "hidden_size": cfg.dim, "intermediate_size": cfg.hidden_dim,
+        "num_hidden_layers": layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+        "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.max_seq_len,
+        "tie_word_embeddings": True, "eos_token_id": cfg.eos_token_ids}))
+    src.tokenizer.save(path)
+
+
+@pytest.fixture(scope="module")
+def draft_dir(llm, tmp_path_factory):
+    path = tmp_path_factory.mktemp("draft")
+    write_truncated_draft(llm, path, layers=8, vocab=49000)  # fewer ids than the target: masked
+    return path
+
+
+@pytest.mark.parametrize("spec", ["lookup", "early-exit:6", "model", "auto"])
+def test_greedy_token_identical_to_plain(llm, plain, draft_dir, spec):
+    drafter = make_drafter(f"model:{draft_dir}" if spec == "model" else spec, llm)
+    proposed = accepted = 0
+    for p, ref in zip(PROMPTS, plain):
+        c = llm.generate([{"role": "user", "content": p}], drafter=drafter, max_tokens=48)
+        assert c.token_ids == ref, p
+        proposed += c.metrics["proposed"]
+        accepted += c.metrics["accepted"]
+        assert c.metrics["target_forwards"] <= len(ref) + 1
+    assert proposed > 0 and accepted > 0  # the drafter really drafted, and was right sometimes
+
+
+def test_metrics_of_speculative_generation(llm):
+    c = llm.generate([{"role": "user", "content": PROMPTS[6]}], drafter="lookup", max_tokens=48)
+    m = c.metrics
+    eos = c.finish_reason == "stop"  # the stopping EOS came out of a forward too
+    assert m["mat"] * m["target_forwards"] == pytest.approx(len(c.token_ids) + eos)
+    assert m["mat"] > 1.0 and 0 < m["acceptance_rate"] <= 1
+    assert m["draft_s"] >= 0 and m["verify_s"] > 0
+    assert llm.generate("Hello", max_tokens=8, ignore_eos=True).metrics["mat"] == 1.0
+
+
+def test_stream_with_drafter_equals_generate(llm):
+    msgs = [{"role": "user", "content": PROMPTS[5]}]
+    assert "".join(llm.stream(msgs, drafter="lookup", max_tokens=40)) == llm.generate(msgs, max_tokens=40).text
+
+
+def test_unknown_drafter(llm):
+    with pytest.raises(GearshiftError):
+        make_drafter("magic", llm)
+    with pytest.raises(GearshiftError):
+        make_drafter("early-exit:99", llm)
+
+
+# ------------------------------------------------------------------ tiny models
+
+VOCAB = 8
+
+
+def tiny_model_dir(path: Path, layers: int, seed: int, vocab: int = VOCAB) -> Path:
+    """A random Llama saved as a Hugging Face directory with a word-level tokenizer."""
+    g = torch.Generator().manual_seed(seed)
+    dim, hidden, heads, kv, hd = 64, 128, 4, 2, 16
+    t = {"model.embed_tokens.weight": torch.randn(vocab, dim, generator=g), "model.norm.weight": torch.ones(dim),
+         "lm_head.weight": torch.randn(vocab, dim, generator=g) * 0.04}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for name, shape in [("self_attn.q_proj", (heads * hd, dim)), ("self_attn.k_proj", (kv * hd, dim)),
+                            ("self_attn.v_proj", (kv * hd, dim)), ("self_attn.o_proj", (dim, heads * hd)),
+                            ("mlp.gate_proj", (hidden, dim)), ("mlp.up_proj", (hidden, dim)),
+                            ("mlp.down_proj", (dim, hidden))]:
+            t[p + name + ".weight"] = torch.randn(shape, generator=g) * 0.2
+        t[p + "input_layernorm.weight"] = torch.ones(dim)
+        t[p + "post_attention_layernorm.weight"] = torch.ones(dim)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(t, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": vocab, "hidden_size": dim, "intermediate_size": hidden,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv,
+        "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}))
+    tok = HFTokenizer(models.WordLevel({chr(97 + i): i for i in range(vocab)}, unk_token="a"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path / "tokenizer.json"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    target = LLM(load(tiny_model_dir(root / "target", 2, seed=1), weights="int8", device="cpu", use_cache=False))
+    draft = load(tiny_model_dir(root / "draft", 1, seed=2), weights="int8", device="cpu", use_cache=False)
+    return target, draft
+
+
+def test_greedy_property_random_prompts_tiny(tiny):
+    """Random prompts with repeats (so lookup matches), every drafter: identical to plain."""
+    target, draft = tiny
+    g = torch.Generator().manual_seed(0)
+    drafters = [LookupDrafter(), ModelDrafter(draft.model, VOCAB, "model", confidence=0.0),
+                ModelDrafter(target.model, VOCAB, "early-exit:1", n_layers=1, confidence=0.0)]
+    for case in range(40):
+        base = torch.randint(0, VOCAB, (int(torch.randint(2, 12, (1,), generator=g)),), generator=g).tolist()
+        prompt = base * int(torch.randint(1, 4, (1,), generator=g))
+        ref = target.generate(prompt, max_tokens=30, ignore_eos=True).token_ids
+        for d in drafters:
+            assert target.generate(prompt, drafter=d, max_tokens=30, ignore_eos=True).token_ids == ref, (case, d.name)
+
+
+def exact_pair_distribution(target: LLM, prompt: list[int], p: SamplingParams) -> torch.Tensor:
+    """P(first two tokens) computed from the target's own distributions: the ground truth."""
+    m = target.model
+    with torch.inference_mode():
+        first = probs(m(torch.tensor([prompt]), m.new_cache(1, 64))[0, -1], p)
+        pairs = torch.tensor([prompt + [a] for a in range(VOCAB)])
+        cache = m.new_cache(VOCAB, 64)
+        second = probs(m(pairs, cache)[:, -1], p)
+    return (first[:, None] * second).flatten()
+
+
+def chi_square(target: LLM, drafter, prompt: list[int], p: SamplingParams, n: int) -> float:
+    truth = exact_pair_distribution(target, prompt, p)
+    counts = torch.zeros(VOCAB * VOCAB)
+    for seed in range(n):
+        toks = target.generate(prompt, drafter=drafter, max_tokens=2, ignore_eos=True, temperature=p.temperature,
+                               top_k=p.top_k, top_p=p.top_p, seed=seed).token_ids
+        counts[toks[0] * VOCAB + toks[1]] += 1
+    assert counts[truth == 0].sum() == 0  # nothing outside the target's support
+    keep = truth * n >= 5  # pool rare cells, as the chi-square approximation needs
+    observed = torch.cat([counts[keep], counts[~keep].sum()[None]])
+    expected = torch.cat([truth[keep] * n, (truth[~keep].sum() * n)[None]])
+    expected, observed = expected[expected > 0], observed[expected > 0]
+    return float(((observed - expected) ** 2 / expected).sum()), len(expected) - 1
+
+
+def critical_value(df: int) -> float:
+    """Chi-square critical value at p = 1e-4 (Wilson-Hilferty); stable: one false alarm in 10,000."""
+    z = 3.719
+    return df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
+
+
+SAMPLING = SamplingParams(temperature=0.9, top_k=6, top_p=0.95)
+
+
+def broken_residual(p, q):
+    """A classic bug: after a rejection, resample from the target itself instead of max(0, p - q)."""
+    return p
+
+
+@pytest.mark.parametrize("rule", ["exact", "broken"])
+@pytest.mark.parametrize("which", ["model", "lookup"])
+def test_sampling_keeps_target_distribution(tiny, monkeypatch, rule, which):
+    target, draft = tiny
+    prompt = [1, 2, 3, 1, 2]
+    drafter = ModelDrafter(draft.model, VOCAB, "model", confidence=0.0) if which == "model" else LookupDrafter()
+    if rule == "broken":
+        monkeypatch.setattr(verify_module, "residual", broken_residual)
+    chi2, df = chi_square(target, drafter, prompt, SAMPLING, n=3000)
+    if rule == "exact":
+        assert chi2 < critical_value(df), (chi2, df)
+    else:
+        assert chi2 > critical_value(df), (chi2, df)  # the test has the power to catch a wrong rule
+
+
+def test_plain_sampling_matches_exact_distribution(tiny):
+    """The ground truth itself: plain sampling passes the same test."""
+    target, _ = tiny
+    chi2, df = chi_square(target, None, [1, 2, 3, 1, 2], SAMPLING, n=3000)
+    assert chi2 < critical_value(df)
+
+
+def test_lookup_drafter_and_draft_length():
+    d = LookupDrafter(min_n=1, max_n=3)
+    p = SamplingParams()
+    ctx = [5, 6, 7, 8, 9, 5, 6]
+    assert d.propose(ctx, 3, p, None).tokens == [7, 8, 9]  # longest suffix [5, 6] matched
+    assert LookupDrafter().propose([1, 2, 3], 3, p, None).tokens == []
+    assert d.propose(ctx + [7, 1, 5, 6, 7], 2, p, None).tokens == [1, 5]  # latest occurrence of [5, 6, 7] wins
+    length = DraftLength(k=4, k_min=1, k_max=6)
+    length.update(4, 4)
+    assert length.k == 5
+    length.update(5, 1)
+    assert length.k == 4
+    for _ in range(10):
+        length.update(3, 0)
+    assert length.k == 1
