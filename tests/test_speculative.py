@@ -1,7 +1,6 @@
 """Speculative decoding is lossless: greedy token-identical, sampling distribution-exact."""
 
 import json
-from itertools import product
 from pathlib import Path
 
 import pytest

@@ -30,17 +30,22 @@ def spec_bench_questions(limit: int | None = None) -> list[dict]:
     return rows[:limit] if limit else rows
 
 
-def _time_engine(name: str, fn, prompts: list, warmup) -> dict:
+def _time_engine(name: str, run, prompts: list) -> dict:
     """Total generated tokens over total wall time (prefill included), after one warm-up call."""
-    warmup()
-    tokens, seconds, outputs = 0, 0.0, []
-    for ids in tqdm(prompts, desc=name, unit="q"):
-        t0 = time.perf_counter()
-        out = fn(ids)
-        seconds += time.perf_counter() - t0
-        tokens += len(out)
-        outputs.append(out)
-    return {"tok_per_s": tokens / seconds, "generated_tokens": tokens, "seconds": seconds, "outputs": outputs}
+    run(prompts[0][:16])
+    outs = [run(ids) for ids in tqdm(prompts, desc=name, unit="q")]
+    tokens, seconds = sum(len(o["tokens"]) for o in outs), sum(o["seconds"] for o in outs)
+    return {"tok_per_s": tokens / seconds, "generated_tokens": tokens, "seconds": seconds,
+            "outputs": [o["tokens"] for o in outs]}
+
+
+def _emit(results: dict, printer, plotter, json_path: str | None, plot_path: str | None) -> dict:
+    printer(results)
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=1))
+    if plot_path:
+        plotter(results, plot_path)
+    return results
 
 
 def run_quick(model: str | None, n_questions: int = 10, max_new_tokens: int = 128, json_path: str | None = None,
@@ -51,78 +56,39 @@ def run_quick(model: str | None, n_questions: int = 10, max_new_tokens: int = 12
     path = hub.resolve_model(model)
     questions = spec_bench_questions(n_questions)
     t0 = time.perf_counter()
-    cold = load(path, device=device, use_cache=False)
+    load(path, device=device, use_cache=False)
     cold_s = time.perf_counter() - t0
-    warm = load(path, device=device)  # writes the conversion cache if missing
+    load(path, device=device)  # writes the conversion cache if missing
     warm = load(path, device=device)
     llm = LLM(warm)
     prompts = [llm.encode([{"role": "user", "content": q["turns"][0]}]) for q in questions]
-    del cold
-
-    def ours(engine: LLM):
-        def run(ids):
-            return engine.generate(ids, max_tokens=max_new_tokens).token_ids
-        return run
-
     results: dict = {"model": path.name, "max_new_tokens": max_new_tokens, "questions": len(prompts), "engines": {}}
     eng = results["engines"]
-    warmup_ids = prompts[0][:16]
-    eng["gearshift"] = _time_engine("gearshift", ours(llm), prompts, lambda: ours(llm)(warmup_ids))
+    eng["gearshift"] = _time_engine("gearshift", _ours(llm, None, max_new_tokens), prompts)
     eng["gearshift"].update(weights=llm.model.fmts, load_cold_s=cold_s, load_warm_s=warm.load_seconds)
     exact = LLM(load(path, device=device, weights="float32"))
-    eng["gearshift-float32"] = _time_engine("gearshift float32", ours(exact), prompts, lambda: ours(exact)(warmup_ids))
+    eng["gearshift-float32"] = _time_engine("gearshift float32", _ours(exact, None, max_new_tokens), prompts)
     eng["gearshift-float32"]["weights"] = exact.model.fmts
     del exact
     if with_transformers:
-        eng["transformers"] = _bench_transformers(path, prompts, max_new_tokens, device)
+        t0 = time.perf_counter()
+        hf = _hf_methods(path, None, max_new_tokens, device)["hf-plain"]
+        load_s = time.perf_counter() - t0
+        eng["transformers"] = {**_time_engine("transformers", hf, prompts), "load_s": load_s}
         results["speedup_vs_transformers"] = eng["gearshift"]["tok_per_s"] / eng["transformers"]["tok_per_s"]
         ref = eng["transformers"]["outputs"]
         for name in ("gearshift", "gearshift-float32"):
             eng[name]["identical_to_transformers"] = sum(o == r for o, r in zip(eng[name]["outputs"], ref)) / len(ref)
-    llama = _bench_llama_cpp(path, prompts, max_new_tokens)
+    llama = _bench_llama_cpp(path, max_new_tokens)
     if llama:
-        eng["llama.cpp"] = llama
+        eng["llama.cpp"] = _time_engine("llama.cpp", llama, prompts)
     for e in eng.values():
         e.pop("outputs", None)
-    _print_quick(results)
-    if json_path:
-        Path(json_path).write_text(json.dumps(results, indent=1))
-    if plot_path:
-        _plot_quick(results, plot_path)
-    return results
+    return _emit(results, _print_quick, _plot_quick, json_path, plot_path)
 
 
-def _bench_transformers(path: Path, prompts: list[list[int]], max_new_tokens: int, device: str | None) -> dict:
-    import transformers
-    from transformers import AutoModelForCausalLM
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    t0 = time.perf_counter()
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if path.is_file():
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-    model = model.to(dev).eval()
-    load_s = time.perf_counter() - t0
-
-    @torch.inference_mode()
-    def run(ids):
-        x = torch.tensor([ids], device=dev)
-        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=model.config.eos_token_id)
-        new = out[0, len(ids):].tolist()
-        eos = model.generation_config.eos_token_id
-        eos = {eos} if isinstance(eos, int) else set(eos or [])
-        return [t for t in new if t not in eos]
-
-    r = _time_engine("transformers", run, prompts, lambda: run(prompts[0][:16]))
-    r["load_s"] = load_s
-    return r
-
-
-def _bench_llama_cpp(path: Path, prompts, max_new_tokens: int) -> dict | None:
+def _bench_llama_cpp(path: Path, max_new_tokens: int):
+    """llama.cpp on the same GGUF, when the optional llama_cpp package is installed."""
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -132,14 +98,14 @@ def _bench_llama_cpp(path: Path, prompts, max_new_tokens: int) -> dict | None:
     llm = Llama(str(path), n_ctx=4096, n_threads=torch.get_num_threads(), verbose=False)
 
     def run(ids):
-        out = []
+        out, t0 = [], time.perf_counter()
         for t in llm.generate(ids, temp=0.0, top_k=1, reset=True):
             if t == llm.token_eos() or len(out) >= max_new_tokens:
                 break
             out.append(t)
-        return out
+        return {"tokens": out, "seconds": time.perf_counter() - t0}
 
-    return _time_engine("llama.cpp", run, prompts, lambda: run(prompts[0][:16]))
+    return run
 
 
 def _print_quick(r: dict) -> None:
@@ -217,12 +183,7 @@ def run_spec_bench(model: str | None, per_category: int = 2, max_new_tokens: int
         fn(prompts[0][:16])  # warm-up
         runs[name] = [fn(ids) for ids in tqdm(prompts, desc=name, unit="q")]
     results = _summarize(path.name, max_new_tokens, questions, runs)
-    _print_spec_bench(results)
-    if json_path:
-        Path(json_path).write_text(json.dumps(results, indent=1))
-    if plot_path:
-        _plot_spec_bench(results, plot_path)
-    return results
+    return _emit(results, _print_spec_bench, _plot_spec_bench, json_path, plot_path)
 
 
 def _ours(llm, drafter, max_new_tokens: int):

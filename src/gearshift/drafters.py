@@ -12,7 +12,7 @@ Every drafter adapts its draft length online through `DraftLength`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -169,4 +169,6 @@ def make_drafter(spec: str, llm) -> Drafter:
 
 
 def default_exit_layer(n_layers: int) -> int:
-    return max(1, n_layers // 4)
+    """Measured on SmolLM2-135M (30 layers; Spec-Bench, 1 question per category): L=4 gave 0.83x,
+    8: 0.68x, 12: 0.61x, 16: 0.61x, 20: 0.74x; untrained exits draft poorly, so shallow is cheapest."""
+    return max(1, n_layers // 7)
