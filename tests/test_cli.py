@@ -118,3 +118,10 @@ def test_generate_with_drafter_matches_plain(default_model):
 
 def test_unknown_drafter_is_a_one_line_error(default_model):
     assert_one_line_error(run("generate", "hi", "--drafter", "oracle"), "unknown drafter")
+
+
+def test_unsupported_rope_scaling_hf_dir(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": 8, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+        "num_attention_heads": 4, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
+    assert_one_line_error(run("info", str(tmp_path)), "unsupported RoPE scaling 'yarn'")

@@ -100,8 +100,11 @@ def read_gguf(path: Path) -> Checkpoint:
         tie_embeddings="output.weight" not in names, qkv_bias="blk.0.attn_q.bias" in names,
         o_bias="blk.0.attn_output.bias" in names, mlp_bias="blk.0.ffn_up.bias" in names,
         bos_token_id=tok_field("tokenizer.ggml.bos_token_id"), eos_token_ids=sorted({i for i in eos if i is not None}))
-    if a("rope.scaling.type") == "linear":
+    scaling = a("rope.scaling.type")
+    if scaling == "linear":
         cfg.rope_scaling = {"rope_type": "linear", "factor": a("rope.scaling.factor")}
+    elif scaling not in (None, "none"):
+        raise GearshiftError(f"unsupported RoPE scaling {scaling!r} in {path.name}")
     tensors, bits, counts = {}, {}, {}
     for t in reader.tensors:
         qtype = t.tensor_type
@@ -158,6 +161,9 @@ def read_hf(path: Path) -> Checkpoint:
         raise GearshiftError(f"unsupported architecture {arch!r} in {path}; gearshift runs {', '.join(SUPPORTED)}")
     rope = c.get("rope_parameters") or {}
     scaling = c.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind not in ("default", "linear", "llama3"):
+        raise GearshiftError(f"unsupported RoPE scaling {kind!r} in {path}")
     eos = c.get("eos_token_id")
     n_heads = c["num_attention_heads"]
     max_len = c.get("max_position_embeddings", 4096)
