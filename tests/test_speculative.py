@@ -230,12 +230,14 @@ def test_plain_sampling_matches_exact_distribution(tiny):
 
 
 def test_lookup_drafter_and_draft_length():
-    d = LookupDrafter(min_n=1, max_n=3)
+    d = LookupDrafter(min_n=1, max_n=3, per_match_token=8)
     p = SamplingParams()
     ctx = [5, 6, 7, 8, 9, 5, 6]
     assert d.propose(ctx, 3, p, None).tokens == [7, 8, 9]  # longest suffix [5, 6] matched
     assert LookupDrafter().propose([1, 2, 3], 3, p, None).tokens == []
     assert d.propose(ctx + [7, 1, 5, 6, 7], 2, p, None).tokens == [1, 5]  # latest occurrence of [5, 6, 7] wins
+    short = LookupDrafter(min_n=1, max_n=3, per_match_token=2)
+    assert short.propose([4, 1, 2, 3, 4, 5, 9, 4], 8, p, None).tokens == [5, 9]  # 1-token match: 2 tokens
     length = DraftLength(k=4, k_min=1, k_max=6)
     length.update(4, 4)
     assert length.k == 5

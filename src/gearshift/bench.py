@@ -178,10 +178,13 @@ def run_spec_bench(model: str | None, per_category: int = 2, max_new_tokens: int
             _ours(llm, llm.drafter(spec), max_new_tokens)
     if with_transformers:
         methods.update(_hf_methods(path, draft, max_new_tokens, device))
-    runs = {}
-    for name, fn in methods.items():
+    runs: dict = {name: [] for name in methods}
+    for fn in methods.values():
         fn(prompts[0][:16])  # warm-up
-        runs[name] = [fn(ids) for ids in tqdm(prompts, desc=name, unit="q")]
+    # question by question, every method in turn: drift in the machine's speed hits all alike
+    for ids in tqdm(prompts, desc="spec-bench", unit="q"):
+        for name, fn in methods.items():
+            runs[name].append(fn(ids))
     results = _summarize(path.name, max_new_tokens, questions, runs)
     return _emit(results, _print_spec_bench, _plot_spec_bench, json_path, plot_path)
 

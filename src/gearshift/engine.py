@@ -1,9 +1,11 @@
 """The engine: prompts in, tokens and text out.
 
-One decode loop (`_steps`) serves a single prompt and a batch alike: prompts are left-padded
-into one KV cache, prefilled in chunks, then decoded one token per row per step. Text handling
-(incremental detokenization, stop strings) lives in `_TextState`, shared by `generate` and
-`stream`.
+Two decoding strategies share one prefill and one text path. `_steps` (plain) serves a single
+prompt and a batch alike: prompts are left-padded into one KV cache, prefilled in chunks, then
+decoded one token per row per step. `_speculative_steps` asks a drafter for tokens, scores them
+in one target pass, keeps what `verify` accepts and rolls the cache back past the rest. Text
+handling (incremental detokenization, stop strings) lives in `_TextState`, shared by `generate`
+and `stream`.
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ from pathlib import Path
 
 import torch
 
+from .drafters import Drafter, Proposal, make_drafter
 from .errors import GearshiftError
 from .kv_cache import KVCache
 from .loading import Loaded, load as load_weights
 from .model import Transformer
-from .drafters import Drafter, Proposal, make_drafter
 from .sampling import SamplingParams, make_generator, sample
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 from .verify import verify
@@ -70,6 +72,8 @@ class _TextState:
         return delta
 
     def flush(self) -> str:
+        if not self.stopped:
+            self.text += self.detok.flush()
         delta = self.text[self.emitted:]
         self.emitted = len(self.text)
         return delta

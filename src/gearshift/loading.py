@@ -14,7 +14,7 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ import torch
 
 from . import hub
 from .errors import GearshiftError
-from .model import FORMATS, ModelConfig, Transformer, interleave_rope_rows
+from .model import FORMATS, ModelConfig, Transformer, interleave_rope_rows, rope_inv_freq
 from .tokenizer import Tokenizer
 
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -261,7 +261,6 @@ class Loaded:
     quantization: str
     load_seconds: float
     cached: bool
-    info: dict = field(default_factory=dict)
 
 
 def _cache_key(path: Path, weights: str) -> str:
@@ -271,7 +270,6 @@ def _cache_key(path: Path, weights: str) -> str:
 
 
 def _finish(model: Transformer, device: torch.device) -> Transformer:
-    from .model import rope_inv_freq
     model.inv_freq = rope_inv_freq(model.cfg)
     return model.to(device).eval()
 

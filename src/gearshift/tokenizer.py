@@ -126,3 +126,9 @@ class IncrementalDetokenizer:
             self.prefix, self.read = self.read, len(self.ids)
             return delta
         return ""
+
+    def flush(self) -> str:
+        """Text still held back at the end (an unfinished character decodes to U+FFFD, as decode() shows)."""
+        held = self.tok.decode(self.ids[self.prefix:])[len(self.tok.decode(self.ids[self.prefix:self.read])):]
+        self.prefix = self.read = len(self.ids)
+        return held
