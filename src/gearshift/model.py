@@ -108,16 +108,15 @@ class Linear(nn.Module):
             self.bias = b.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
+        """x: [tokens, in_features] in the compute dtype (2-D: the packed kernels want it so)."""
         if self.fmt == "int4":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x.reshape(-1, shape[-1]).to(torch.bfloat16), self.packed, GROUP, self.scales)
-            y = y.reshape(*shape[:-1], -1).to(x.dtype)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, GROUP, self.scales)
         elif self.fmt == "int8":
-            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.packed, self.scales)
-            y = y.reshape(*shape[:-1], -1).to(x.dtype)
+            y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.packed, self.scales)
         else:
-            y = F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
+            y = F.linear(x if x.dtype == self.weight.dtype else x.to(self.weight.dtype), self.weight)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
@@ -128,7 +127,8 @@ class RMSNorm(nn.Module):
         self.register_buffer("weight", torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, x.shape[-1:], self.weight.to(x.dtype), self.eps)
+        w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+        return F.rms_norm(x, x.shape[-1:], w, self.eps)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -167,7 +167,8 @@ def interleave_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     """x: [B, S, heads, D] with interleaved pairs; rot: [B, S, 1, D/2] complex."""
     xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
+    y = torch.view_as_real(xc * rot).flatten(-2)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 class Block(nn.Module):
@@ -182,9 +183,9 @@ class Block(nn.Module):
         self.gate_up = Linear(cfg.dim, 2 * cfg.hidden_dim, fmt, bias=cfg.mlp_bias)
         self.down = Linear(cfg.hidden_dim, cfg.dim, fmt, bias=cfg.mlp_bias)
 
-    def forward(self, x, layer: int, cache: KVCache, start: int, rot, mask):
+    def forward(self, x, b: int, s: int, layer: int, cache: KVCache, start: int, rot, mask):
+        """x: [b * s, dim]: activations stay 2-D between blocks, as the linear kernels take them."""
         cfg = self.cfg
-        b, s, _ = x.shape
         qk, v = self.qkv(self.attn_norm(x)).split(
             [(cfg.n_heads + cfg.n_kv_heads) * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim], dim=-1)
         qk = apply_rope(qk.view(b, s, cfg.n_heads + cfg.n_kv_heads, cfg.head_dim), rot).transpose(1, 2)
@@ -195,12 +196,12 @@ class Block(nn.Module):
         cache.v[layer, :, :, start:end] = v
         keys, values, gqa = cache.k[layer], cache.v[layer], cfg.n_heads != cfg.n_kv_heads
         if mask is None:  # row-exact: each row exactly as a one-token decode step computes it
-            y = torch.cat([F.scaled_dot_product_attention(q[:, :, i:i + 1], keys[:, :, :start + i + 1],
-                                                          values[:, :, :start + i + 1], enable_gqa=gqa)
-                           for i in range(s)], dim=2)
+            rows = [F.scaled_dot_product_attention(q[:, :, i:i + 1], keys[:, :, :start + i + 1],
+                                                   values[:, :, :start + i + 1], enable_gqa=gqa) for i in range(s)]
+            y = rows[0] if s == 1 else torch.cat(rows, dim=2)
         else:
             y = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=mask, enable_gqa=gqa)
-        x = x + self.o(y.transpose(1, 2).reshape(b, s, -1))
+        x = x + self.o(y.transpose(1, 2).reshape(b * s, -1))
         gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
 
@@ -253,10 +254,12 @@ class Transformer(nn.Module):
             # causal, not into the row's left padding; a padding query sees itself so no row is empty
             mask = ((keys <= query) & (keys >= cache.pad[:, None, None])) | (keys == query)
             mask = mask[:, None]  # [B, 1, S, end]
-        x = F.embedding(tokens, self.embed)
+        x = F.embedding(tokens.reshape(-1), self.embed)
         for i, layer in enumerate(self.layers[:n_layers]):
-            x = layer(x, i, cache, start, rot, mask)
+            x = layer(x, b, s, i, cache, start, rot, mask)
         cache.length = end
+        x = x.view(b, s, -1)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.norm(x)).float()
+            s = 1
+        return self.lm_head(self.norm(x.reshape(b * s, -1))).view(b, s, -1).float()
