@@ -215,7 +215,7 @@ class LLM:
             for new in steps:
                 for r, toks in enumerate(new):
                     for t in toks:
-                        if reason[r] or len(out[r]) >= p.max_tokens:
+                        if reason[r]:
                             break
                         consumed += 1
                         if t in self.eos_ids and not p.ignore_eos:
