@@ -116,6 +116,21 @@ def test_generate_with_drafter_matches_plain(default_model):
     assert "MAT" in spec.stderr
 
 
+def test_recycling_matrix_is_saved_and_warm_starts(default_model, tmp_path):
+    matrix = tmp_path / "recycling.npy"
+    prompt = ["generate", "Count: one, two, three, four, five, six.", "--max-tokens", "24"]
+    plain = run(*prompt)
+    first = run(*prompt, "--drafter", f"recycling:{matrix}")
+    assert first.returncode == 0, first.stderr
+    adjacency = np.load(matrix)
+    assert adjacency.shape == (49152, 8) and (adjacency[:, 0] >= 0).sum() >= 24  # a row per verified token
+    second = run(*prompt, "--drafter", f"recycling:{matrix}")
+    assert first.stdout == second.stdout == plain.stdout
+    assert (np.load(matrix) >= 0).sum() >= (adjacency >= 0).sum()  # loaded, then grown, not restarted
+    matrix.write_bytes(b"not a matrix")
+    assert_one_line_error(run(*prompt, "--drafter", f"recycling:{matrix}"), "cannot read the recycling matrix")
+
+
 def test_unknown_drafter_is_a_one_line_error(default_model):
     assert_one_line_error(run("generate", "hi", "--drafter", "oracle"), "unknown drafter")
 

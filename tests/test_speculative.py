@@ -11,7 +11,12 @@ from tokenizers import models, pre_tokenizers
 
 import gearshift
 from gearshift import verify as verify_module
-from gearshift.drafters import DraftLength, LookupDrafter, ModelDrafter, make_drafter
+from gearshift.drafters import DraftLength, LookupDrafter, ModelDrafter, Proposal, Recycling, Suffix, TreeDrafter, \
+    make_drafter
+from gearshift.drafters.recycling import template
+from gearshift.drafters.suffix import SuffixAutomaton
+from gearshift.hardware import CostModel, forward_costs
+from gearshift.model import tree_paths
 from gearshift.engine import LLM
 from gearshift.errors import GearshiftError
 from gearshift.loading import load, read_checkpoint
@@ -78,7 +83,7 @@ def draft_dir(llm, tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("spec", ["lookup", "early-exit:6", "model", "auto"])
+@pytest.mark.parametrize("spec", ["lookup", "early-exit:6", "model", "auto", "recycling", "suffix", "hybrid"])
 def test_greedy_token_identical_to_plain(llm, plain, draft_dir, spec):
     drafter = make_drafter(f"model:{draft_dir}" if spec == "model" else spec, llm)
     proposed = accepted = 0
@@ -104,6 +109,35 @@ def test_metrics_of_speculative_generation(llm):
 def test_stream_with_drafter_equals_generate(llm):
     msgs = [{"role": "user", "content": PROMPTS[5]}]
     assert "".join(llm.stream(msgs, drafter="lookup", max_tokens=40)) == llm.generate(msgs, max_tokens=40).text
+
+
+def test_tree_forward_is_exact_and_keeps_one_path(llm):
+    """Every node of a tree scored in one pass gets bitwise the logits of decoding its path one
+    token at a time; after `keep`, the cache continues exactly as if only that path was decoded."""
+    m = llm.model
+    g = torch.Generator().manual_seed(0)
+    prefix = torch.randint(0, 49152, (1, 40), generator=g)
+    parents = [-1, 0, 0, 1, 1, 2, 3, 0, 7, 5, 9]
+    tokens = torch.randint(0, 49152, (len(parents),), generator=g).tolist()
+
+    def decode_path(path):
+        cache = m.new_cache(1, 128)
+        m(prefix, cache)
+        for n in path:
+            out = m(torch.tensor([[tokens[n]]]), cache)[0, -1]
+        return out, cache
+
+    with torch.inference_mode():
+        cache = m.new_cache(1, 128)
+        m(prefix, cache)
+        logits = m(torch.tensor([tokens]), cache, parents=parents)[0]
+        for i, path in enumerate(tree_paths(parents)):
+            assert torch.equal(logits[i], decode_path(path)[0]), i
+        path = tree_paths(parents)[9]  # 0 -> 2 -> 5 -> 9: not contiguous
+        cache.keep(40, path)
+        _, ref = decode_path(path)
+        assert cache.length == ref.length
+        assert torch.equal(m(torch.tensor([[7]]), cache), m(torch.tensor([[7]]), ref))
 
 
 def test_unknown_drafter(llm):
@@ -158,7 +192,10 @@ def test_greedy_property_random_prompts_tiny(tiny):
     target, draft = tiny
     g = torch.Generator().manual_seed(0)
     drafters = [LookupDrafter(), ModelDrafter(draft.model, VOCAB, "model", confidence=0.0),
-                ModelDrafter(target.model, VOCAB, "early-exit:1", n_layers=1, confidence=0.0)]
+                ModelDrafter(target.model, VOCAB, "early-exit:1", n_layers=1, confidence=0.0),
+                TreeDrafter("recycling", [Recycling(VOCAB, k=4)], max_nodes=16),  # no cost curve: full trees
+                TreeDrafter("suffix", [Suffix(corpus=[1, 2, 3, 4] * 8)], max_nodes=16),
+                TreeDrafter("hybrid", [Recycling(VOCAB, k=4), Suffix()], max_nodes=16)]
     for case in range(40):
         base = torch.randint(0, VOCAB, (int(torch.randint(2, 12, (1,), generator=g)),), generator=g).tolist()
         prompt = base * int(torch.randint(1, 4, (1,), generator=g))
@@ -208,11 +245,13 @@ def broken_residual(p, q):
 
 
 @pytest.mark.parametrize("rule", ["exact", "broken"])
-@pytest.mark.parametrize("which", ["model", "lookup"])
+@pytest.mark.parametrize("which", ["model", "lookup", "tree"])
 def test_sampling_keeps_target_distribution(tiny, monkeypatch, rule, which):
+    """`tree`: Token Recycling trees branch 4 ways at every node, so siblings are really tried in turn."""
     target, draft = tiny
     prompt = [1, 2, 3, 1, 2]
-    drafter = ModelDrafter(draft.model, VOCAB, "model", confidence=0.0) if which == "model" else LookupDrafter()
+    drafter = {"model": lambda: ModelDrafter(draft.model, VOCAB, "model", confidence=0.0), "lookup": LookupDrafter,
+               "tree": lambda: TreeDrafter("recycling", [Recycling(VOCAB, k=4)], max_nodes=12)}[which]()
     if rule == "broken":
         monkeypatch.setattr(verify_module, "residual", broken_residual)
     chi2, df = chi_square(target, drafter, prompt, SAMPLING, n=3000)
@@ -246,3 +285,70 @@ def test_lookup_drafter_and_draft_length():
     for _ in range(10):
         length.update(3, 0)
     assert length.k == 1
+
+
+def test_tree_verification_greedy_walks_the_argmax_path():
+    logits = torch.full((6, VOCAB), -5.0)
+    # root's argmax is 3 (draft 1), that node's argmax is 5 (draft 3), whose argmax 7 has no node
+    for node, best in [(0, 3), (2, 5), (4, 7)]:
+        logits[node, best] = 5.0
+    proposal = Proposal([2, 3, 4, 5, 6], parents=[0, 0, 2, 2, 1])
+    v = verify_module.verify(logits[:6], proposal, SamplingParams(), None)
+    assert v.path == [1, 3] and v.tokens == [3, 5, 7]
+
+
+def test_suffix_automaton_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        text = torch.randint(0, 3, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g).tolist()
+        sam = SuffixAutomaton(text)
+        state, length = sam.repeat()
+        earlier = [n for n in range(1, len(text)) if any(text[i:i + n] == text[-n:] for i in range(len(text) - n))]
+        assert length == max(earlier, default=0)
+        if length:
+            follow = {text[i + length] for i in range(len(text) - length) if text[i:i + length] == text[-length:]}
+            assert {b[0] for b in sam.branches(state, 10, 4)} == follow
+        probe = torch.randint(0, 3, (6,), generator=g).tolist()
+        _, n = sam.match(probe)
+        assert n == max((k for k in range(7) if any(text[i:i + k] == probe[6 - k:] for i in range(len(text) - k + 1))),
+                        default=0)
+
+
+def test_recycling_matrix_memory_template_and_warm_start(tmp_path):
+    r = Recycling(49152)
+    assert r.adjacency.nbytes < 2 * 1024 * 1024
+    shape = template(64)
+    assert len(shape) == 64 and all(parent < i for i, (parent, _) in enumerate(shape, start=1))
+    assert [rank for parent, rank in shape if parent == 0] == list(range(8))  # wide at the top
+    logits = torch.randn(3, 49152)
+    r.learn([10, 20, 10], logits)
+    assert r.adjacency[20].tolist() == logits[1].topk(8).indices.tolist()
+    assert r.adjacency[10].tolist() == logits[2].topk(8).indices.tolist()  # latest seen wins
+    tokens, parents, _ = r.grow([5, 10], 64)
+    assert tokens[:8] == r.adjacency[10].tolist() and parents[:8] == [0] * 8
+    r.save(tmp_path / "m.npy")
+    warm = Recycling(49152, path=tmp_path / "m.npy")
+    assert warm.grow([5, 10], 64) == r.grow([5, 10], 64)
+    with pytest.raises(GearshiftError):
+        Recycling(100, path=tmp_path / "m.npy")  # another vocabulary's matrix
+
+
+def test_tree_size_follows_the_cost_curve():
+    """Flat cost (a GPU): verify every node worth anything; steep cost (this CPU): only the surest."""
+    flat = TreeDrafter("t", [Recycling(VOCAB)], CostModel([1, 128], [1.0, 1.0]))
+    steep = TreeDrafter("t", [Recycling(VOCAB)], CostModel([1, 2, 128], [1.0, 1.3, 100.0]))
+    scores = [0.9, 0.6, 0.3, 0.1, 0.05]
+    assert flat._size(scores, 5) == [0, 1, 2, 3, 4]
+    assert steep._size(scores, 5) == [0]
+    assert steep._size([0.1], 1) == []  # not worth the extra cost
+
+
+def test_forward_costs_are_measured_once_and_cached(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("GEARSHIFT_HOME", str(tmp_path))
+    target, _ = tiny
+    costs = forward_costs(target.model, "tiny")
+    assert len(costs.sizes) == len(costs.seconds) and all(s > 0 for s in costs.seconds)
+    files = list((tmp_path / "profiles").glob("*.json"))
+    assert len(files) == 1
+    assert forward_costs(target.model, "tiny") == costs  # read back, not measured again
+    assert costs(1000) > costs(128)

@@ -171,11 +171,10 @@ def run_spec_bench(model: str | None, per_category: int = 2, max_new_tokens: int
     llm = LLM(load(path, device=device))
     questions = spec_bench_sample(per_category)
     prompts = [llm.encode([{"role": "user", "content": q["turns"][0]}]) for q in questions]
-    names = drafters or ["lookup", "early-exit"] + ([f"model:{draft}"] if draft else [])
+    names = drafters or ["lookup", "early-exit", "recycling", "suffix", "hybrid"] + ([f"model:{draft}"] if draft else [])
     methods: dict = {"plain": _ours(llm, None, max_new_tokens)}
     for spec in names:
-        methods[spec.split(":")[0] if spec.startswith(("early-exit", "model")) else spec] = \
-            _ours(llm, llm.drafter(spec), max_new_tokens)
+        methods[spec.split(":")[0]] = _ours(llm, llm.drafter(spec), max_new_tokens)
     if with_transformers:
         methods.update(_hf_methods(path, draft, max_new_tokens, device))
     runs: dict = {name: [] for name in methods}

@@ -26,7 +26,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--drafter", default=None,
-                   help="speculative decoding (lossless): lookup, early-exit[:L], model:PATH, or auto")
+                   help="speculative decoding (lossless): lookup, early-exit[:L], model:PATH, recycling[:PATH] "
+                        "(the matrix is loaded from and saved to PATH), suffix[:CORPUS], hybrid, or auto")
 
 
 def _sampling(a: argparse.Namespace) -> dict:
@@ -65,7 +66,15 @@ def cmd_generate(a) -> None:
         sys.stdout.write(delta)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    _save_drafter(drafter)
     print(_stats(llm.last), file=sys.stderr)
+
+
+def _save_drafter(drafter) -> None:
+    """Keep what a learning drafter (recycling:PATH) learned, for the next run to start warm."""
+    from .drafters import TreeDrafter
+    if isinstance(drafter, TreeDrafter):
+        drafter.save()
 
 
 def cmd_chat(a) -> None:
@@ -92,6 +101,7 @@ def cmd_chat(a) -> None:
             sys.stdout.write(delta)
             sys.stdout.flush()
         sys.stdout.write("\n")
+        _save_drafter(drafter)
         print(_stats(llm.last), file=sys.stderr)
         messages.append({"role": "assistant", "content": llm.last.text})
 
@@ -160,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="first 10 Spec-Bench questions, 128 new tokens")
     p.add_argument("--limit-per-category", type=int, default=2)
     p.add_argument("--draft", default=None, help="draft model for model:PATH and transformers' assistant_model")
-    p.add_argument("--drafter", action="append", default=None, help="drafters to run (default: lookup, early-exit)")
+    p.add_argument("--drafter", action="append", default=None,
+                   help="drafters to run (default: lookup, early-exit, recycling, suffix, hybrid)")
     p.add_argument("--limit", type=int, default=10)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--json", default=None, help="write results to this JSON file")

@@ -3,7 +3,7 @@
 Two decoding strategies share one prefill and one text path. `_steps` (plain) serves a single
 prompt and a batch alike: prompts are left-padded into one KV cache, prefilled in chunks, then
 decoded one token per row per step. `_speculative_steps` asks a drafter for tokens, scores them
-in one target pass, keeps what `verify` accepts and rolls the cache back past the rest. Text
+(a chain or a tree) in one target pass, keeps what `verify` accepts and drops the rest from the cache. Text
 handling (incremental detokenization, stop strings) lives in `_TextState`, shared by `generate`
 and `stream`.
 """
@@ -182,23 +182,24 @@ class LLM:
             while produced < budget:
                 t1 = time.perf_counter()
                 k = min(drafter.length.k, budget - produced - 1, cache.max_len - cache.length - 1)
-                proposal = drafter.propose(context, k, p, gen) if k > 0 else Proposal([])
-                proposal.tokens = proposal.tokens[:k]
+                proposal = drafter.propose(context, k, p, gen).first(k) if k > 0 else Proposal([])
                 t2 = time.perf_counter()
                 base = cache.length
-                target = self.model(torch.tensor([context[-1:] + proposal.tokens], device=self.device), cache)[0]
-                new, accepted = verify(target, proposal, p, gen)
-                cache.rollback(base + 1 + accepted)
-                drafter.observe(accepted)
-                drafter.length.update(len(proposal.tokens), accepted)
+                parents = None if proposal.parents is None else [-1] + proposal.parents
+                target = self.model(torch.tensor([context[-1:] + proposal.tokens], device=self.device), cache,
+                                    parents=parents)[0]
+                verdict = verify(target, proposal, p, gen)
+                cache.keep(base, [0] + [i + 1 for i in verdict.path])
+                drafter.observe(verdict, target)
+                drafter.length.update(len(proposal.tokens), verdict.accepted)
                 stats["draft_s"] += t2 - t1
                 stats["verify_s"] += time.perf_counter() - t2
                 stats["proposed"] += len(proposal.tokens)
-                stats["accepted"] += accepted
+                stats["accepted"] += verdict.accepted
                 stats["target_forwards"] += 1
-                context += new
-                produced += len(new)
-                yield [new]
+                context += verdict.tokens
+                produced += len(verdict.tokens)
+                yield [verdict.tokens]
         finally:
             stats["decode_s"] = time.perf_counter() - t0
 

@@ -1,7 +1,8 @@
 """The one KV cache every model uses: preallocated, left-padded for batches, rolled back in O(1).
 
 Speculative decoding writes keys/values for draft tokens and then keeps only the accepted ones;
-because the buffers are static, rolling back is just moving `length` back.
+because the buffers are static, rolling back is just moving `length` back, and keeping one path
+of a token tree is one gather per buffer.
 """
 
 from __future__ import annotations
@@ -33,6 +34,16 @@ class KVCache:
         if not 0 <= position <= self.length:
             raise ValueError(f"cannot roll back to {position}: cache holds {self.length} positions")
         self.length = position
+
+    def keep(self, start: int, nodes: list[int]) -> None:
+        """After scoring a token tree at `start`: move the accepted path's entries (node indices,
+        root first) into place and forget the rest."""
+        if nodes != list(range(len(nodes))):
+            src = torch.tensor(nodes, device=self.k.device) + start
+            end = start + len(nodes)
+            self.k[:, :, :, start:end] = self.k[:, :, :, src]
+            self.v[:, :, :, start:end] = self.v[:, :, :, src]
+        self.rollback(start + len(nodes))
 
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes

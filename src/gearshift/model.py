@@ -183,7 +183,7 @@ class Block(nn.Module):
         self.gate_up = Linear(cfg.dim, 2 * cfg.hidden_dim, fmt, bias=cfg.mlp_bias)
         self.down = Linear(cfg.hidden_dim, cfg.dim, fmt, bias=cfg.mlp_bias)
 
-    def forward(self, x, b: int, s: int, layer: int, cache: KVCache, start: int, rot, mask):
+    def forward(self, x, b: int, s: int, layer: int, cache: KVCache, start: int, rot, mask, paths):
         """x: [b * s, dim]: activations stay 2-D between blocks, as the linear kernels take them."""
         cfg = self.cfg
         qk, v = self.qkv(self.attn_norm(x)).split(
@@ -192,12 +192,27 @@ class Block(nn.Module):
         q, k = qk[:, :cfg.n_heads], qk[:, cfg.n_heads:]
         v = v.view(b, s, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         end = start + s
-        cache.k[layer, :, :, start:end] = k
-        cache.v[layer, :, :, start:end] = v
         keys, values, gqa = cache.k[layer], cache.v[layer], cfg.n_heads != cfg.n_kv_heads
+        keys[:, :, start:end] = k
+        values[:, :, start:end] = v
         if mask is None:  # row-exact: each row exactly as a one-token decode step computes it
-            rows = [F.scaled_dot_product_attention(q[:, :, i:i + 1], keys[:, :, :start + i + 1],
-                                                   values[:, :, :start + i + 1], enable_gqa=gqa) for i in range(s)]
+            rows, laid = [], list(range(s))  # laid: which node's entries sit at start, start + 1, ...
+            for i in range(s):
+                n = start + i + 1
+                if paths is not None:  # lay the row's ancestors out after the prefix, as plain decoding has them
+                    path = paths[i]
+                    d = next((j for j, (a, node) in enumerate(zip(laid, path)) if a != node), len(path))
+                    if d < len(path):
+                        idx = torch.tensor(path[d:], device=x.device)
+                        keys[:, :, start + d:start + len(path)] = k[:, :, idx]
+                        values[:, :, start + d:start + len(path)] = v[:, :, idx]
+                        laid[d:len(path)] = path[d:]
+                    n = start + len(path)
+                rows.append(F.scaled_dot_product_attention(q[:, :, i:i + 1], keys[:, :, :n], values[:, :, :n],
+                                                           enable_gqa=gqa))
+            if laid != list(range(s)):  # leave the entries in node order for the caller to compact
+                keys[:, :, start:end] = k
+                values[:, :, start:end] = v
             y = rows[0] if s == 1 else torch.cat(rows, dim=2)
         else:
             y = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=mask, enable_gqa=gqa)
@@ -228,12 +243,17 @@ class Transformer(nn.Module):
                        self.dtype, self.device)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False,
-                n_layers: int | None = None) -> torch.Tensor:
+                n_layers: int | None = None, parents: list[int] | None = None) -> torch.Tensor:
         """Run `tokens` [B, S] after the cache's `length` positions; return logits (float32).
 
         Up to ROW_EXACT unpadded tokens are attended row by row, so scoring k tokens in one pass
         gives bitwise the logits of k one-token steps (the packed kernels are row-independent too):
         that is what makes greedy speculative decoding token-identical to plain decoding.
+
+        `parents` makes the tokens a tree (one row, nodes in topological order, parents[0] = -1):
+        node i sits at position length + depth(i) and sees the prefix and its own ancestors,
+        laid out just as plain decoding would have them, so trees are exact as well. The cache
+        then holds the nodes in node order; `KVCache.keep` compacts the accepted path.
 
         `n_layers` stops after that many blocks (the early-exit sub-model the speculative drafters
         use): the final norm and LM head are shared, so the sub-model costs no extra weights.
@@ -243,23 +263,37 @@ class Transformer(nn.Module):
         end = start + s
         if end > cache.max_len:
             raise ValueError(f"sequence of {end} tokens exceeds the cache ({cache.max_len})")
-        pos = torch.arange(start, end, device=tokens.device)
+        paths = tree_paths(parents) if parents is not None else None
+        pos = torch.arange(start, end, device=tokens.device) if paths is None else \
+            torch.tensor([start + len(p) - 1 for p in paths], device=tokens.device)  # a node's position: its depth
         pos = (pos[None, :] - cache.pad[:, None]).clamp(min=0)  # [B, S]
         freqs = pos[..., None].float() * self.inv_freq  # [B, S, D/2]
         rot = torch.polar(torch.ones_like(freqs), freqs)[:, :, None]
         mask = None
-        if s > ROW_EXACT or bool(cache.pad.any()):
+        if parents is None and (s > ROW_EXACT or bool(cache.pad.any())):
             keys = torch.arange(end, device=tokens.device)[None, None, :]
             query = torch.arange(start, end, device=tokens.device)[None, :, None]
             # causal, not into the row's left padding; a padding query sees itself so no row is empty
             mask = ((keys <= query) & (keys >= cache.pad[:, None, None])) | (keys == query)
             mask = mask[:, None]  # [B, 1, S, end]
+        elif parents is not None and (b != 1 or bool(cache.pad.any())):
+            raise ValueError("a token tree needs one unpadded row")
         x = F.embedding(tokens.reshape(-1), self.embed)
         for i, layer in enumerate(self.layers[:n_layers]):
-            x = layer(x, b, s, i, cache, start, rot, mask)
+            x = layer(x, b, s, i, cache, start, rot, mask, paths)
         cache.length = end
         x = x.view(b, s, -1)
         if last_only:
             x = x[:, -1:]
             s = 1
         return self.lm_head(self.norm(x.reshape(b * s, -1))).view(b, s, -1).float()
+
+
+def tree_paths(parents: list[int]) -> list[list[int]]:
+    """Root-to-node index paths of a tree given as parent indices in topological order."""
+    paths: list[list[int]] = []
+    for i, par in enumerate(parents):
+        if (i == 0) != (par == -1) or par >= i:
+            raise ValueError("tree nodes must come in topological order with one root first")
+        paths.append([0] if i == 0 else paths[par] + [i])
+    return paths

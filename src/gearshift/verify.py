@@ -1,18 +1,23 @@
-"""The one verification routine every drafter goes through.
+"""The one verification routine every drafter goes through, for chains and trees alike.
 
-The target scores `[last token] + draft` in one forward pass; this module decides what to keep.
-Greedy: the longest draft prefix that equals the target's argmax, then the target's own next
-token. Sampling: the rejection rule of Leviathan et al. 2023 / Chen et al. 2023 — accept draft
-token d with probability min(1, p(d) / q(d)), otherwise sample from the residual
-max(0, p - q) renormalised — which leaves the output distributed exactly as the target's.
-A deterministic drafter's q is one-hot.
+The target scores `[last token] + draft` in one forward pass (a tree with a tree-shaped
+attention); this module decides what to keep, walking from the root:
+
+- greedy: move to the child whose token is the target's argmax; stop where there is none, and
+  append the target's own argmax there;
+- sampling: try the children in order with the rejection rule of Leviathan et al. 2023 /
+  Chen et al. 2023, generalised to siblings as in SpecInfer / Recursive Speculative Decoding:
+  accept child d with probability min(1, p(d) / q(d)); after a rejection, p becomes the residual
+  max(0, p - q) renormalised and the next sibling is tried against it; when every child is
+  rejected, sample from what is left. The output is distributed exactly as the target's.
+  A deterministic drafter's q is one-hot, so a rejected candidate is simply taken out of p.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .drafters import Proposal
+from .drafters import Proposal, Verdict
 from .sampling import SamplingParams, probs
 
 
@@ -27,21 +32,29 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def verify(target_logits: torch.Tensor, proposal: Proposal, params: SamplingParams,
-           gen: torch.Generator) -> tuple[list[int], int]:
-    """target_logits: [len(draft) + 1, V]. Returns (tokens to append, draft tokens accepted)."""
-    draft = proposal.tokens
-    if params.greedy:
-        best = target_logits.argmax(-1).tolist()
-        n = 0
-        while n < len(draft) and draft[n] == best[n]:
-            n += 1
-        return draft[:n] + [best[n]], n
-    p = probs(target_logits, params)
-    for i, d in enumerate(draft):
-        q = proposal.probs[i] if proposal.probs is not None else torch.nn.functional.one_hot(
-            torch.tensor(d), p.shape[-1]).to(p.dtype)
-        u = torch.rand((), generator=gen, device=gen.device)
-        if u < accept_probability(p[i, d], q[d]):
-            continue
-        return draft[:i] + [int(torch.multinomial(residual(p[i], q), 1, generator=gen))], i
-    return draft + [int(torch.multinomial(p[len(draft)], 1, generator=gen))], len(draft)
+           gen: torch.Generator) -> Verdict:
+    """target_logits: [len(draft) + 1, V], root first. Returns what to append and the accepted path."""
+    draft, children = proposal.tokens, proposal.children()
+    best = target_logits.argmax(-1).tolist() if params.greedy else None
+    p = None if params.greedy else probs(target_logits, params)
+    node, path = 0, []
+    while True:
+        chosen = None
+        if params.greedy:
+            chosen = next((c for c in children[node] if draft[c] == best[node]), None)
+            if chosen is None:
+                return Verdict([draft[i] for i in path] + [best[node]], path)
+        else:
+            dist = p[node]
+            for c in children[node]:
+                d = draft[c]
+                q = proposal.probs[c] if proposal.probs is not None else \
+                    torch.nn.functional.one_hot(torch.tensor(d), dist.shape[-1]).to(dist.dtype)
+                if torch.rand((), generator=gen, device=gen.device) < accept_probability(dist[d], q[d]):
+                    chosen = c
+                    break
+                dist = residual(dist, q)
+            if chosen is None:
+                return Verdict([draft[i] for i in path] + [int(torch.multinomial(dist, 1, generator=gen))], path)
+        path.append(chosen)
+        node = chosen + 1
