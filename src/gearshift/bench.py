@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -174,7 +175,9 @@ def run_spec_bench(model: str | None, per_category: int = 2, max_new_tokens: int
     names = drafters or ["lookup", "early-exit", "recycling", "suffix", "hybrid"] + ([f"model:{draft}"] if draft else [])
     methods: dict = {"plain": _ours(llm, None, max_new_tokens)}
     for spec in names:
-        methods[spec.split(":")[0]] = _ours(llm, llm.drafter(spec), max_new_tokens)
+        kind, _, arg = spec.partition(":")
+        name = "early-exit-head" if kind == "early-exit" and arg and not arg.isdigit() else kind  # a trained exit
+        methods[name if name not in methods else spec] = _ours(llm, llm.drafter(spec), max_new_tokens)
     if with_transformers:
         methods.update(_hf_methods(path, draft, max_new_tokens, device))
     runs: dict = {name: [] for name in methods}
@@ -298,3 +301,121 @@ def _plot_spec_bench(r: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------- entropy-adaptive decoding
+
+EAD_TAUS = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 100.0)  # nats; 0 = the large model only, 100 = the small only
+EAD_QUESTIONS = 20  # taken from the end of GSM8K's train file: `gearshift distill` trains on its start
+
+
+def gsm8k_eval(n: int) -> list[dict]:
+    path = data_dir() / "gsm8k" / "train.jsonl"
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return rows[-n:]
+
+
+def final_number(text: str) -> str | None:
+    """The last number in a text, commas dropped: GSM8K's answer convention."""
+    import re
+    found = re.findall(r"-?\d[\d,]*\.?\d*", text)
+    return found[-1].replace(",", "").rstrip(".") if found else None
+
+
+def rouge_l(a: list[int], b: list[int]) -> float:
+    """F1 of the longest common subsequence of two token sequences."""
+    if not a or not b:
+        return float(a == b)
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    return 2 * lcs / (len(a) + len(b))
+
+
+@torch.inference_mode()
+def mean_loglik(llm, prompt: list[int], output: list[int]) -> float:
+    """The large model's mean log-probability of `output` after `prompt`, in nats per token."""
+    if not output:
+        return 0.0
+    ids = prompt + output
+    logits = llm.model(torch.tensor([ids], device=llm.device), llm.model.new_cache(1, len(ids)))[0]
+    logp = torch.log_softmax(logits[len(prompt) - 1:-1].float(), dim=-1)
+    return float(logp.gather(1, torch.tensor(output, device=llm.device)[:, None]).mean())
+
+
+def run_ead(model: str | None, small: str = "early-exit", taus=EAD_TAUS, n_questions: int = EAD_QUESTIONS,
+            max_new_tokens: int = 128, window: int = 5, min_run: int = 4, json_path: str | None = None,
+            plot_path: str | None = None, device: str | None = None) -> dict:
+    """Sweep tau: cost (large-model share, compute, tokens/s) against quality, each relative to the
+    large model's own greedy answer. quality_retained is the loglik ratio (see the README)."""
+    from .ead import EAD
+    from .engine import LLM
+    from .loading import load
+
+    llm = LLM(load(hub.resolve_model(model), device=device))
+    rows = gsm8k_eval(n_questions)
+    prompts = [llm.encode([{"role": "user", "content": r["question"]}]) for r in rows]
+    answers = [final_number(r["answer"].split("####")[-1]) for r in rows]
+    llm.generate(prompts[0][:16], max_tokens=4)  # warm-up
+    ref = [llm.generate(ids, max_tokens=max_new_tokens) for ids in tqdm(prompts, desc="large model, greedy", unit="q")]
+    ref_ll = [mean_loglik(llm, ids, c.token_ids) for ids, c in zip(prompts, ref)]
+    points = []
+    for tau in tqdm(taus, desc="ead sweep", unit="tau"):
+        cfg = EAD(small=small, tau=tau, window=window, min_run=min_run)
+        outs = [llm.generate(ids, ead=cfg, max_tokens=max_new_tokens) for ids in prompts]
+        large = sum(c.metrics["large_tokens"] for c in outs)
+        made = sum(c.metrics["large_tokens"] + c.metrics["small_tokens"] for c in outs)
+        lls = [mean_loglik(llm, ids, c.token_ids) for ids, c in zip(prompts, outs)]
+        ratio = sum(math.exp(a - b) for a, b in zip(lls, ref_ll)) / len(lls)
+        points.append({
+            "tau": tau, "large_fraction": large / made,
+            "relative_compute": sum(c.metrics["flops"] for c in outs) / sum(c.metrics["large_only_flops"] for c in outs),
+            "tok_per_s": sum(len(c.token_ids) for c in outs) / sum(c.metrics["decode_s"] for c in outs),  # prompt in
+            "quality_retained": ratio, "loglik_ratio": ratio,
+            "agreement": sum(sum(x == y for x, y in zip(c.token_ids, r.token_ids)) / max(1, len(r.token_ids))
+                             for c, r in zip(outs, ref)) / len(outs),
+            "rouge_l": sum(rouge_l(c.token_ids, r.token_ids) for c, r in zip(outs, ref)) / len(outs),
+            "exact_match": sum(final_number(c.text) == a for c, a in zip(outs, answers)) / len(outs),
+        })
+    results = {"large": llm.loaded.path.name, "small": small, "questions": len(prompts),
+               "max_new_tokens": max_new_tokens, "window": window, "min_run": min_run,
+               "large_only_exact_match": sum(final_number(c.text) == a for c, a in zip(ref, answers)) / len(ref),
+               "points": points}
+    return _emit(results, _print_ead, _plot_ead, json_path, plot_path)
+
+
+def _print_ead(r: dict) -> None:
+    print(f"\nEntropy-adaptive decoding: large {r['large']}, small {r['small']}, {r['questions']} GSM8K questions "
+          f"(large-only exact match {r['large_only_exact_match']:.2f})")
+    print(f"{'tau':>6}{'large %':>9}{'compute':>9}{'tok/s':>8}{'quality':>9}{'agree':>7}{'rougeL':>8}{'EM':>6}")
+    for p in r["points"]:
+        print(f"{p['tau']:>6.1f}{100 * p['large_fraction']:>8.1f}%{p['relative_compute']:>9.2f}{p['tok_per_s']:>8.1f}"
+              f"{p['quality_retained']:>9.3f}{p['agreement']:>7.2f}{p['rouge_l']:>8.2f}{p['exact_match']:>6.2f}")
+
+
+def _plot_ead(r: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = sorted(r["points"], key=lambda p: p["large_fraction"])
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    x = [100 * p["large_fraction"] for p in pts]
+    ax.plot(x, [p["quality_retained"] for p in pts], "o-", label="quality retained (loglik ratio)")
+    ax.plot(x, [p["rouge_l"] for p in pts], "s--", label="ROUGE-L vs large greedy", alpha=0.7)
+    ax.plot(x, [p["relative_compute"] for p in pts], "^:", label="relative compute", alpha=0.7)
+    for p, xi in zip(pts, x):
+        ax.annotate(f"τ={p['tau']:g}", (xi, p["quality_retained"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(0.95, color="grey", linewidth=0.6)
+    ax.axvline(40, color="grey", linewidth=0.6)
+    ax.set_xlabel("tokens written by the large model (%)")
+    ax.set_ylabel("relative to the large model alone")
+    ax.set_title(f"EAD: {r['small']} + {r['large']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

@@ -1,4 +1,4 @@
-"""The `gearshift` command line: pull, generate, chat, info, bench."""
+"""The `gearshift` command line: pull, generate, chat, info, bench, distill."""
 
 from __future__ import annotations
 
@@ -26,8 +26,15 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--drafter", default=None,
-                   help="speculative decoding (lossless): lookup, early-exit[:L], model:PATH, recycling[:PATH] "
+                   help="speculative decoding (lossless): lookup, early-exit[:L|:DIR], model:PATH, recycling[:PATH] "
                         "(the matrix is loaded from and saved to PATH), suffix[:CORPUS], hybrid, or auto")
+    p.add_argument("--strategy", choices=["ead", "ead+verify"], default=None,
+                   help="entropy-adaptive decoding: the small model writes while its rolling entropy stays under "
+                        "--tau (ead: lossy; ead+verify: the large model verifies, lossless)")
+    p.add_argument("--small", default="early-exit", help="ead's small model: early-exit[:L] or model:PATH")
+    p.add_argument("--tau", type=float, default=2.0, help="ead entropy threshold, nats")
+    p.add_argument("--window", type=int, default=5, help="ead rolling window, tokens")
+    p.add_argument("--min-run", type=int, default=4, help="ead: tokens before the schedule may switch again")
 
 
 def _sampling(a: argparse.Namespace) -> dict:
@@ -36,6 +43,10 @@ def _sampling(a: argparse.Namespace) -> dict:
     params = dict(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                   seed=a.seed, stop=a.stop)
     SamplingParams(**params)
+    if a.strategy:
+        from .ead import EAD
+        params["ead"] = EAD(small=a.small, tau=a.tau, window=a.window, min_run=a.min_run,
+                            verify=a.strategy == "ead+verify")
     return params
 
 
@@ -130,16 +141,43 @@ def cmd_info(a) -> None:
 
 
 def cmd_bench(a) -> None:
-    from .bench import run_quick, run_spec_bench
-    if a.suite == "spec-bench":
+    from .bench import run_ead, run_quick, run_spec_bench
+    if a.suite == "ead":
+        try:
+            taus = [float(t) for t in a.taus.split(",")]
+        except ValueError:
+            raise GearshiftError(f"--taus takes comma-separated numbers, got {a.taus!r}") from None
+        run_ead(a.model, small=a.small, taus=taus, n_questions=a.limit or 20, max_new_tokens=a.max_tokens,
+                json_path=a.json, plot_path=a.plot, device=a.device)
+    elif a.suite == "spec-bench":
         run_spec_bench(a.model, per_category=a.limit_per_category, max_new_tokens=a.max_tokens, draft=a.draft,
                        drafters=a.drafter, json_path=a.json, plot_path=a.plot,
                        with_transformers=not a.no_transformers, device=a.device)
     elif a.quick:
-        run_quick(a.model, n_questions=a.limit, max_new_tokens=a.max_tokens, json_path=a.json, plot_path=a.plot,
+        run_quick(a.model, n_questions=a.limit or 10, max_new_tokens=a.max_tokens, json_path=a.json, plot_path=a.plot,
                   with_transformers=not a.no_transformers, device=a.device)
     else:
-        raise GearshiftError("choose a benchmark: gearshift bench --quick, or gearshift bench spec-bench")
+        raise GearshiftError("choose a benchmark: gearshift bench --quick, gearshift bench spec-bench or gearshift bench ead")
+
+
+def cmd_distill(a) -> None:
+    from pathlib import Path
+
+    from .bench import data_dir
+    from .distill import DistillConfig, distill, gsm8k_prompts, pick_layers
+    from .engine import load
+    llm = load(a.model, device=a.device)
+    layers = pick_layers(llm.model.cfg.n_layers, a.layers, a.every)
+    prompts = gsm8k_prompts(Path(a.prompts_file) if a.prompts_file else data_dir() / "gsm8k" / "train.jsonl",
+                            0, a.prompts)
+    if not prompts:
+        raise GearshiftError("no training prompts")
+    cfg = DistillConfig(out=Path(a.out), layers=layers, prompts=prompts, max_new_tokens=a.max_new_tokens,
+                        steps=a.steps, minutes=a.minutes, batch_tokens=a.batch_tokens, lr=a.lr)
+    summary = distill(llm, cfg, early_exit=a.early_exit, rank=a.rank)
+    print(json.dumps(summary, indent=1))
+    use = f"early-exit:{a.out}" if a.early_exit else f"model:{a.out}"
+    print(f"written to {a.out}: use it with --drafter {use}", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,13 +204,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=cmd_info)
     p = sub.add_parser("bench", help="measure decoding speed against transformers")
-    p.add_argument("suite", nargs="?", choices=["spec-bench"], help="spec-bench: every drafter, per category")
+    p.add_argument("suite", nargs="?", choices=["spec-bench", "ead"],
+                   help="spec-bench: every drafter, per category; ead: entropy-adaptive decoding, cost vs quality")
     p.add_argument("--quick", action="store_true", help="first 10 Spec-Bench questions, 128 new tokens")
+    p.add_argument("--small", default="early-exit", help="ead: the small model (early-exit[:L] or model:PATH)")
+    p.add_argument("--taus", default="0,0.5,1,1.5,2,2.5,3,4,100", help="ead: thresholds to sweep, nats")
     p.add_argument("--limit-per-category", type=int, default=2)
     p.add_argument("--draft", default=None, help="draft model for model:PATH and transformers' assistant_model")
     p.add_argument("--drafter", action="append", default=None,
                    help="drafters to run (default: lookup, early-exit, recycling, suffix, hybrid)")
-    p.add_argument("--limit", type=int, default=10)
+    p.add_argument("--limit", type=int, default=None, help="questions (--quick: 10, ead: 20)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--json", default=None, help="write results to this JSON file")
     p.add_argument("--plot", default=None, help="draw tokens/s per engine to this PNG")
@@ -180,6 +221,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", "-m", default=None)
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("distill", help="train a small draft model sharing the target's tokenizer, embeddings and head")
+    p.add_argument("--out", required=True, help="directory for the draft (also holds data and checkpoints: resumable)")
+    p.add_argument("--layers", type=int, default=None, help="start from the target's first L blocks")
+    p.add_argument("--every", type=int, default=None, help="start from every k-th block of the target")
+    p.add_argument("--early-exit", action="store_true",
+                   help="train an exit head (norm + low-rank adapter) on the target's first --layers blocks instead")
+    p.add_argument("--rank", type=int, default=32, help="--early-exit: adapter rank")
+    p.add_argument("--prompts", type=int, default=800, help="training questions (from the start of the file)")
+    p.add_argument("--prompts-file", default=None, help="GSM8K-style JSONL (default: ../shared/data/gsm8k/train.jsonl)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="length of the target's answers")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--minutes", type=float, default=None, help="stop training after this long (resume later)")
+    p.add_argument("--batch-tokens", type=int, default=2048)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--model", "-m", default=None, help="the target (default: SmolLM2-135M-Instruct Q4_1)")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_distill)
     return ap
 
 

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import torch
 
-from .drafters import Drafter, Proposal, make_drafter
+from .drafters import Drafter, ModelDrafter, Proposal, make_drafter
+from .ead import EAD, EntropyGate, Schedule, forward_flops
 from .errors import GearshiftError
 from .kv_cache import KVCache
 from .loading import Loaded, load as load_weights
 from .model import Transformer
-from .sampling import SamplingParams, make_generator, sample
+from .sampling import SamplingParams, entropy, make_generator, sample
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 from .verify import verify
 
@@ -203,15 +204,58 @@ class LLM:
         finally:
             stats["decode_s"] = time.perf_counter() - t0
 
-    def _iterate(self, prompts: list[list[int]], p: SamplingParams, drafter: Drafter | None = None):
+    @torch.inference_mode()
+    def _ead_steps(self, prompt: list[int], p: SamplingParams, stats: dict, small: ModelDrafter,
+                   cfg: EAD) -> Iterator[list[list[int]]]:
+        """Lossy EAD: the model the schedule names writes the next token; the other catches up
+        with one forward over what it missed when its turn comes (the prompt included: a model
+        that never gets a turn never reads it). Compute counts every token each model reads,
+        against the large model reading the prompt and the output alone."""
+        gen = make_generator(p.seed, self.device)
+        budget = self._check_length(len(prompt), p)
+        cache = self._get_cache(1, len(prompt) + budget)
+        cache.reset()
+        t0 = time.perf_counter()
+        small.reset(prompt)
+        schedule = Schedule(cfg)
+        cost = {"large": forward_flops(self.model), "small": forward_flops(small.model, small.n_layers)}
+        stats.update(prefill_s=0.0, target_forwards=0, large_tokens=0, small_tokens=0, flops=0.0,
+                     large_only_flops=(len(prompt) - 1) * cost["large"])
+        context = list(prompt)
+        try:
+            for _ in range(budget):
+                who = "large" if schedule.large else "small"
+                if schedule.large:
+                    fed = context[cache.length:]
+                    logits = self.model(torch.tensor([fed], device=self.device), cache, last_only=True)[0, -1]
+                    stats["target_forwards"] += 1
+                else:
+                    fed = context[small.cache.length:]
+                    logits = small.logits(fed)
+                stats[f"{who}_tokens"] += 1
+                stats["flops"] += len(fed) * cost[who]
+                stats["large_only_flops"] += cost["large"]
+                schedule.push(entropy(logits))
+                token = int(sample(logits[None], p, gen)[0])
+                context.append(token)
+                yield [[token]]
+        finally:
+            stats["decode_s"] = time.perf_counter() - t0
+
+    def _iterate(self, prompts: list[list[int]], p: SamplingParams, drafter: Drafter | None = None,
+                 ead: tuple[ModelDrafter, EAD] | None = None):
         """Yield (row, text delta) as tokens arrive; return the finished completions."""
         states = [_TextState(self.tokenizer, ids, p.stop) for ids in prompts]
         out: list[list[int]] = [[] for _ in prompts]
         reason: list[str | None] = [None] * len(prompts)
         stats: dict = {}
         consumed = 0  # tokens taken from the model, the stopping EOS included
-        steps = self._steps(prompts, p, stats) if drafter is None else \
-            self._speculative_steps(prompts[0], p, stats, drafter)
+        if ead is not None:
+            steps = self._ead_steps(prompts[0], p, stats, *ead)
+        elif drafter is not None:
+            steps = self._speculative_steps(prompts[0], p, stats, drafter)
+        else:
+            steps = self._steps(prompts, p, stats)
         try:
             for new in steps:
                 for r, toks in enumerate(new):
@@ -249,21 +293,33 @@ class LLM:
             self._drafters[spec] = make_drafter(spec, self)
         return self._drafters[spec]
 
-    def generate(self, prompt: Prompt | list[Prompt], drafter: str | Drafter | None = None,
+    def _strategy(self, drafter: str | Drafter | None, ead: EAD | None):
+        """(drafter, (small model, EAD) or None) for one generation."""
+        if ead is None:
+            return self.drafter(drafter), None
+        if drafter is not None:
+            raise GearshiftError("use a drafter or entropy-adaptive decoding, not both")
+        small = self.drafter(ead.small)
+        if not isinstance(small, ModelDrafter):
+            raise GearshiftError(f"ead needs a small model (early-exit[:L] or model:PATH), not {ead.small!r}")
+        return (EntropyGate(small, ead), None) if ead.verify else (None, (small, ead))
+
+    def generate(self, prompt: Prompt | list[Prompt], drafter: str | Drafter | None = None, ead: EAD | None = None,
                  **params) -> Completion | list[Completion]:
         """Complete one prompt, or several (a list of prompts: one batch, or one by one when drafting).
 
         With a drafter, decoding is speculative and lossless: greedy output is token-identical
-        to plain decoding, sampled output has the target's distribution.
+        to plain decoding, sampled output has the target's distribution. With `ead`, a small model
+        writes where it is sure (see `ead.py`): lossy, unless `ead.verify`.
         """
         p = SamplingParams(**params)
-        d = self.drafter(drafter)
+        d, small = self._strategy(drafter, ead)
         many = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], (str, list))
         prompts = [self.encode(x) for x in (prompt if many else [prompt])]
-        groups = [prompts] if d is None else [[x] for x in prompts]
+        groups = [prompts] if d is None and small is None else [[x] for x in prompts]
         results = []
         for group in groups:
-            it = self._iterate(group, p, d)
+            it = self._iterate(group, p, d, small)
             while True:
                 try:
                     next(it)
@@ -272,10 +328,11 @@ class LLM:
                     break
         return results if many else results[0]
 
-    def stream(self, prompt: Prompt, drafter: str | Drafter | None = None, **params) -> Iterator[str]:
+    def stream(self, prompt: Prompt, drafter: str | Drafter | None = None, ead: EAD | None = None,
+               **params) -> Iterator[str]:
         """Yield text deltas as they are generated; the finished Completion is then in `.last`."""
         p = SamplingParams(**params)
-        it = self._iterate([self.encode(prompt)], p, self.drafter(drafter))
+        it = self._iterate([self.encode(prompt)], p, *self._strategy(drafter, ead))
         while True:
             try:
                 _, delta = next(it)
@@ -292,6 +349,12 @@ def _metrics(stats: dict, generated: int, consumed: int, rows: int) -> dict:
     m = {"prefill_s": stats.get("prefill_s", 0.0), "decode_s": decode_s, "generated_tokens": generated,
          "target_forwards": forwards, "tok_per_s": generated / decode_s if decode_s > 0 else 0.0,
          "mat": consumed / (forwards * rows) if forwards else 0.0}
+    if "large_tokens" in stats:
+        made = stats["large_tokens"] + stats["small_tokens"]
+        m.update(large_tokens=stats["large_tokens"], small_tokens=stats["small_tokens"],
+                 large_fraction=stats["large_tokens"] / made if made else 0.0,
+                 flops=stats["flops"], large_only_flops=stats["large_only_flops"],
+                 relative_compute=stats["flops"] / stats["large_only_flops"] if made else 0.0)
     if "proposed" in stats:
         m.update(proposed=stats["proposed"], accepted=stats["accepted"], draft_s=stats["draft_s"],
                  verify_s=stats["verify_s"],

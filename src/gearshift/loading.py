@@ -190,7 +190,16 @@ def read_hf(path: Path) -> Checkpoint:
                 tensors[name] = t.float()
     if not tensors:
         raise GearshiftError(f"no tensors in the safetensors files of {path}")
-    return Checkpoint(cfg, tensors, bits, path, f"{int(max(bits.values()))}-bit float")
+    quantization = f"{int(max(bits.values()))}-bit float"
+    if shared := c.get("gearshift_shared"):  # a distilled draft: embeddings and LM head live in its target
+        base_path = Path(shared["base"])
+        if not base_path.exists():
+            raise GearshiftError(f"{path} shares weights with {base_path}, which does not exist")
+        base = read_checkpoint(base_path)
+        for name in shared["tensors"]:
+            tensors[name], bits[name] = base.tensors[name], base.bits[name]
+        quantization += f" + shared from {base_path.name}"
+    return Checkpoint(cfg, tensors, bits, path, quantization)
 
 
 def read_checkpoint(path: Path) -> Checkpoint:

@@ -131,6 +131,22 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, x.shape[-1:], w, self.eps)
 
 
+class ExitHead(nn.Module):
+    """A trained exit for an early-exit sub-model (SortedNet / Kangaroo): its own final norm
+    after a low-rank correction of the intermediate hidden state, before the shared LM head.
+    Zero-initialised, it starts as the plain early exit; it adds 2 * rank * dim + dim weights."""
+
+    def __init__(self, dim: int, eps: float, rank: int):
+        super().__init__()
+        self.norm = RMSNorm(dim, eps)
+        self.norm.weight = nn.Parameter(self.norm.weight)
+        self.a = nn.Parameter(torch.randn(rank, dim) / dim ** 0.5)
+        self.b = nn.Parameter(torch.zeros(dim, rank))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.norm(h + F.linear(F.linear(h, self.a.to(h.dtype)), self.b.to(h.dtype)))
+
+
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     """Inverse frequencies, with the Llama 3 and linear scaling schemes transformers implements."""
     dim = cfg.head_dim
@@ -192,7 +208,11 @@ class Block(nn.Module):
         q, k = qk[:, :cfg.n_heads], qk[:, cfg.n_heads:]
         v = v.view(b, s, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         end = start + s
-        keys, values, gqa = cache.k[layer], cache.v[layer], cfg.n_heads != cfg.n_kv_heads
+        gqa = cfg.n_heads != cfg.n_kv_heads
+        if cache is None:  # training: whole sequences, nothing cached (autograd and in-place writes don't mix)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            return self._rest(x, y, b, s)
+        keys, values = cache.k[layer], cache.v[layer]
         keys[:, :, start:end] = k
         values[:, :, start:end] = v
         if mask is None:  # row-exact: each row exactly as a one-token decode step computes it
@@ -216,6 +236,10 @@ class Block(nn.Module):
             y = rows[0] if s == 1 else torch.cat(rows, dim=2)
         else:
             y = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=mask, enable_gqa=gqa)
+        return self._rest(x, y, b, s)
+
+    def _rest(self, x, y, b: int, s: int):
+        """Attention output projection and the MLP, both residual."""
         x = x + self.o(y.transpose(1, 2).reshape(b * s, -1))
         gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
@@ -242,8 +266,8 @@ class Transformer(nn.Module):
         return KVCache(n_layers or c.n_layers, batch, c.n_kv_heads, max_len or c.max_seq_len, c.head_dim,
                        self.dtype, self.device)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False,
-                n_layers: int | None = None, parents: list[int] | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None, last_only: bool = False,
+                n_layers: int | None = None, parents: list[int] | None = None, hidden: bool = False) -> torch.Tensor:
         """Run `tokens` [B, S] after the cache's `length` positions; return logits (float32).
 
         Up to ROW_EXACT unpadded tokens are attended row by row, so scoring k tokens in one pass
@@ -257,32 +281,42 @@ class Transformer(nn.Module):
 
         `n_layers` stops after that many blocks (the early-exit sub-model the speculative drafters
         use): the final norm and LM head are shared, so the sub-model costs no extra weights.
+        `hidden` returns the last block's output [B, S, dim] instead (training picks its rows).
+        Without a cache the forward is a training one: whole unpadded sequences, causal attention.
         """
         b, s = tokens.shape
-        start = cache.length
+        dev = tokens.device
+        start = cache.length if cache is not None else 0
         end = start + s
-        if end > cache.max_len:
-            raise ValueError(f"sequence of {end} tokens exceeds the cache ({cache.max_len})")
-        paths = tree_paths(parents) if parents is not None else None
-        pos = torch.arange(start, end, device=tokens.device) if paths is None else \
-            torch.tensor([start + len(p) - 1 for p in paths], device=tokens.device)  # a node's position: its depth
-        pos = (pos[None, :] - cache.pad[:, None]).clamp(min=0)  # [B, S]
+        paths, mask = tree_paths(parents) if parents is not None else None, None
+        pos = torch.arange(start, end, device=dev) if paths is None else \
+            torch.tensor([start + len(p) - 1 for p in paths], device=dev)  # a tree node's position: its depth
+        pos = pos[None, :].expand(b, s)  # [B, S]
+        if cache is None:
+            if parents is not None or last_only:
+                raise ValueError("a forward without a cache runs whole sequences (training)")
+        else:
+            if end > cache.max_len:
+                raise ValueError(f"sequence of {end} tokens exceeds the cache ({cache.max_len})")
+            pos = (pos - cache.pad[:, None]).clamp(min=0)
+            if parents is None and (s > ROW_EXACT or bool(cache.pad.any())):
+                keys = torch.arange(end, device=dev)[None, None, :]
+                query = torch.arange(start, end, device=dev)[None, :, None]
+                # causal, not into the row's left padding; a padding query sees itself so no row is empty
+                mask = ((keys <= query) & (keys >= cache.pad[:, None, None])) | (keys == query)
+                mask = mask[:, None]  # [B, 1, S, end]
+            elif parents is not None and (b != 1 or bool(cache.pad.any())):
+                raise ValueError("a token tree needs one unpadded row")
         freqs = pos[..., None].float() * self.inv_freq  # [B, S, D/2]
         rot = torch.polar(torch.ones_like(freqs), freqs)[:, :, None]
-        mask = None
-        if parents is None and (s > ROW_EXACT or bool(cache.pad.any())):
-            keys = torch.arange(end, device=tokens.device)[None, None, :]
-            query = torch.arange(start, end, device=tokens.device)[None, :, None]
-            # causal, not into the row's left padding; a padding query sees itself so no row is empty
-            mask = ((keys <= query) & (keys >= cache.pad[:, None, None])) | (keys == query)
-            mask = mask[:, None]  # [B, 1, S, end]
-        elif parents is not None and (b != 1 or bool(cache.pad.any())):
-            raise ValueError("a token tree needs one unpadded row")
         x = F.embedding(tokens.reshape(-1), self.embed)
         for i, layer in enumerate(self.layers[:n_layers]):
             x = layer(x, b, s, i, cache, start, rot, mask, paths)
-        cache.length = end
+        if cache is not None:
+            cache.length = end
         x = x.view(b, s, -1)
+        if hidden:
+            return x
         if last_only:
             x = x[:, -1:]
             s = 1

@@ -78,3 +78,9 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     else:
         g.manual_seed(seed)
     return g
+
+
+def entropy(logits: torch.Tensor) -> float:
+    """Of the model's own next-token distribution (temperature 1), in nats."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return float(-(logp.exp() * logp).nan_to_num().sum())

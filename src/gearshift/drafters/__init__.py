@@ -8,6 +8,7 @@ each tree against the measured cost of a target forward (`tree`).
 
     lookup              n-gram match over prompt + generated tokens (prompt lookup decoding)   lookup.py
     early-exit:L        the target's first L layers + its final norm and LM head (no extra weights)  model.py
+    early-exit:DIR      the same with a trained exit head (gearshift distill --early-exit)        model.py
     model:PATH          a separate, smaller model sharing the tokenizer (its own KV cache)      model.py
     recycling[:PATH]    Token Recycling: a tree from the target's recycled top-k successors    recycling.py
     suffix[:CORPUS]     suffix automaton over prompt + generated text (+ a corpus file)        suffix.py
@@ -15,6 +16,8 @@ each tree against the measured cost of a target forward (`tree`).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from ..errors import GearshiftError
 from .base import DraftLength, Drafter, Proposal, Verdict
@@ -38,13 +41,18 @@ def make_drafter(spec: str, llm) -> Drafter:
         spec = "lookup"
     if spec == "lookup":
         return LookupDrafter()
+    if spec.startswith("early-exit:") and not spec.partition(":")[2].isdigit():  # a trained exit head
+        from ..distill import load_exit
+        layers, head = load_exit(Path(spec.partition(":")[2]), llm)
+        return ModelDrafter(llm.model, vocab, spec, n_layers=layers, head=head)
     if spec.startswith("early-exit"):
         layers = spec.partition(":")[2] or str(default_exit_layer(llm.model.cfg.n_layers))
         if not layers.isdigit() or not 1 <= int(layers) < llm.model.cfg.n_layers:
             raise GearshiftError(f"early-exit needs a layer count from 1 to {llm.model.cfg.n_layers - 1}, got {layers!r}")
         return ModelDrafter(llm.model, vocab, f"early-exit:{layers}", n_layers=int(layers))
     if spec.startswith("model:"):
-        draft = load(spec[len("model:"):], device=str(llm.device))
+        # a draft only has to be fast (verification keeps the output exact): int8 on a CPU
+        draft = load(spec[len("model:"):], device=str(llm.device), weights="int8" if llm.device.type == "cpu" else "auto")
         if draft.tokenizer.backend.get_vocab() != llm.tokenizer.backend.get_vocab():
             common = set(draft.tokenizer.backend.get_vocab().items()) & set(llm.tokenizer.backend.get_vocab().items())
             if len(common) < 0.9 * min(vocab, draft.model.cfg.vocab_size):

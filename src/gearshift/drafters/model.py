@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..model import Transformer
-from ..sampling import SamplingParams, probs
+from ..model import ExitHead, Transformer
+from ..sampling import SamplingParams, entropy, probs
 from .base import DraftLength, Proposal, Verdict
 
 
@@ -18,12 +18,15 @@ class ModelDrafter:
     """
 
     def __init__(self, model: Transformer, target_vocab: int, name: str, n_layers: int | None = None,
-                 confidence: float = 0.3, k_max: int = 8):
+                 confidence: float = 0.3, k_max: int = 8, head: ExitHead | None = None):
         self.model, self.target_vocab, self.name, self.n_layers = model, target_vocab, name, n_layers
+        self.head = head  # a trained exit (gearshift distill --early-exit) instead of the final norm
         self.confidence = confidence
         self.length = DraftLength(k=4, k_min=1, k_max=k_max)
         self.cache = None
         self.base = 0
+        self.track_entropy = False  # entropy-adaptive decoding reads the draft's entropies
+        self.entropies: list[float] = []
 
     def reset(self, prompt: list[int]) -> None:
         need = min(self.model.cfg.max_seq_len, len(prompt) + 4096)
@@ -31,9 +34,14 @@ class ModelDrafter:
             self.cache = self.model.new_cache(1, need, n_layers=self.n_layers)
         self.cache.reset()
 
-    def _logits(self, tokens: list[int]) -> torch.Tensor:
+    def logits(self, tokens: list[int]) -> torch.Tensor:
+        """Feed `tokens` after the cached ones; the next-token logits, in the target's vocabulary."""
         x = torch.tensor([tokens], device=self.model.device)
-        logits = self.model(x, self.cache, last_only=True, n_layers=self.n_layers)[0, -1]
+        if self.head is None:
+            logits = self.model(x, self.cache, last_only=True, n_layers=self.n_layers)[0, -1]
+        else:
+            h = self.model(x, self.cache, n_layers=self.n_layers, hidden=True)[0, -1:]
+            logits = self.model.lm_head(self.head(h))[0].float()
         v = self.target_vocab  # align vocabularies: ids the target lacks are never proposed
         if logits.shape[-1] >= v:
             return logits[:v]
@@ -44,8 +52,8 @@ class ModelDrafter:
         self.base = len(context)
         if len(context) + k >= self.cache.max_len:
             return Proposal([])
-        logits = self._logits(context[self.cache.length:])
-        tokens, dists = [], []
+        logits = self.logits(context[self.cache.length:])
+        tokens, dists, self.entropies = [], [], []
         for i in range(k):
             q = probs(logits, params)
             t = int(q.argmax()) if params.greedy else int(torch.multinomial(q, 1, generator=gen))
@@ -53,8 +61,10 @@ class ModelDrafter:
                 break
             tokens.append(t)
             dists.append(q)
+            if self.track_entropy:
+                self.entropies.append(entropy(logits))
             if i + 1 < k:
-                logits = self._logits([t])
+                logits = self.logits([t])
         return Proposal(tokens, None if params.greedy else torch.stack(dists))
 
     def observe(self, verdict: Verdict, target_logits: torch.Tensor) -> None:
