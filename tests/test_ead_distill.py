@@ -11,7 +11,8 @@ from PIL import Image
 from safetensors import safe_open
 
 import gearshift
-from gearshift.distill import DistillConfig, distill, distill_loss, exit_loss, export, load_exit, student_from_target
+from gearshift.distill import (DistillConfig, distill, distill_loss, exit_loss, export, load_exit, self_prompts,
+                               student_from_target)
 from gearshift.model import ExitHead
 from gearshift.drafters import make_drafter
 from gearshift.ead import EAD, Schedule
@@ -150,6 +151,14 @@ def test_early_exit_head_trains_and_drafts_losslessly(pair, tmp_path):
         make_drafter(f"early-exit:{cfg.out}", other)
 
 
+def test_self_prompts_are_requests_the_target_writes_itself():
+    llm = gearshift.load()  # the default, chat-tuned model: its open user turn holds requests
+    first = self_prompts(llm, 4, seed=3, max_tokens=48, batch=8)
+    assert len(first) == 4 and len(set(first)) == 4 and all(len(q) >= 16 for q in first)
+    assert self_prompts(llm, 4, seed=3, max_tokens=48, batch=8) == first  # seeded: a resumed run sees the same
+    assert self_prompts(llm, 4, seed=4, max_tokens=48, batch=8) != first
+
+
 def test_distill_cli_errors(pair, tmp_path):
     large, _ = pair
     p = cli("distill", "--out", str(tmp_path / "d"), "--layers", "1", "--every", "2", "--model", str(large.loaded.path))
@@ -159,6 +168,9 @@ def test_distill_cli_errors(pair, tmp_path):
     p = cli("distill", "--out", str(tmp_path / "d"), "--layers", "1", "--model", str(large.loaded.path),
             "--prompts-file", str(tmp_path / "bad.jsonl"))
     assert p.returncode != 0 and "cannot read training prompts" in p.stderr and "Traceback" not in p.stderr
+    p = cli("distill", "--out", str(tmp_path / "d"), "--layers", "1", "--model", str(large.loaded.path),
+            "--self-prompts", "-3")
+    assert p.returncode != 0 and "--self-prompts" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_generate_cli_with_ead():
@@ -185,3 +197,15 @@ def test_bench_ead_writes_json_and_plot(tmp_path):
     assert large_only["agreement"] == 1.0 and large_only["rouge_l"] == 1.0
     assert small_only["large_fraction"] == 0.0 and small_only["relative_compute"] < 1.0
     assert Image.open(png).size[0] > 0
+
+
+def test_ead_large_only_is_plain_decoding_on_the_default_model():
+    """tau 0: the large model writes every token, each from a one-token step as plain decoding
+    does, so the output is plain greedy's token for token (a batched catch-up would not be)."""
+    llm = gearshift.load()
+    for q in ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+              "How many clips did Natalia sell altogether in April and May?",
+              "Write a short poem about the sea.", "Explain what a hash table is."):
+        msgs = [{"role": "user", "content": q}]
+        assert llm.generate(msgs, ead=EAD(small="early-exit:4", tau=0.0), max_tokens=96).token_ids == \
+            llm.generate(msgs, max_tokens=96).token_ids

@@ -168,12 +168,15 @@ def cmd_distill(a) -> None:
     from .engine import load
     llm = load(a.model, device=a.device)
     layers = pick_layers(llm.model.cfg.n_layers, a.layers, a.every)
+    if a.prompts < 0 or a.self_prompts < 0:
+        raise GearshiftError("--prompts and --self-prompts count prompts: use 0 or more")
     prompts = gsm8k_prompts(Path(a.prompts_file) if a.prompts_file else data_dir() / "gsm8k" / "train.jsonl",
                             0, a.prompts)
-    if not prompts:
+    if not prompts and not a.self_prompts:
         raise GearshiftError("no training prompts")
-    cfg = DistillConfig(out=Path(a.out), layers=layers, prompts=prompts, max_new_tokens=a.max_new_tokens,
-                        steps=a.steps, minutes=a.minutes, batch_tokens=a.batch_tokens, lr=a.lr)
+    cfg = DistillConfig(out=Path(a.out), layers=layers, prompts=prompts, self_prompts=a.self_prompts,
+                        max_new_tokens=a.max_new_tokens, steps=a.steps, minutes=a.minutes,
+                        batch_tokens=a.batch_tokens, lr=a.lr)
     summary = distill(llm, cfg, early_exit=a.early_exit, rank=a.rank)
     print(json.dumps(summary, indent=1))
     use = f"early-exit:{a.out}" if a.early_exit else f"model:{a.out}"
@@ -229,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train an exit head (norm + low-rank adapter) on the target's first --layers blocks instead")
     p.add_argument("--rank", type=int, default=32, help="--early-exit: adapter rank")
     p.add_argument("--prompts", type=int, default=800, help="training questions (from the start of the file)")
+    p.add_argument("--self-prompts", type=int, default=0,
+                   help="also train on this many requests the target writes itself (general text, Magpie-style)")
     p.add_argument("--prompts-file", default=None, help="GSM8K-style JSONL (default: ../shared/data/gsm8k/train.jsonl)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="length of the target's answers")
     p.add_argument("--steps", type=int, default=400)

@@ -11,6 +11,9 @@ Two stages, both resumable: `data.pt` (the target's answers with its top-k logit
 batch by batch) and `checkpoint.pt` (student, optimizer and step, every `save_every` steps).
 The result is a Hugging Face style directory that `--drafter model:PATH` loads.
 
+`--self-prompts N` adds N requests the target writes itself (Magpie): GSM8K alone makes a draft
+that is good at arithmetic word problems and little else.
+
 `--early-exit` trains, on the same data, only an exit head (norm + low-rank adapter) on the
 target's first L blocks, the SortedNet / Kangaroo way: `--drafter early-exit:DIR` then drafts
 with the target's own blocks and that head, at the cost of a few thousand weights.
@@ -44,6 +47,7 @@ class DistillConfig:
     out: Path
     layers: list[int]  # which of the target's blocks the draft starts from
     prompts: list[str]
+    self_prompts: int = 0  # requests the target writes itself, added to `prompts`
     max_new_tokens: int = 128
     gen_batch: int = 16
     top_k: int = 32  # soft targets kept per position
@@ -74,6 +78,29 @@ def gsm8k_prompts(path: Path, first: int, count: int) -> list[str]:
     except (OSError, ValueError) as e:
         raise GearshiftError(f"cannot read training prompts from {path}: {e}") from None
     return [r["question"] for r in rows[first:first + count]]
+
+
+@torch.inference_mode()
+def self_prompts(llm, n: int, seed: int = 0, max_tokens: int = 64, batch: int = 32) -> list[str]:
+    """`n` distinct user requests sampled from the chat template's open user turn (Magpie, Xu et
+    al. 2024): an instruction-tuned model continuing there writes the kind of request it was tuned
+    on, so a general-purpose draft needs no other text, and no benchmark prompt is ever seen.
+    Requests cut off by `max_tokens` are dropped."""
+    sentinel = "\x00"
+    text = llm.tokenizer.apply_chat_template([{"role": "user", "content": sentinel}], add_generation_prompt=False)
+    prefix = llm.tokenizer.encode(text[:text.index(sentinel)], add_special_tokens=False)
+    out: list[str] = []
+    bar = tqdm(total=n, desc="target writes training prompts", unit="prompt")
+    for i in range(max(1, 10 * n // batch)):
+        for c in llm.generate([prefix] * batch, temperature=1.0, top_p=0.95, seed=seed + i, max_tokens=max_tokens):
+            q = c.text.strip()
+            if c.finish_reason == "stop" and len(q) >= 16 and q not in out and len(out) < n:
+                out.append(q)
+                bar.update(1)
+        if len(out) == n:
+            break
+    bar.close()
+    return out
 
 
 # ---------------------------------------------------------------- stage 1: the target writes the data
@@ -284,6 +311,11 @@ def distill(llm, cfg: DistillConfig, early_exit: bool = False, rank: int = 32) -
     """
     cfg.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    if cfg.self_prompts:  # kept beside the data: a resumed run must see the same prompts in the same order
+        path = cfg.out / "self_prompts.json"
+        if not path.exists():
+            path.write_text(json.dumps(self_prompts(llm, cfg.self_prompts, cfg.seed), indent=0))
+        cfg.prompts = cfg.prompts + json.loads(path.read_text())
     data = generate_data(llm, cfg)
     gen_s = time.perf_counter() - t0
     target = read_checkpoint(llm.loaded.path)

@@ -208,9 +208,10 @@ class LLM:
     def _ead_steps(self, prompt: list[int], p: SamplingParams, stats: dict, small: ModelDrafter,
                    cfg: EAD) -> Iterator[list[list[int]]]:
         """Lossy EAD: the model the schedule names writes the next token; the other catches up
-        with one forward over what it missed when its turn comes (the prompt included: a model
-        that never gets a turn never reads it). Compute counts every token each model reads,
-        against the large model reading the prompt and the output alone."""
+        with a batched forward over what it missed when its turn comes (the prompt included: a
+        model that never gets a turn never reads it). The large model's own tokens come from
+        one-token steps, so tau 0 is plain decoding bit for bit. Compute counts every token each
+        model reads, against the large model reading the prompt and the output alone."""
         gen = make_generator(p.seed, self.device)
         budget = self._check_length(len(prompt), p)
         cache = self._get_cache(1, len(prompt) + budget)
@@ -225,9 +226,12 @@ class LLM:
         try:
             for _ in range(budget):
                 who = "large" if schedule.large else "small"
-                if schedule.large:
+                if schedule.large:  # catch up as prefill does: the token itself comes from a one-token step
                     fed = context[cache.length:]
-                    logits = self.model(torch.tensor([fed], device=self.device), cache, last_only=True)[0, -1]
+                    x = torch.tensor([fed], device=self.device)
+                    for s in range(0, len(fed) - 1, PREFILL_CHUNK):
+                        self.model(x[:, s:min(s + PREFILL_CHUNK, len(fed) - 1)], cache, last_only=True)
+                    logits = self.model(x[:, -1:], cache)[0, -1]
                     stats["target_forwards"] += 1
                 else:
                     fed = context[small.cache.length:]
