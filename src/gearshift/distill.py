@@ -100,6 +100,8 @@ def self_prompts(llm, n: int, seed: int = 0, max_tokens: int = 64, batch: int = 
         if len(out) == n:
             break
     bar.close()
+    if len(out) < n:
+        tqdm.write(f"gearshift: the target wrote only {len(out)} usable requests of the {n} asked for")
     return out
 
 

@@ -146,9 +146,13 @@ class LLM:
         cache = self._get_cache(batch, min(longest + budget, self.model.cfg.max_seq_len) + extra)
         cache.reset(torch.tensor([longest - len(x) for x in prompts], device=self.device))
         tokens = torch.tensor([[0] * (longest - len(x)) + x for x in prompts], device=self.device)
-        for s in range(0, longest - 1, PREFILL_CHUNK):
-            self.model(tokens[:, s:min(s + PREFILL_CHUNK, longest - 1)], cache, last_only=True)
+        self._read(tokens[:, :-1], cache)
         return cache, tokens[:, -1], budget
+
+    def _read(self, tokens: torch.Tensor, cache: KVCache) -> None:
+        """Run `tokens` [B, S] into the cache in chunks, for their keys and values only."""
+        for s in range(0, tokens.shape[1], PREFILL_CHUNK):
+            self.model(tokens[:, s:s + PREFILL_CHUNK], cache, last_only=True)
 
     @torch.inference_mode()
     def _steps(self, prompts: list[list[int]], p: SamplingParams, stats: dict) -> Iterator[list[list[int]]]:
@@ -229,8 +233,7 @@ class LLM:
                 if schedule.large:  # catch up as prefill does: the token itself comes from a one-token step
                     fed = context[cache.length:]
                     x = torch.tensor([fed], device=self.device)
-                    for s in range(0, len(fed) - 1, PREFILL_CHUNK):
-                        self.model(x[:, s:min(s + PREFILL_CHUNK, len(fed) - 1)], cache, last_only=True)
+                    self._read(x[:, :-1], cache)
                     logits = self.model(x[:, -1:], cache)[0, -1]
                     stats["target_forwards"] += 1
                 else:
