@@ -54,7 +54,7 @@ class DistillConfig:
     batch_tokens: int = 2048
     steps: int = 400
     minutes: float | None = None  # stop training after this long (the checkpoint stays resumable)
-    lr: float = 3e-4
+    lr: float = 1e-3
     save_every: int = 50
     seed: int = 0
 
