@@ -171,6 +171,10 @@ def test_distill_cli_errors(pair, tmp_path):
     p = cli("distill", "--out", str(tmp_path / "d"), "--layers", "1", "--model", str(large.loaded.path),
             "--self-prompts", "-3")
     assert p.returncode != 0 and "--self-prompts" in p.stderr and "Traceback" not in p.stderr
+    p = cli("distill", "--out", str(tmp_path / "d"), "--layers", "1", "--model", str(large.loaded.path),
+            "--steps", "0")
+    assert p.returncode != 0 and "must be positive" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "d").exists()  # refused before anything was written
 
 
 def test_generate_cli_with_ead():

@@ -170,6 +170,9 @@ def cmd_distill(a) -> None:
     layers = pick_layers(llm.model.cfg.n_layers, a.layers, a.every)
     if a.prompts < 0 or a.self_prompts < 0:
         raise GearshiftError("--prompts and --self-prompts count prompts: use 0 or more")
+    if min(a.steps, a.batch_tokens, a.max_new_tokens, a.rank) < 1 or a.lr <= 0 or \
+            (a.minutes is not None and a.minutes <= 0):
+        raise GearshiftError("--steps, --batch-tokens, --max-new-tokens, --rank, --lr and --minutes must be positive")
     prompts = gsm8k_prompts(Path(a.prompts_file) if a.prompts_file else data_dir() / "gsm8k" / "train.jsonl",
                             0, a.prompts)
     if not prompts and not a.self_prompts:
