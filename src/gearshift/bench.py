@@ -25,9 +25,17 @@ def data_dir() -> Path:
     raise GearshiftError("Spec-Bench data not found: set GEARSHIFT_DATA to the folder holding spec_bench/question.jsonl")
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSONL file; an unreadable file is a one-line error."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError) as e:
+        raise GearshiftError(f"cannot read {path}: {e}") from None
+
+
 def spec_bench_questions(limit: int | None = None) -> list[dict]:
-    with open(data_dir() / "spec_bench" / "question.jsonl") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = read_jsonl(data_dir() / "spec_bench" / "question.jsonl")
     return rows[:limit] if limit else rows
 
 
@@ -318,10 +326,7 @@ EAD_QUESTIONS = 20  # taken from the end of GSM8K's train file: `gearshift disti
 
 
 def gsm8k_eval(n: int) -> list[dict]:
-    path = data_dir() / "gsm8k" / "train.jsonl"
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return rows[-n:]
+    return read_jsonl(data_dir() / "gsm8k" / "train.jsonl")[-n:]
 
 
 def final_number(text: str) -> str | None:

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from .bench import read_jsonl
 from .errors import GearshiftError
 from .loading import Checkpoint, _unpermute, build_model, read_checkpoint
 from .model import ExitHead, Transformer, rope_inv_freq
@@ -74,9 +75,9 @@ def pick_layers(n_layers: int, first: int | None, every: int | None) -> list[int
 def gsm8k_prompts(path: Path, first: int, count: int) -> list[str]:
     """Questions `first` .. `first + count` of a GSM8K-style JSONL file (training text only)."""
     try:
-        rows = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
-    except (OSError, ValueError) as e:
-        raise GearshiftError(f"cannot read training prompts from {path}: {e}") from None
+        rows = read_jsonl(path)
+    except GearshiftError as e:
+        raise GearshiftError(f"cannot read training prompts: {e}") from None
     return [r["question"] for r in rows[first:first + count]]
 
 
@@ -108,21 +109,21 @@ def self_prompts(llm, n: int, seed: int = 0, max_tokens: int = 64, batch: int = 
 # ---------------------------------------------------------------- stage 1: the target writes the data
 
 @torch.inference_mode()
-def generate_data(llm, cfg: DistillConfig) -> list[dict]:
+def generate_data(llm, cfg: DistillConfig, prompts: list[str]) -> list[dict]:
     """Greedy answers by the target, batch by batch, with its top-k logits at every answer position."""
     path = cfg.out / "data.pt"
     data: list[dict] = torch.load(path) if path.exists() else []
-    todo = cfg.prompts[len(data):]
+    todo = prompts[len(data):]
     params = SamplingParams(max_tokens=cfg.max_new_tokens)
     chat = bool(llm.tokenizer.chat_template)
     top_k = min(cfg.top_k, llm.model.cfg.vocab_size)
-    bar = tqdm(total=len(cfg.prompts), initial=len(data), desc="target writes training text", unit="answer")
+    bar = tqdm(total=len(prompts), initial=len(data), desc="target writes training text", unit="answer")
     for b in range(0, len(todo), cfg.gen_batch):
-        prompts = [llm.encode([{"role": "user", "content": q}] if chat else q) for q in todo[b:b + cfg.gen_batch]]
-        cache, nxt, budget = llm._prefill(prompts, params)
-        answers = [[] for _ in prompts]
-        tops = [[] for _ in prompts]
-        done = [False] * len(prompts)
+        batch = [llm.encode([{"role": "user", "content": q}] if chat else q) for q in todo[b:b + cfg.gen_batch]]
+        cache, nxt, budget = llm._prefill(batch, params)
+        answers = [[] for _ in batch]
+        tops = [[] for _ in batch]
+        done = [False] * len(batch)
         for _ in range(budget):
             logits = llm.model(nxt[:, None], cache)[:, -1]
             top = logits.topk(top_k, dim=-1)
@@ -134,11 +135,11 @@ def generate_data(llm, cfg: DistillConfig) -> list[dict]:
                     done[r] = t in llm.eos_ids
             if all(done):
                 break
-        for ids, ans, top in zip(prompts, answers, tops):
+        for ids, ans, top in zip(batch, answers, tops):
             data.append({"ids": torch.tensor(ids + ans, dtype=torch.int32), "start": len(ids),
                          "top_values": torch.stack([v for v, _ in top]), "top_indices": torch.stack([i for _, i in top])})
         _atomic_save(data, path)
-        bar.update(len(prompts))
+        bar.update(len(batch))
     bar.close()
     return data
 
@@ -313,12 +314,15 @@ def distill(llm, cfg: DistillConfig, early_exit: bool = False, rank: int = 32) -
     """
     cfg.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    prompts = cfg.prompts
     if cfg.self_prompts:  # kept beside the data: a resumed run must see the same prompts in the same order
         path = cfg.out / "self_prompts.json"
-        if not path.exists():
-            path.write_text(json.dumps(self_prompts(llm, cfg.self_prompts, cfg.seed), indent=0))
-        cfg.prompts = cfg.prompts + json.loads(path.read_text())
-    data = generate_data(llm, cfg)
+        if not path.exists():  # written whole or not at all, like the data and the checkpoint
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self_prompts(llm, cfg.self_prompts, cfg.seed), indent=0))
+            tmp.replace(path)
+        prompts = prompts + json.loads(path.read_text())
+    data = generate_data(llm, cfg, prompts)
     gen_s = time.perf_counter() - t0
     target = read_checkpoint(llm.loaded.path)
     torch.manual_seed(cfg.seed)
