@@ -70,9 +70,16 @@ def test_ead_extremes_are_the_two_models_and_verify_is_lossless(pair):
                                ignore_eos=True)
         assert 0 < mixed.metrics["large_fraction"] < 1
         assert only_small.metrics["relative_compute"] < mixed.metrics["relative_compute"] < 1.5
-        for tau in (tau, 0.5, 1.0, 2.0):
-            assert large.generate(prompt, ead=EAD(small=spec, tau=tau, verify=True), max_tokens=24,
-                                  ignore_eos=True).token_ids == ref.token_ids
+        for tau in (0.0, tau, 0.5, 1.0, 2.0, 100.0):
+            verified = large.generate(prompt, ead=EAD(small=spec, tau=tau, verify=True), max_tokens=24,
+                                      ignore_eos=True)
+            assert verified.token_ids == ref.token_ids
+            m = verified.metrics  # the small model produced what the large one accepted of its drafts
+            assert m["small_tokens"] == m["accepted"] and m["large_tokens"] + m["small_tokens"] == 24
+            if tau == 0.0:
+                assert m["large_fraction"] == 1.0 and m["relative_compute"] == 1.0
+            if tau == 100.0:  # both models read every token, the large one whole drafts: more than large-only
+                assert m["small_tokens"] > 0 and m["relative_compute"] > 1.0
     with pytest.raises(GearshiftError):
         large.generate([1], ead=EAD(small="lookup"))
     with pytest.raises(GearshiftError):
@@ -189,7 +196,7 @@ def test_generate_cli_with_ead():
 def test_bench_ead_writes_json_and_plot(tmp_path):
     out, png = tmp_path / "ead.json", tmp_path / "ead.png"
     p = cli("bench", "ead", "--limit", "2", "--taus", "0,1.5,100", "--max-tokens", "16", "--small", "early-exit:4",
-            "--json", str(out), "--plot", str(png))
+            "--verify", "--json", str(out), "--plot", str(png))
     assert p.returncode == 0, p.stderr
     r = json.loads(out.read_text())
     assert r["small"] == "early-exit:4" and r["large"].endswith(".gguf")
@@ -200,7 +207,11 @@ def test_bench_ead_writes_json_and_plot(tmp_path):
     assert large_only["large_fraction"] == 1.0 and large_only["quality_retained"] == pytest.approx(1.0)
     assert large_only["agreement"] == 1.0 and large_only["rouge_l"] == 1.0
     assert small_only["large_fraction"] == 0.0 and small_only["relative_compute"] < 1.0
+    assert all(p["verify"]["identical"] for p in r["points"])  # ead+verify is lossless at every tau
+    assert large_only["verify"]["large_fraction"] == 1.0 and small_only["verify"]["large_fraction"] < 1.0
     assert Image.open(png).size[0] > 0
+    bad = cli("bench", "ead", "--window", "0")
+    assert bad.returncode != 0 and "window" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_ead_large_only_is_plain_decoding_on_the_default_model():

@@ -362,10 +362,11 @@ def mean_loglik(llm, prompt: list[int], output: list[int]) -> float:
 
 
 def run_ead(model: str | None, small: str = "early-exit", taus=EAD_TAUS, n_questions: int = EAD_QUESTIONS,
-            max_new_tokens: int = 128, window: int = 5, min_run: int = 4, json_path: str | None = None,
-            plot_path: str | None = None, device: str | None = None) -> dict:
+            max_new_tokens: int = 128, window: int = 5, min_run: int = 4, verify: bool = False,
+            json_path: str | None = None, plot_path: str | None = None, device: str | None = None) -> dict:
     """Sweep tau: cost (large-model share, compute, tokens/s) against quality, each relative to the
-    large model's own greedy answer. quality_retained is the loglik ratio (see the README)."""
+    large model's own greedy answer. quality_retained is the loglik ratio (see the README).
+    `verify` also runs ead+verify at each tau: the same schedule, lossless, so only its cost varies."""
     from .ead import EAD
     from .engine import LLM
     from .loading import load
@@ -378,17 +379,20 @@ def run_ead(model: str | None, small: str = "early-exit", taus=EAD_TAUS, n_quest
     ref = [llm.generate(ids, max_tokens=max_new_tokens) for ids in tqdm(prompts, desc="large model, greedy", unit="q")]
     ref_ll = [mean_loglik(llm, ids, c.token_ids) for ids, c in zip(prompts, ref)]
     points = []
+    def cost(outs) -> dict:
+        large = sum(c.metrics["large_tokens"] for c in outs)
+        made = sum(c.metrics["large_tokens"] + c.metrics["small_tokens"] for c in outs)
+        return {"large_fraction": large / made,
+                "relative_compute": sum(c.metrics["flops"] for c in outs) / sum(c.metrics["large_only_flops"] for c in outs),
+                "tok_per_s": sum(len(c.token_ids) for c in outs) / sum(c.metrics["decode_s"] for c in outs)}  # prompt in
+
     for tau in tqdm(taus, desc="ead sweep", unit="tau"):
         cfg = EAD(small=small, tau=tau, window=window, min_run=min_run)
         outs = [llm.generate(ids, ead=cfg, max_tokens=max_new_tokens) for ids in prompts]
-        large = sum(c.metrics["large_tokens"] for c in outs)
-        made = sum(c.metrics["large_tokens"] + c.metrics["small_tokens"] for c in outs)
         lls = [mean_loglik(llm, ids, c.token_ids) for ids, c in zip(prompts, outs)]
         ratios = [math.exp(a - b) for a, b in zip(lls, ref_ll)]
         points.append({
-            "tau": tau, "large_fraction": large / made,
-            "relative_compute": sum(c.metrics["flops"] for c in outs) / sum(c.metrics["large_only_flops"] for c in outs),
-            "tok_per_s": sum(len(c.token_ids) for c in outs) / sum(c.metrics["decode_s"] for c in outs),  # prompt in
+            "tau": tau, **cost(outs),
             # capped per question: text the large model likes better than its own greedy answer
             # (repetition often is) does not make up for a question where quality was lost
             "quality_retained": sum(min(1.0, x) for x in ratios) / len(ratios),
@@ -398,6 +402,10 @@ def run_ead(model: str | None, small: str = "early-exit", taus=EAD_TAUS, n_quest
             "rouge_l": sum(rouge_l(c.token_ids, r.token_ids) for c, r in zip(outs, ref)) / len(outs),
             "exact_match": sum(final_number(c.text) == a for c, a in zip(outs, answers)) / len(outs),
         })
+        if verify:
+            cfg = EAD(small=small, tau=tau, window=window, min_run=min_run, verify=True)
+            outs = [llm.generate(ids, ead=cfg, max_tokens=max_new_tokens) for ids in prompts]
+            points[-1]["verify"] = {**cost(outs), "identical": all(c.token_ids == r.token_ids for c, r in zip(outs, ref))}
     results = {"large": llm.loaded.path.name, "small": small, "questions": len(prompts),
                "max_new_tokens": max_new_tokens, "window": window, "min_run": min_run,
                "large_only_exact_match": sum(final_number(c.text) == a for c, a in zip(ref, answers)) / len(ref),
@@ -412,6 +420,13 @@ def _print_ead(r: dict) -> None:
     for p in r["points"]:
         print(f"{p['tau']:>6.1f}{100 * p['large_fraction']:>8.1f}%{p['relative_compute']:>9.2f}{p['tok_per_s']:>8.1f}"
               f"{p['quality_retained']:>9.3f}{p['agreement']:>7.2f}{p['rouge_l']:>8.2f}{p['exact_match']:>6.2f}")
+    if all("verify" in p for p in r["points"]):
+        print("\nead+verify (lossless: the large model verifies the small one's tokens)")
+        print(f"{'tau':>6}{'large %':>9}{'compute':>9}{'tok/s':>8}  same as large greedy")
+        for p in r["points"]:
+            v = p["verify"]
+            print(f"{p['tau']:>6.1f}{100 * v['large_fraction']:>8.1f}%{v['relative_compute']:>9.2f}"
+                  f"{v['tok_per_s']:>8.1f}  {'yes' if v['identical'] else 'NO'}")
 
 
 def _plot_ead(r: dict, path: str) -> None:
@@ -427,6 +442,9 @@ def _plot_ead(r: dict, path: str) -> None:
     ax.plot(x, [p["relative_compute"] for p in pts], "^:", label="relative compute", alpha=0.7)
     for p, xi in zip(pts, x):
         ax.annotate(f"τ={p['tau']:g}", (xi, p["quality_retained"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if all("verify" in p for p in pts):
+        ax.plot([100 * p["verify"]["large_fraction"] for p in pts], [1.0 if p["verify"]["identical"] else 0.0
+                for p in pts], "D", color="tab:purple", label="ead+verify (lossless)", alpha=0.7)
     ax.axhline(0.95, color="grey", linewidth=0.6)
     ax.axvline(40, color="grey", linewidth=0.6)
     ax.set_xlabel("tokens written by the large model (%)")

@@ -142,13 +142,16 @@ def cmd_info(a) -> None:
 
 def cmd_bench(a) -> None:
     from .bench import run_ead, run_quick, run_spec_bench
+    from .ead import EAD
     if a.suite == "ead":
         try:
             taus = [float(t) for t in a.taus.split(",")]
         except ValueError:
             raise GearshiftError(f"--taus takes comma-separated numbers, got {a.taus!r}") from None
+        EAD(tau=min(taus), window=a.window, min_run=a.min_run)  # refuses bad settings before any work
         run_ead(a.model, small=a.small, taus=taus, n_questions=a.limit or 20, max_new_tokens=a.max_tokens,
-                json_path=a.json, plot_path=a.plot, device=a.device)
+                window=a.window, min_run=a.min_run, verify=a.verify, json_path=a.json, plot_path=a.plot,
+                device=a.device)
     elif a.suite == "spec-bench":
         run_spec_bench(a.model, per_category=a.limit_per_category, max_new_tokens=a.max_tokens, draft=a.draft,
                        drafters=a.drafter, json_path=a.json, plot_path=a.plot,
@@ -215,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="first 10 Spec-Bench questions, 128 new tokens")
     p.add_argument("--small", default="early-exit", help="ead: the small model (early-exit[:L] or model:PATH)")
     p.add_argument("--taus", default="0,0.5,1,1.5,2,2.5,3,4,100", help="ead: thresholds to sweep, nats")
+    p.add_argument("--window", type=int, default=5, help="ead: rolling entropy window, tokens")
+    p.add_argument("--min-run", type=int, default=4, help="ead: tokens before the schedule may switch again")
+    p.add_argument("--verify", action="store_true", help="ead: also run ead+verify (lossless) at every tau")
     p.add_argument("--limit-per-category", type=int, default=2)
     p.add_argument("--draft", default=None, help="draft model for model:PATH and transformers' assistant_model")
     p.add_argument("--drafter", action="append", default=None,

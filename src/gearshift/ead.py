@@ -92,3 +92,15 @@ class EntropyGate:
         self.schedule.push(entropy(target_logits[verdict.accepted]))
         if self.drafted:  # otherwise the small model sat this step out; it catches up when drafting again
             self.inner.observe(verdict, target_logits)
+
+    def account(self, stats: dict, prompt_len: int, target: Transformer) -> None:
+        """EAD's cost report for a verified run: the small model produced the draft tokens the large
+        one accepted, the large model every other token. Compute counts every token each model
+        read, the large model's whole drafts included, against the large model alone reading the
+        prompt and the output (as the lossy strategy counts it)."""
+        large = forward_flops(target)
+        small = forward_flops(self.inner.model, self.inner.n_layers)
+        scored = stats["target_forwards"] + stats["proposed"]  # each forward: the last token and the draft
+        stats.update(small_tokens=stats["accepted"], large_tokens=stats["target_forwards"],
+                     flops=large * (prompt_len - 1 + scored) + small * self.inner.read,
+                     large_only_flops=large * (prompt_len - 1 + stats["accepted"] + stats["target_forwards"]))

@@ -207,6 +207,8 @@ class LLM:
                 yield [verdict.tokens]
         finally:
             stats["decode_s"] = time.perf_counter() - t0
+            if isinstance(drafter, EntropyGate):
+                drafter.account(stats, len(prompt), self.model)
 
     @torch.inference_mode()
     def _ead_steps(self, prompt: list[int], p: SamplingParams, stats: dict, small: ModelDrafter,

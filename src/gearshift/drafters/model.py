@@ -27,16 +27,19 @@ class ModelDrafter:
         self.base = 0
         self.track_entropy = False  # entropy-adaptive decoding reads the draft's entropies
         self.entropies: list[float] = []
+        self.read = 0  # tokens the draft model has run since reset: its compute, for EAD's report
 
     def reset(self, prompt: list[int]) -> None:
         need = min(self.model.cfg.max_seq_len, len(prompt) + 4096)
         if self.cache is None or self.cache.max_len < need:
             self.cache = self.model.new_cache(1, need, n_layers=self.n_layers)
         self.cache.reset()
+        self.read = 0
 
     def logits(self, tokens: list[int]) -> torch.Tensor:
         """Feed `tokens` after the cached ones; the next-token logits, in the target's vocabulary."""
         x = torch.tensor([tokens], device=self.model.device)
+        self.read += len(tokens)
         if self.head is None:
             logits = self.model(x, self.cache, last_only=True, n_layers=self.n_layers)[0, -1]
         else:
