@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from tqdm import tqdm
 
 from .bench import read_jsonl
 from .errors import GearshiftError
+from .hub import atomic_file
 from .loading import Checkpoint, _unpermute, build_model, read_checkpoint
 from .model import ExitHead, Transformer, rope_inv_freq
 from .sampling import SamplingParams
@@ -138,7 +138,8 @@ def generate_data(llm, cfg: DistillConfig, prompts: list[str]) -> list[dict]:
         for ids, ans, top in zip(batch, answers, tops):
             data.append({"ids": torch.tensor(ids + ans, dtype=torch.int32), "start": len(ids),
                          "top_values": torch.stack([v for v, _ in top]), "top_indices": torch.stack([i for _, i in top])})
-        _atomic_save(data, path)
+        with atomic_file(path) as f:
+            torch.save(data, f)
         bar.update(len(batch))
     bar.close()
     return data
@@ -245,8 +246,9 @@ def train(student: torch.nn.Module, loss_fn, data: list[dict], cfg: DistillConfi
         out_of_time = cfg.minutes is not None and time.perf_counter() - t0 > 60 * cfg.minutes
         if step % cfg.save_every == 0 or step == cfg.steps or out_of_time:
             trainable = {k: v for k, v in student.state_dict().items() if k in dict(student.named_parameters())}
-            _atomic_save({"student": trainable, "opt": opt.state_dict(), "sched": sched.state_dict(),
-                          "step": step, "history": history}, ckpt)
+            with atomic_file(ckpt) as f:
+                torch.save({"student": trainable, "opt": opt.state_dict(), "sched": sched.state_dict(),
+                            "step": step, "history": history}, f)
         if out_of_time:
             break
     bar.close()
@@ -318,9 +320,8 @@ def distill(llm, cfg: DistillConfig, early_exit: bool = False, rank: int = 32) -
     if cfg.self_prompts:  # kept beside the data: a resumed run must see the same prompts in the same order
         path = cfg.out / "self_prompts.json"
         if not path.exists():  # written whole or not at all, like the data and the checkpoint
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(self_prompts(llm, cfg.self_prompts, cfg.seed), indent=0))
-            tmp.replace(path)
+            with atomic_file(path) as f:
+                f.write(json.dumps(self_prompts(llm, cfg.self_prompts, cfg.seed), indent=0).encode())
         prompts = prompts + json.loads(path.read_text())
     data = generate_data(llm, cfg, prompts)
     gen_s = time.perf_counter() - t0
@@ -345,8 +346,3 @@ def distill(llm, cfg: DistillConfig, early_exit: bool = False, rank: int = 32) -
     (cfg.out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)

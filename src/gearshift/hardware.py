@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .hub import home
+from .hub import atomic_file, home
 from .model import Transformer
 
 SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
@@ -82,8 +82,6 @@ def forward_costs(model: Transformer, model_id: str) -> CostModel:
         except (ValueError, KeyError):
             pass  # unreadable: measure again
     costs = measure(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"model": model_id, "sizes": costs.sizes, "seconds": costs.seconds}))
-    os.replace(tmp, path)
+    with atomic_file(path) as f:
+        f.write(json.dumps({"model": model_id, "sizes": costs.sizes, "seconds": costs.seconds}).encode())
     return costs

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm import tqdm
@@ -89,6 +90,20 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
     if not path.exists():
         raise GearshiftError(f"model not found: {path}")
     return path
+
+
+@contextmanager
+def atomic_file(path: Path):
+    """A binary file to write `path` through: a hidden sibling, renamed into place only when the
+    block finishes, so a crash or a full disk never leaves a half-written file to be read later."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_dir(final: Path) -> Path:

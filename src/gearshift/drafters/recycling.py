@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import GearshiftError
+from ..hub import atomic_file
 
 RANK_PRIOR = (0.45, 0.15, 0.08, 0.05, 0.04, 0.03, 0.02, 0.02)  # P(accept) of the r-th successor, a rough prior
 
@@ -73,10 +74,8 @@ class Recycling:
         self.adjacency[np.asarray(tree)] = top
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp.npy")
-        np.save(tmp, self.adjacency)
-        tmp.replace(path)
+        with atomic_file(Path(path)) as f:
+            np.save(f, self.adjacency)
 
     def load(self, path: str | Path) -> None:
         try:
