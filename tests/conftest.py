@@ -20,3 +20,17 @@ def gearshift_home(tmp_path_factory):
         yield home
     finally:
         os.environ.pop("GEARSHIFT_HOME", None)
+
+
+@pytest.fixture(scope="session")
+def llm(gearshift_home):
+    """The default model as users get it (int4 + int8 LM head), shared by every test module."""
+    import gearshift
+    return gearshift.load()
+
+
+@pytest.fixture(scope="session")
+def exact(gearshift_home):
+    """The default model with float32 weights: the mode with no bf16 rounding to amplify differences."""
+    import gearshift
+    return gearshift.load(weights="float32")

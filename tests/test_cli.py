@@ -140,3 +140,28 @@ def test_unsupported_rope_scaling_hf_dir(tmp_path):
         "model_type": "llama", "vocab_size": 8, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
         "num_attention_heads": 4, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
     assert_one_line_error(run("info", str(tmp_path)), "unsupported RoPE scaling 'yarn'")
+
+
+def test_bench_batch_and_multiturn_write_json_and_plots(default_model, tmp_path):
+    from PIL import Image
+    out, png = tmp_path / "batch.json", tmp_path / "batch.png"
+    p = run("bench", "batch", "--concurrency", "1,2", "--requests", "2", "--max-tokens", "6", "--json", str(out),
+            "--plot", str(png))
+    assert p.returncode == 0, p.stderr
+    r = json.loads(out.read_text())
+    keys = {"tok_per_s", "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s"}
+    assert set(r["levels"]) == {"1", "2"} and all(keys <= set(v) for v in r["levels"].values())
+    assert r["relative_to_1"]["1"] == 1.0 and r["relative_to_1"]["2"] > 0
+    assert r["levels"]["2"]["identical_to_1"] == 1.0  # batching changed no answer
+    assert Image.open(png).size[0] > 0
+    out, png = tmp_path / "turns.json", tmp_path / "turns.png"
+    p = run("bench", "multiturn", "--chats", "1", "--turns", "3", "--max-tokens", "6", "--json", str(out),
+            "--plot", str(png))
+    assert p.returncode == 0, p.stderr
+    turns = json.loads(out.read_text())["turns"]
+    assert [t["turn"] for t in turns] == [1, 2, 3]
+    assert all({"ttft_cached_s", "ttft_cold_s", "cached_tokens"} <= set(t) for t in turns)
+    assert turns[2]["cached_tokens"] > turns[1]["cached_tokens"] > 0 and all(t["same_first_token"] for t in turns)
+    assert Image.open(png).size[0] > 0
+    assert_one_line_error(run("bench", "batch", "--concurrency", "0,2"), "--concurrency")
+    assert_one_line_error(run("bench", "multiturn", "--turns", "0"), "--turns")

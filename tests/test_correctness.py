@@ -37,7 +37,8 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 import gearshift
 from gearshift import hub
-from gearshift.engine import LLM
+from gearshift import LLM
+from gearshift.attention import Batch, Segment
 from gearshift.loading import load
 from gearshift.model import rope_inv_freq
 
@@ -165,7 +166,12 @@ def hf_logits(model, tokens: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def gs_logits(model, tokens: torch.Tensor) -> torch.Tensor:
-    return model(tokens, cache=model.new_cache(tokens.shape[0], tokens.shape[1]))
+    """Logits of every position of every row [B, S, V]: the rows as sequences in one batched forward."""
+    b, s = tokens.shape
+    cache = model.new_cache(b, s)
+    with torch.no_grad():
+        out = model(Batch([Segment(r, tokens[r].tolist(), logits_from=0) for r in range(b)], cache), cache)
+    return out.view(b, s, -1)
 
 
 def random_tokens(batch: int, length: int, vocab: int, seed: int) -> torch.Tensor:
@@ -228,19 +234,19 @@ def test_incremental_decode_matches_full_sequence(tiny):
     parts, pos = [], 0
     with torch.no_grad():
         for size in [11, 1, 1, 4, 1, 1, 7, 1, 2, 1, 1, 1, 16]:
-            parts.append(model(tokens[:, pos:pos + size], cache))
+            parts.append(model.run(tokens[0, pos:pos + size], cache))
             pos += size
-            assert cache.length == pos
+            assert cache.lengths[0] == pos
     assert pos == n
-    incremental = torch.cat(parts, dim=1)
+    incremental = torch.cat(parts)[None]
     assert_logits_close(incremental, full)
     assert_logits_close(incremental, hf_logits(tiny.ref, tokens))
 
     other = tokens.clone()
     other[:, 30:] = random_tokens(1, n - 30, VOCAB, seed=4)
-    cache.rollback(30)
+    cache.rollback(0, 30)
     with torch.no_grad():
-        tail = torch.cat([model(other[:, 30:31], cache), model(other[:, 31:], cache)], dim=1)
+        tail = torch.cat([model.run(other[0, 30:31], cache), model.run(other[0, 31:], cache)])[None]
     assert_logits_close(tail, hf_logits(tiny.ref, other)[:, 30:])
 
 

@@ -10,17 +10,20 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-import gearshift
-from gearshift.distill import (DistillConfig, distill, distill_loss, exit_loss, export, load_exit, self_prompts,
-                               student_from_target)
-from gearshift.model import ExitHead
-from gearshift.drafters import make_drafter
+from gearshift import LLM
 from gearshift.ead import EAD, Schedule
-from gearshift.engine import LLM
 from gearshift.errors import GearshiftError
-from gearshift.loading import load, read_checkpoint
+from gearshift.loading import load, load_exit_head, read_checkpoint
+from gearshift.model import ExitHead
 from gearshift.sampling import entropy
+from gearshift.strategies import make_drafter as build_drafter
+from gearshift.tools.distill import (DistillConfig, distill, distill_loss, exit_loss, export, self_prompts,
+                                     student_from_target)
 from tiny import VOCAB, tiny_model_dir
+
+
+def make_drafter(spec: str, llm: LLM):
+    return build_drafter(spec, llm.model, llm.tokenizer, llm.loaded.path)
 
 
 def cli(*args, timeout=600):
@@ -64,7 +67,7 @@ def test_ead_extremes_are_the_two_models_and_verify_is_lossless(pair):
         # a tau inside the range of the entropies the models see splits the work between them
         ids = prompt + only_small.token_ids
         with torch.inference_mode():
-            logits = small.model(torch.tensor([ids]), small.model.new_cache(1, 64))[0, len(prompt) - 1:]
+            logits = small.model.run(ids, small.model.new_cache(1, 64), logits_from=len(prompt) - 1)
         tau = sorted(entropy(row) for row in logits)[len(logits) // 2]
         mixed = large.generate(prompt, ead=EAD(small=spec, tau=tau, window=1, min_run=1), max_tokens=24,
                                ignore_eos=True)
@@ -98,7 +101,7 @@ def test_export_round_trips_and_stores_only_unshared_weights(pair, tmp_path):
     b = load(large.loaded.path, weights="float32", device="cpu", use_cache=False).model
     x = torch.tensor([[1, 2, 3, 4, 5, 6]])
     with torch.inference_mode():
-        la, lb = a(x, a.new_cache(1, 16)), b(x, b.new_cache(1, 16))
+        la, lb = a.run(x[0], a.new_cache(1, 16)), b.run(x[0], b.new_cache(1, 16))
     assert (la - lb).abs().max() < 0.02 * lb.abs().max()  # the weights went through bfloat16
 
 
@@ -139,7 +142,7 @@ def test_early_exit_head_trains_and_drafts_losslessly(pair, tmp_path):
     summary = distill(large, cfg, early_exit=True, rank=4)
     assert summary["kind"] == "early-exit head"
     assert not (cfg.out / "model.safetensors").exists()  # nothing of the target is copied
-    layers, head = load_exit(cfg.out, large)
+    layers, head = load_exit_head(cfg.out, large.loaded.path, large.model)
     assert layers == 1 and sum(p.numel() for p in head.parameters()) == 2 * 4 * 64 + 64
     data = torch.load(cfg.out / "data.pt")
     ck = read_checkpoint(large.loaded.path)
@@ -158,8 +161,7 @@ def test_early_exit_head_trains_and_drafts_losslessly(pair, tmp_path):
         make_drafter(f"early-exit:{cfg.out}", other)
 
 
-def test_self_prompts_are_requests_the_target_writes_itself():
-    llm = gearshift.load()  # the default, chat-tuned model: its open user turn holds requests
+def test_self_prompts_are_requests_the_target_writes_itself(llm):  # the default, chat-tuned model
     first = self_prompts(llm, 4, seed=3, max_tokens=48, batch=8)
     assert len(first) == 4 and len(set(first)) == 4 and all(len(q) >= 16 for q in first)
     assert self_prompts(llm, 4, seed=3, max_tokens=48, batch=8) == first  # seeded: a resumed run sees the same
@@ -214,13 +216,13 @@ def test_bench_ead_writes_json_and_plot(tmp_path):
     assert bad.returncode != 0 and "window" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_ead_large_only_is_plain_decoding_on_the_default_model():
-    """tau 0: the large model writes every token, each from a one-token step as plain decoding
-    does, so the output is plain greedy's token for token (a batched catch-up would not be)."""
-    llm = gearshift.load()
-    for q in ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
-              "How many clips did Natalia sell altogether in April and May?",
-              "Write a short poem about the sea.", "Explain what a hash table is."):
-        msgs = [{"role": "user", "content": q}]
-        assert llm.generate(msgs, ead=EAD(small="early-exit:4", tau=0.0), max_tokens=96).token_ids == \
-            llm.generate(msgs, max_tokens=96).token_ids
+def test_ead_large_only_is_plain_decoding_on_the_default_model(llm):
+    """tau 0: the large model writes every token, each from the same one-row computation as plain
+    decoding, so the output is plain greedy's token for token."""
+    chats = [[{"role": "user", "content": q}] for q in (
+        "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+        "How many clips did Natalia sell altogether in April and May?",
+        "Write a short poem about the sea.", "Explain what a hash table is.")]
+    ead = llm.generate(chats, ead=EAD(small="early-exit:4", tau=0.0), max_tokens=96)
+    assert [c.token_ids for c in ead] == [c.token_ids for c in llm.generate(chats, max_tokens=96)]
+    assert all(c.metrics["large_fraction"] == 1.0 for c in ead)

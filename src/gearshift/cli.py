@@ -51,15 +51,16 @@ def _sampling(a: argparse.Namespace) -> dict:
 
 
 def _load(a: argparse.Namespace):
-    from .engine import load
+    from .llm import load
     return load(a.model, device=a.device, weights=a.weights)
 
 
 def _stats(c) -> str:
     m = c.metrics
     spec = f", MAT {m['mat']:.2f}, acceptance {m['acceptance_rate']:.0%}" if "proposed" in m else ""
+    cached = f" ({m['cached_tokens']} prompt tokens cached)" if m["cached_tokens"] else ""
     return (f"[{m['generated_tokens']} tokens, {m['tok_per_s']:.1f} tok/s{spec}, "
-            f"prefill {m['prefill_s'] * 1000:.0f} ms, finish: {c.finish_reason}]")
+            f"first token {m['ttft_s'] * 1000:.0f} ms{cached}, finish: {c.finish_reason}]")
 
 
 def cmd_pull(a) -> None:
@@ -73,12 +74,18 @@ def cmd_generate(a) -> None:
     prompt = a.prompt if a.raw or not llm.tokenizer.chat_template else \
         ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": a.prompt}]
     drafter = llm.drafter(a.drafter)
-    for delta in llm.stream(prompt, drafter=drafter, **params):
+    c = _print_stream(llm.stream(prompt, drafter=drafter, **params))
+    _save_drafter(drafter)
+    print(_stats(c), file=sys.stderr)
+
+
+def _print_stream(stream):
+    """Write a stream's text as it comes; return its completion."""
+    for delta in stream:
         sys.stdout.write(delta)
         sys.stdout.flush()
     sys.stdout.write("\n")
-    _save_drafter(drafter)
-    print(_stats(llm.last), file=sys.stderr)
+    return stream.completion
 
 
 def _save_drafter(drafter) -> None:
@@ -108,13 +115,10 @@ def cmd_chat(a) -> None:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
-        for delta in llm.stream(messages, drafter=drafter, **params):
-            sys.stdout.write(delta)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+        c = _print_stream(llm.stream(messages, drafter=drafter, **params))
         _save_drafter(drafter)
-        print(_stats(llm.last), file=sys.stderr)
-        messages.append({"role": "assistant", "content": llm.last.text})
+        print(_stats(c), file=sys.stderr)
+        messages.append({"role": "assistant", "content": c.text})
 
 
 def cmd_info(a) -> None:
@@ -140,10 +144,33 @@ def cmd_info(a) -> None:
             print(f"{k:<{width}}  {v}")
 
 
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise GearshiftError(f"{flag} takes comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise GearshiftError(f"{flag} takes positive integers, got {text!r}")
+    return values
+
+
 def cmd_bench(a) -> None:
-    from .bench import run_ead, run_quick, run_spec_bench
     from .ead import EAD
-    if a.suite == "ead":
+    from .tools.bench import run_ead, run_quick, run_spec_bench
+    from .tools.bench_engine import run_batch, run_multiturn
+    if a.suite == "batch":
+        levels = _int_list(a.concurrency, "--concurrency")
+        if a.rate is not None and a.rate <= 0:
+            raise GearshiftError("--rate is requests per second and must be positive")
+        run_batch(a.model, levels, n_requests=a.requests, max_new_tokens=a.max_tokens, rate=a.rate,
+                  prefix_cache=not a.no_prefix_cache, repeats=a.repeats, json_path=a.json, plot_path=a.plot,
+                  device=a.device)
+    elif a.suite == "multiturn":
+        if a.chats < 1 or a.turns < 1:
+            raise GearshiftError("--chats and --turns must be positive")
+        run_multiturn(a.model, n_chats=a.chats, n_turns=a.turns, max_new_tokens=a.max_tokens, json_path=a.json,
+                      plot_path=a.plot, device=a.device)
+    elif a.suite == "ead":
         try:
             taus = [float(t) for t in a.taus.split(",")]
         except ValueError:
@@ -160,15 +187,15 @@ def cmd_bench(a) -> None:
         run_quick(a.model, n_questions=a.limit or 10, max_new_tokens=a.max_tokens, json_path=a.json, plot_path=a.plot,
                   with_transformers=not a.no_transformers, device=a.device)
     else:
-        raise GearshiftError("choose a benchmark: gearshift bench --quick, gearshift bench spec-bench or gearshift bench ead")
+        raise GearshiftError("choose a benchmark: gearshift bench --quick, or bench spec-bench, ead, batch or multiturn")
 
 
 def cmd_distill(a) -> None:
     from pathlib import Path
 
-    from .bench import data_dir
-    from .distill import DistillConfig, distill, gsm8k_prompts, pick_layers
-    from .engine import load
+    from .llm import load
+    from .tools.data import data_dir
+    from .tools.distill import DistillConfig, distill, gsm8k_prompts, pick_layers
     llm = load(a.model, device=a.device)
     layers = pick_layers(llm.model.cfg.n_layers, a.layers, a.every)
     if a.prompts < 0 or a.self_prompts < 0:
@@ -212,9 +239,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _add_model_args(p)
     p.set_defaults(func=cmd_info)
-    p = sub.add_parser("bench", help="measure decoding speed against transformers")
-    p.add_argument("suite", nargs="?", choices=["spec-bench", "ead"],
-                   help="spec-bench: every drafter, per category; ead: entropy-adaptive decoding, cost vs quality")
+    p = sub.add_parser("bench", help="measure decoding speed (against transformers, under load, across turns)")
+    p.add_argument("suite", nargs="?", choices=["spec-bench", "ead", "batch", "multiturn"],
+                   help="spec-bench: every drafter, per category; ead: entropy-adaptive decoding, cost vs quality; "
+                        "batch: continuous batching at several concurrency levels; multiturn: the prefix cache "
+                        "across chat turns")
+    p.add_argument("--concurrency", default="1,2,4,8,16", help="batch: concurrency levels")
+    p.add_argument("--requests", type=int, default=16, help="batch: questions per level")
+    p.add_argument("--rate", type=float, default=None, help="batch: also an open-loop run at this many requests/s")
+    p.add_argument("--no-prefix-cache", action="store_true", help="batch: every request reads its whole prompt")
+    p.add_argument("--repeats", type=int, default=1, help="batch: runs per level, levels up then down (pooled)")
+    p.add_argument("--chats", type=int, default=4, help="multiturn: chats")
+    p.add_argument("--turns", type=int, default=5, help="multiturn: turns per chat")
     p.add_argument("--quick", action="store_true", help="first 10 Spec-Bench questions, 128 new tokens")
     p.add_argument("--small", default="early-exit", help="ead: the small model (early-exit[:L] or model:PATH)")
     p.add_argument("--taus", default="0,0.5,1,1.5,2,2.5,3,4,100", help="ead: thresholds to sweep, nats")

@@ -65,17 +65,20 @@ def forward_flops(model: Transformer, n_layers: int | None = None) -> float:
 
 
 class EntropyGate:
-    """`ead+verify` as a drafter: the small model drafts only while the schedule gives it the turn.
+    """`ead+verify`'s drafter: the small model drafts only while the schedule gives it the turn.
 
     Entropies go into the schedule one per produced token: the small model's for the draft
     tokens the large one accepted, the large model's for the token it wrote itself.
     """
 
     def __init__(self, inner: ModelDrafter, cfg: EAD):
-        self.inner, self.schedule = inner, Schedule(cfg)
+        self.inner, self.cfg, self.schedule = inner, cfg, Schedule(cfg)
         self.name, self.length = f"ead+verify:{inner.name}", inner.length
         inner.track_entropy = True
         self.drafted = 0
+
+    def fork(self) -> "EntropyGate":
+        return EntropyGate(self.inner.fork(), self.cfg)
 
     def reset(self, prompt: list[int]) -> None:
         self.inner.reset(prompt)
@@ -92,15 +95,3 @@ class EntropyGate:
         self.schedule.push(entropy(target_logits[verdict.accepted]))
         if self.drafted:  # otherwise the small model sat this step out; it catches up when drafting again
             self.inner.observe(verdict, target_logits)
-
-    def account(self, stats: dict, prompt_len: int, target: Transformer) -> None:
-        """EAD's cost report for a verified run: the small model produced the draft tokens the large
-        one accepted, the large model every other token. Compute counts every token each model
-        read, the large model's whole drafts included, against the large model alone reading the
-        prompt and the output (as the lossy strategy counts it)."""
-        large = forward_flops(target)
-        small = forward_flops(self.inner.model, self.inner.n_layers)
-        scored = stats["target_forwards"] + stats["proposed"]  # each forward: the last token and the draft
-        stats.update(small_tokens=stats["accepted"], large_tokens=stats["target_forwards"],
-                     flops=large * (prompt_len - 1 + scored) + small * self.inner.read,
-                     large_only_flops=large * (prompt_len - 1 + stats["accepted"] + stats["target_forwards"]))

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from .hub import atomic_file, home
 from .model import Transformer
 
-SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 65)  # up to a full 64-node tree and its root
 CONTEXT = 256  # a typical prompt + answer length for the benchmark's questions
 
 
@@ -55,16 +55,16 @@ def measure(model: Transformer, sizes=SIZES, reps: int = 3) -> CostModel:
     ctx = min(CONTEXT, model.cfg.max_seq_len - max(sizes) - 1)
     cache = model.new_cache(1, ctx + max(sizes) + 1)
     g = torch.Generator().manual_seed(0)
-    model(torch.randint(0, model.cfg.vocab_size, (1, ctx), generator=g), cache)
+    model.run(torch.randint(0, model.cfg.vocab_size, (ctx,), generator=g), cache, logits_from=None)
     seconds = []
     for n in tqdm(sizes, desc="measuring forward cost", leave=False):
-        tokens = torch.randint(0, model.cfg.vocab_size, (1, n), generator=g)
-        parents = [-1] + [(i - 1) // 2 for i in range(1, n)]
+        tokens = torch.randint(0, model.cfg.vocab_size, (n,), generator=g)
+        parents = [(i - 1) // 2 for i in range(1, n)]  # a binary tree below the first token
         times = []
         for _ in range(reps + 1):
-            cache.rollback(ctx)
+            cache.rollback(0, ctx)
             t0 = time.perf_counter()
-            model(tokens, cache, parents=parents)
+            model.run(tokens, cache, parents=parents)
             if model.device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)

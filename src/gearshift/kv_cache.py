@@ -1,8 +1,14 @@
-"""The one KV cache every model uses: preallocated, left-padded for batches, rolled back in O(1).
+"""The one KV cache every model uses: a fixed number of slots, one sequence each, with its own length.
 
-Speculative decoding writes keys/values for draft tokens and then keeps only the accepted ones;
-because the buffers are static, rolling back is just moving `length` back, and keeping one path
-of a token tree is one gather per buffer.
+Layout [layers, slots, positions, kv heads, head dim]: a slot's entries for one layer are one
+contiguous run, every row of a step is written with one `index_copy_` per layer, and attention
+reads a slot's first n positions as a view. Buffers are allocated with `torch.empty`, so a slot
+costs memory only for the positions that have been written (the operating system maps untouched
+pages lazily on a CPU).
+
+Speculative decoding writes entries for draft tokens and then keeps only the accepted ones:
+rolling back is moving a slot's length back, keeping one path of a token tree is one gather.
+A finished sequence's entries stay in its slot: the prefix cache (`prefix_cache.py`) reuses them.
 """
 
 from __future__ import annotations
@@ -11,39 +17,61 @@ import torch
 
 
 class KVCache:
-    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
+    def __init__(self, n_layers: int, slots: int, n_kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str):
-        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (n_layers, slots, max_len, n_kv_heads, head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
         self.max_len = max_len
-        self.length = 0
-        # per row: how many left-padding slots precede the row's first real token
-        self.pad = torch.zeros(batch, dtype=torch.long, device=device)
+        self.lengths = [0] * slots  # positions of each slot that hold valid entries
+        # views made once: per layer, every slot's rows for writes, and each slot as [1, kv heads, positions, D]
+        # (4-D: the shape scaled_dot_product_attention's fused CPU kernel takes; 3-D falls back to a slow path)
+        self.rows = [(self.k[i].view(-1, n_kv_heads, head_dim), self.v[i].view(-1, n_kv_heads, head_dim))
+                     for i in range(n_layers)]
+        self.heads = [[(self.k[i, s].transpose(0, 1)[None], self.v[i, s].transpose(0, 1)[None]) for s in range(slots)]
+                      for i in range(n_layers)]
 
     @property
-    def batch(self) -> int:
+    def slots(self) -> int:
         return self.k.shape[1]
 
-    def reset(self, pad: torch.Tensor | None = None) -> None:
-        self.length = 0
-        self.pad = torch.zeros_like(self.pad) if pad is None else pad.to(self.pad.device)
+    @property
+    def bytes_per_token(self) -> int:
+        """Keys and values of one position, every layer."""
+        return 2 * self.k[:, 0, 0].numel() * self.k.element_size()
 
-    def rollback(self, position: int) -> None:
-        """Forget everything from `position` on (e.g. rejected draft tokens)."""
-        if not 0 <= position <= self.length:
-            raise ValueError(f"cannot roll back to {position}: cache holds {self.length} positions")
-        self.length = position
+    def rollback(self, slot: int, position: int) -> None:
+        """Forget everything of `slot` from `position` on (e.g. rejected draft tokens)."""
+        if not 0 <= position <= self.lengths[slot]:
+            raise ValueError(f"cannot roll back to {position}: slot {slot} holds {self.lengths[slot]} positions")
+        self.lengths[slot] = position
 
-    def keep(self, start: int, nodes: list[int]) -> None:
-        """After scoring a token tree at `start`: move the accepted path's entries (node indices,
-        root first) into place and forget the rest."""
+    def keep(self, slot: int, start: int, nodes: list[int]) -> None:
+        """After scoring a token tree whose root sits at `start`: move the accepted path's entries
+        (node indices, root first) into place and forget the rest."""
         if nodes != list(range(len(nodes))):
             src = torch.tensor(nodes, device=self.k.device) + start
             end = start + len(nodes)
-            self.k[:, :, :, start:end] = self.k[:, :, :, src]
-            self.v[:, :, :, start:end] = self.v[:, :, :, src]
-        self.rollback(start + len(nodes))
+            self.k[:, slot, start:end] = self.k[:, slot, src]
+            self.v[:, slot, start:end] = self.v[:, slot, src]
+        self.rollback(slot, start + len(nodes))
+
+    def copy(self, src: int, dst: int, n: int, start: int = 0) -> None:
+        """Give slot `dst` positions start..n of slot `src` (a prefix shared by two sequences;
+        `dst` already holds the positions before `start`)."""
+        self.k[:, dst, start:n] = self.k[:, src, start:n]
+        self.v[:, dst, start:n] = self.v[:, src, start:n]
+        self.lengths[dst] = n
+
+    def save(self, slot: int, n: int, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """A copy of the first n positions of `slot`, in host memory by default."""
+        return self.k[:, slot, :n].to(device, copy=True), self.v[:, slot, :n].to(device, copy=True)
+
+    def load(self, slot: int, k: torch.Tensor, v: torch.Tensor, n: int) -> None:
+        """Put the first n positions of a saved copy back into `slot`."""
+        self.k[:, slot, :n] = k[:, :n]
+        self.v[:, slot, :n] = v[:, :n]
+        self.lengths[slot] = n
 
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes

@@ -22,7 +22,7 @@ import torch
 
 from . import hub
 from .errors import GearshiftError
-from .model import FORMATS, ModelConfig, Transformer, interleave_rope_rows, rope_inv_freq
+from .model import FORMATS, ExitHead, ModelConfig, Transformer, interleave_rope_rows, rope_inv_freq
 from .tokenizer import Tokenizer
 
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -320,3 +320,18 @@ def load(model: str | Path | None = None, device: str | None = None, weights: st
                                                         "quantization": ck.quantization}))
             hub.commit_dir(tmp, cache_dir)
     return Loaded(_finish(m, dev), tok, path, ck.quantization, time.perf_counter() - t0, False)
+
+
+def load_exit_head(path: Path, target_path: Path, model: Transformer) -> tuple[int, ExitHead]:
+    """(layers, head) of an exit trained by `gearshift distill --early-exit` for the model at `target_path`."""
+    from safetensors.torch import load_file
+    try:
+        meta = json.loads((path / "config.json").read_text())["gearshift_exit"]
+        state = load_file(str(path / "exit.safetensors"))
+    except (OSError, ValueError, KeyError) as e:
+        raise GearshiftError(f"{path} is not an early-exit head from gearshift distill --early-exit: {e}") from None
+    if Path(meta["base"]).resolve() != Path(target_path).resolve():
+        raise GearshiftError(f"{path} was trained for {meta['base']}, not {target_path}")
+    head = ExitHead(model.cfg.dim, model.cfg.norm_eps, meta["rank"])
+    head.load_state_dict(state)
+    return meta["layers"], head.to(model.device).eval().requires_grad_(False)

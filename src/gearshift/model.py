@@ -9,16 +9,19 @@ fast on a CPU: decoding streams every weight once per token, so fewer bytes mean
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import attention
+from .attention import Batch, Segment
 from .kv_cache import KVCache
 
 FORMATS = ("float32", "bfloat16", "float16", "int8", "int4")
-ROW_EXACT = 16  # forwards of at most this many tokens attend row by row (see Transformer.forward)
 GROUP = 32  # int4 group size: the block size of GGUF's 4-bit formats, so Q4_0/Q4_1 map onto it
 
 
@@ -181,10 +184,13 @@ def interleave_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-    """x: [B, S, heads, D] with interleaved pairs; rot: [B, S, 1, D/2] complex."""
+    """x: [tokens, heads, D] with interleaved pairs; rot: [tokens, 1, D/2] complex."""
     xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
     y = torch.view_as_real(xc * rot).flatten(-2)
     return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class Block(nn.Module):
@@ -199,48 +205,15 @@ class Block(nn.Module):
         self.gate_up = Linear(cfg.dim, 2 * cfg.hidden_dim, fmt, bias=cfg.mlp_bias)
         self.down = Linear(cfg.hidden_dim, cfg.dim, fmt, bias=cfg.mlp_bias)
 
-    def forward(self, x, b: int, s: int, layer: int, cache: KVCache, start: int, rot, mask, paths):
-        """x: [b * s, dim]: activations stay 2-D between blocks, as the linear kernels take them."""
-        cfg = self.cfg
+    def forward(self, x: torch.Tensor, rot: torch.Tensor, attend: Attend) -> torch.Tensor:
+        """x: [tokens, dim]: activations stay 2-D between blocks, as the linear kernels take them.
+        `attend(q, k, v)` ([tokens, heads, D] each) is the attention: cached or causal (`attention`)."""
+        cfg, t = self.cfg, x.shape[0]
         qk, v = self.qkv(self.attn_norm(x)).split(
             [(cfg.n_heads + cfg.n_kv_heads) * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim], dim=-1)
-        qk = apply_rope(qk.view(b, s, cfg.n_heads + cfg.n_kv_heads, cfg.head_dim), rot).transpose(1, 2)
-        q, k = qk[:, :cfg.n_heads], qk[:, cfg.n_heads:]
-        v = v.view(b, s, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-        end = start + s
-        gqa = cfg.n_heads != cfg.n_kv_heads
-        if cache is None:  # training: whole sequences, nothing cached (autograd and in-place writes don't mix)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-            return self._rest(x, y, b, s)
-        keys, values = cache.k[layer], cache.v[layer]
-        keys[:, :, start:end] = k
-        values[:, :, start:end] = v
-        if mask is None:  # row-exact: each row exactly as a one-token decode step computes it
-            rows, laid = [], list(range(s))  # laid: which node's entries sit at start, start + 1, ...
-            for i in range(s):
-                n = start + i + 1
-                if paths is not None:  # lay the row's ancestors out after the prefix, as plain decoding has them
-                    path = paths[i]
-                    d = next((j for j, (a, node) in enumerate(zip(laid, path)) if a != node), len(path))
-                    if d < len(path):
-                        idx = torch.tensor(path[d:], device=x.device)
-                        keys[:, :, start + d:start + len(path)] = k[:, :, idx]
-                        values[:, :, start + d:start + len(path)] = v[:, :, idx]
-                        laid[d:len(path)] = path[d:]
-                    n = start + len(path)
-                rows.append(F.scaled_dot_product_attention(q[:, :, i:i + 1], keys[:, :, :n], values[:, :, :n],
-                                                           enable_gqa=gqa))
-            if laid != list(range(s)):  # leave the entries in node order for the caller to compact
-                keys[:, :, start:end] = k
-                values[:, :, start:end] = v
-            y = rows[0] if s == 1 else torch.cat(rows, dim=2)
-        else:
-            y = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=mask, enable_gqa=gqa)
-        return self._rest(x, y, b, s)
-
-    def _rest(self, x, y, b: int, s: int):
-        """Attention output projection and the MLP, both residual."""
-        x = x + self.o(y.transpose(1, 2).reshape(b * s, -1))
+        qk = apply_rope(qk.view(t, cfg.n_heads + cfg.n_kv_heads, cfg.head_dim), rot)
+        y = attend(qk[:, :cfg.n_heads], qk[:, cfg.n_heads:], v.view(t, cfg.n_kv_heads, cfg.head_dim))
+        x = x + self.o(y.reshape(t, -1))
         gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
 
@@ -261,73 +234,53 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.embed.device
 
-    def new_cache(self, batch: int = 1, max_len: int | None = None, n_layers: int | None = None) -> KVCache:
+    def new_cache(self, slots: int = 1, max_len: int | None = None, n_layers: int | None = None) -> KVCache:
         c = self.cfg
-        return KVCache(n_layers or c.n_layers, batch, c.n_kv_heads, max_len or c.max_seq_len, c.head_dim,
+        return KVCache(n_layers or c.n_layers, slots, c.n_kv_heads, max_len or c.max_seq_len, c.head_dim,
                        self.dtype, self.device)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None, last_only: bool = False,
-                n_layers: int | None = None, parents: list[int] | None = None, hidden: bool = False) -> torch.Tensor:
-        """Run `tokens` [B, S] after the cache's `length` positions; return logits (float32).
+    def _rotation(self, positions: torch.Tensor) -> torch.Tensor:
+        freqs = positions[:, None].float() * self.inv_freq  # [tokens, D/2]
+        return torch.polar(torch.ones_like(freqs), freqs)[:, None]
 
-        Up to ROW_EXACT unpadded tokens are attended row by row, so scoring k tokens in one pass
-        gives bitwise the logits of k one-token steps (the packed kernels are row-independent too):
-        that is what makes greedy speculative decoding token-identical to plain decoding.
+    def forward(self, batch: Batch, cache: KVCache, n_layers: int | None = None, hidden: bool = False) -> torch.Tensor:
+        """Run a batch of segments, each appended to its cache slot; return the logits (float32) of
+        the rows the segments ask for, in segment order ([rows, vocab]).
 
-        `parents` makes the tokens a tree (one row, nodes in topological order, parents[0] = -1):
-        node i sits at position length + depth(i) and sees the prefix and its own ancestors,
-        laid out just as plain decoding would have them, so trees are exact as well. The cache
-        then holds the nodes in node order; `KVCache.keep` compacts the accepted path.
-
+        Every row is computed exactly as a one-token step would compute it (`attention.cached`),
+        so how rows are grouped into forwards never changes a result.
         `n_layers` stops after that many blocks (the early-exit sub-model the speculative drafters
-        use): the final norm and LM head are shared, so the sub-model costs no extra weights.
-        `hidden` returns the last block's output [B, S, dim] instead (training picks its rows).
-        Without a cache the forward is a training one: whole unpadded sequences, causal attention.
+        use: the final norm and LM head are shared, so it costs no extra weights); `hidden`
+        returns the last block's output for those rows instead.
         """
-        b, s = tokens.shape
-        dev = tokens.device
-        start = cache.length if cache is not None else 0
-        end = start + s
-        paths, mask = tree_paths(parents) if parents is not None else None, None
-        pos = torch.arange(start, end, device=dev) if paths is None else \
-            torch.tensor([start + len(p) - 1 for p in paths], device=dev)  # a tree node's position: its depth
-        pos = pos[None, :].expand(b, s)  # [B, S]
-        if cache is None:
-            if parents is not None or last_only:
-                raise ValueError("a forward without a cache runs whole sequences (training)")
-        else:
-            if end > cache.max_len:
-                raise ValueError(f"sequence of {end} tokens exceeds the cache ({cache.max_len})")
-            pos = (pos - cache.pad[:, None]).clamp(min=0)
-            if parents is None and (s > ROW_EXACT or bool(cache.pad.any())):
-                keys = torch.arange(end, device=dev)[None, None, :]
-                query = torch.arange(start, end, device=dev)[None, :, None]
-                # causal, not into the row's left padding; a padding query sees itself so no row is empty
-                mask = ((keys <= query) & (keys >= cache.pad[:, None, None])) | (keys == query)
-                mask = mask[:, None]  # [B, 1, S, end]
-            elif parents is not None and (b != 1 or bool(cache.pad.any())):
-                raise ValueError("a token tree needs one unpadded row")
-        freqs = pos[..., None].float() * self.inv_freq  # [B, S, D/2]
-        rot = torch.polar(torch.ones_like(freqs), freqs)[:, :, None]
-        x = F.embedding(tokens.reshape(-1), self.embed)
+        x = F.embedding(batch.tokens, self.embed)
+        rot = self._rotation(batch.positions)
         for i, layer in enumerate(self.layers[:n_layers]):
-            x = layer(x, b, s, i, cache, start, rot, mask, paths)
-        if cache is not None:
-            cache.length = end
-        x = x.view(b, s, -1)
-        if hidden:
-            return x
-        if last_only:
-            x = x[:, -1:]
-            s = 1
-        return self.lm_head(self.norm(x.reshape(b * s, -1))).view(b, s, -1).float()
+            x = layer(x, rot, partial(attention.cached, cache=cache, layer=i, batch=batch))
+        batch.advance(cache)
+        if batch.out is not None:
+            if not len(batch.out):  # nothing asked for (a prefill chunk): skip the LM head
+                return x[:0] if hidden else x.new_empty(0, self.cfg.vocab_size, dtype=torch.float32)
+            x = x[batch.out]
+        return x if hidden else self.logits(x)
 
+    def run(self, tokens: list[int] | torch.Tensor, cache: KVCache, slot: int = 0, parents: list[int] | None = None,
+            logits_from: int | None = 0, n_layers: int | None = None, hidden: bool = False) -> torch.Tensor:
+        """One segment: `tokens` appended to `slot`; the logits of rows from `logits_from` on."""
+        tokens = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
+        seg = Segment(slot, tokens, parents, logits_from)
+        return self(Batch([seg], cache), cache, n_layers=n_layers, hidden=hidden)
 
-def tree_paths(parents: list[int]) -> list[list[int]]:
-    """Root-to-node index paths of a tree given as parent indices in topological order."""
-    paths: list[list[int]] = []
-    for i, par in enumerate(parents):
-        if (i == 0) != (par == -1) or par >= i:
-            raise ValueError("tree nodes must come in topological order with one root first")
-        paths.append([0] if i == 0 else paths[par] + [i])
-    return paths
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head: hidden states [rows, dim] to float32 logits."""
+        return self.lm_head(self.norm(h)).float()
+
+    def forward_train(self, tokens: torch.Tensor, n_layers: int | None = None) -> torch.Tensor:
+        """Training: whole unpadded sequences [B, S], causal attention, nothing cached; returns the
+        last block's output [B, S, dim] (training picks the rows it needs and applies `logits`)."""
+        b, s = tokens.shape
+        x = F.embedding(tokens.reshape(-1), self.embed)
+        rot = self._rotation(torch.arange(s, device=tokens.device).repeat(b))
+        for layer in self.layers[:n_layers]:
+            x = layer(x, rot, partial(attention.causal, b=b, s=s))
+        return x.view(b, s, -1)

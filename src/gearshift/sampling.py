@@ -24,6 +24,7 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    logprobs: int | None = None  # per generated token: its log-probability and the top-N alternatives
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -36,6 +37,8 @@ class SamplingParams:
             (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}"),
             (self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+            (self.logprobs is None or (isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool)
+                                       and self.logprobs >= 0), f"logprobs must be an integer >= 0, got {self.logprobs!r}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -72,6 +72,35 @@ class Tokenizer:
     def eos_id(self) -> int | None:
         return self.token_id(self.eos_token)
 
+    @cached_property
+    def _byte_decoder(self) -> dict[str, int] | None:
+        """GPT-2 style byte-level BPE spells raw bytes as printable characters; this maps them back."""
+        if (json.loads(self.backend.to_str()).get("decoder") or {}).get("type") != "ByteLevel":
+            return None
+        printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+        chars, n = list(printable), 0
+        for b in range(256):
+            if b not in printable:
+                printable.append(b)
+                chars.append(256 + n)
+                n += 1
+        return {chr(c): b for b, c in zip(printable, chars)}
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes a token stands for (a token can hold part of a UTF-8 character)."""
+        piece = self.backend.id_to_token(token_id)
+        if piece is None:
+            return b""
+        dec = self._byte_decoder
+        if dec is not None and all(c in dec for c in piece):
+            return bytes(dec[c] for c in piece)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # SentencePiece byte fallback
+            try:
+                return bytes([int(piece[3:5], 16)])
+            except ValueError:
+                pass
+        return piece.replace("\u2581", " ").encode("utf-8")
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 

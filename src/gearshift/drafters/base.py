@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -51,6 +51,12 @@ class Drafter(Protocol):
     name: str
     length: "DraftLength"
 
+    def fork(self) -> "Drafter":
+        """A drafter for one more sequence: its own per-sequence state (context index, draft KV
+        cache, draft length), sharing what is learned across sequences (Token Recycling's matrix,
+        tree acceptance rates). The engine forks the drafter a request names once per sequence,
+        so sequences decoded side by side never see each other's context."""
+
     def reset(self, prompt: list[int]) -> None:
         """A new sequence starts with `prompt`."""
 
@@ -67,6 +73,9 @@ class DraftLength:
     k: int = 4
     k_min: int = 1
     k_max: int = 8
+
+    def fresh(self) -> "DraftLength":
+        return replace(self)
 
     def update(self, proposed: int, accepted: int) -> None:
         if proposed == 0:

@@ -27,6 +27,9 @@ class LookupDrafter:
         self.length = DraftLength(k=k_max, k_min=1, k_max=k_max)
         self.reset([])
 
+    def fork(self) -> "LookupDrafter":
+        return LookupDrafter(self.min_n, self.max_n, self.length.k_max, self.per_match_token)
+
     def reset(self, prompt: list[int]) -> None:
         self.index: list[dict[tuple, int]] = [dict() for _ in range(self.max_n + 1)]
         self.indexed = 0  # n-grams ending before this position are in the index

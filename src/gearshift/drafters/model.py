@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kv_cache import KVCache
 from ..model import ExitHead, Transformer
 from ..sampling import SamplingParams, entropy, probs
 from .base import DraftLength, Proposal, Verdict
@@ -23,27 +24,38 @@ class ModelDrafter:
         self.head = head  # a trained exit (gearshift distill --early-exit) instead of the final norm
         self.confidence = confidence
         self.length = DraftLength(k=4, k_min=1, k_max=k_max)
-        self.cache = None
+        self.cache: KVCache | None = None
         self.base = 0
         self.track_entropy = False  # entropy-adaptive decoding reads the draft's entropies
         self.entropies: list[float] = []
         self.read = 0  # tokens the draft model has run since reset: its compute, for EAD's report
 
+    def fork(self) -> "ModelDrafter":
+        """The same draft model (weights shared) with a KV cache of its own, made at `reset`."""
+        other = ModelDrafter(self.model, self.target_vocab, self.name, self.n_layers, self.confidence,
+                             self.length.k_max, self.head)
+        other.length, other.track_entropy = self.length.fresh(), self.track_entropy
+        return other
+
     def reset(self, prompt: list[int]) -> None:
         need = min(self.model.cfg.max_seq_len, len(prompt) + 4096)
         if self.cache is None or self.cache.max_len < need:
             self.cache = self.model.new_cache(1, need, n_layers=self.n_layers)
-        self.cache.reset()
+        self.cache.rollback(0, 0)
         self.read = 0
+
+    @property
+    def cached(self) -> int:
+        """Context tokens the draft model has read."""
+        return self.cache.lengths[0]
 
     def logits(self, tokens: list[int]) -> torch.Tensor:
         """Feed `tokens` after the cached ones; the next-token logits, in the target's vocabulary."""
-        x = torch.tensor([tokens], device=self.model.device)
         self.read += len(tokens)
         if self.head is None:
-            logits = self.model(x, self.cache, last_only=True, n_layers=self.n_layers)[0, -1]
+            logits = self.model.run(tokens, self.cache, logits_from=len(tokens) - 1, n_layers=self.n_layers)[0]
         else:
-            h = self.model(x, self.cache, n_layers=self.n_layers, hidden=True)[0, -1:]
+            h = self.model.run(tokens, self.cache, logits_from=len(tokens) - 1, n_layers=self.n_layers, hidden=True)
             logits = self.model.lm_head(self.head(h))[0].float()
         v = self.target_vocab  # align vocabularies: ids the target lacks are never proposed
         if logits.shape[-1] >= v:
@@ -55,7 +67,7 @@ class ModelDrafter:
         self.base = len(context)
         if len(context) + k >= self.cache.max_len:
             return Proposal([])
-        logits = self.logits(context[self.cache.length:])
+        logits = self.logits(context[self.cached:])
         tokens, dists, self.entropies = [], [], []
         for i in range(k):
             q = probs(logits, params)
@@ -72,4 +84,4 @@ class ModelDrafter:
 
     def observe(self, verdict: Verdict, target_logits: torch.Tensor) -> None:
         # keep the context and the accepted draft tokens; the target's own token is fed next time
-        self.cache.rollback(min(self.cache.length, self.base + verdict.accepted))
+        self.cache.rollback(0, min(self.cached, self.base + verdict.accepted))

@@ -50,6 +50,9 @@ class Recycling:
         if path is not None and Path(path).exists():
             self.load(path)
 
+    def fork(self) -> "Recycling":
+        return self  # nothing per sequence: every sequence reads and grows the one matrix
+
     def reset(self, prompt: list[int]) -> None:
         pass  # the matrix carries over between sequences: that is the warm start
 

@@ -87,6 +87,12 @@ class Suffix:
         self.corpus = SuffixAutomaton(corpus) if corpus else None
         self.reset([])
 
+    def fork(self) -> "Suffix":
+        """Its own automaton over the new sequence's context; the corpus automaton is shared."""
+        other = Suffix(None, self.width, self.depth)
+        other.corpus = self.corpus
+        return other
+
     def reset(self, prompt: list[int]) -> None:
         self.sam = SuffixAutomaton()
 

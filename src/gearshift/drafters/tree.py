@@ -28,6 +28,9 @@ from .base import DraftLength, Proposal, Verdict
 class Grower(Protocol):
     name: str
 
+    def fork(self) -> "Grower":
+        """The grower for one more sequence (shared state stays shared)."""
+
     def reset(self, prompt: list[int]) -> None: ...
 
     def grow(self, context: list[int], limit: int) -> tuple[list[int], list[int], list]:
@@ -62,11 +65,15 @@ class AcceptanceStats:
 
 
 class TreeDrafter:
-    def __init__(self, name: str, growers: list[Grower], costs: CostModel | None = None, max_nodes: int = 64):
+    def __init__(self, name: str, growers: list[Grower], costs: CostModel | None = None, max_nodes: int = 64,
+                 stats: AcceptanceStats | None = None):
         self.name, self.growers, self.costs = name, growers, costs
         self.length = DraftLength(k=max_nodes, k_min=max_nodes, k_max=max_nodes)  # sized per step instead
-        self.stats = AcceptanceStats()
+        self.stats = stats or AcceptanceStats()  # shared by every fork: what each kind of node is worth
         self.last: tuple[list[int], list[int], list[list]] = ([], [], [])  # tokens (root first), parents, sources
+
+    def fork(self) -> "TreeDrafter":
+        return TreeDrafter(self.name, [g.fork() for g in self.growers], self.costs, self.length.k_max, self.stats)
 
     def reset(self, prompt: list[int]) -> None:
         for g in self.growers:

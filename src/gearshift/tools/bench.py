@@ -1,42 +1,24 @@
-"""Benchmarks, run side by side with the baselines in one process so ratios are meaningful."""
+"""Benchmarks of single-stream speed, run side by side with the baselines in one process so ratios
+are meaningful: `bench --quick`, `bench spec-bench`, `bench ead`. Each runs with the prefix cache
+off, so every method reads every prompt as a new user would (the methods take turns on the same
+questions)."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from . import hub
-from .errors import GearshiftError
-
-
-def data_dir() -> Path:
-    """The shared data folder: $GEARSHIFT_DATA, else ../shared/data next to the checkout."""
-    candidates = [os.environ.get("GEARSHIFT_DATA"), Path.cwd().parent / "shared" / "data",
-                  Path(__file__).resolve().parents[3] / "shared" / "data"]
-    for c in candidates:
-        if c and (Path(c) / "spec_bench" / "question.jsonl").exists():
-            return Path(c)
-    raise GearshiftError("Spec-Bench data not found: set GEARSHIFT_DATA to the folder holding spec_bench/question.jsonl")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The rows of a JSONL file; an unreadable file is a one-line error."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
-    except (OSError, ValueError) as e:
-        raise GearshiftError(f"cannot read {path}: {e}") from None
-
-
-def spec_bench_questions(limit: int | None = None) -> list[dict]:
-    rows = read_jsonl(data_dir() / "spec_bench" / "question.jsonl")
-    return rows[:limit] if limit else rows
+from .. import hub
+from ..errors import GearshiftError
+from ..ead import EAD
+from ..llm import LLM
+from ..loading import load
+from .data import data_dir, read_jsonl, spec_bench_questions
 
 
 def _time_engine(name: str, run, prompts: list) -> dict:
@@ -59,9 +41,6 @@ def _emit(results: dict, printer, plotter, json_path: str | None, plot_path: str
 
 def run_quick(model: str | None, n_questions: int = 10, max_new_tokens: int = 128, json_path: str | None = None,
               plot_path: str | None = None, with_transformers: bool = True, device: str | None = None) -> dict:
-    from .engine import LLM
-    from .loading import load
-
     path = hub.resolve_model(model)
     questions = spec_bench_questions(n_questions)
     t0 = time.perf_counter()
@@ -69,13 +48,13 @@ def run_quick(model: str | None, n_questions: int = 10, max_new_tokens: int = 12
     cold_s = time.perf_counter() - t0
     load(path, device=device)  # writes the conversion cache if missing
     warm = load(path, device=device)
-    llm = LLM(warm)
+    llm = LLM(warm, prefix_cache=False)
     prompts = [llm.encode([{"role": "user", "content": q["turns"][0]}]) for q in questions]
     results: dict = {"model": path.name, "max_new_tokens": max_new_tokens, "questions": len(prompts), "engines": {}}
     eng = results["engines"]
     eng["gearshift"] = _time_engine("gearshift", _ours(llm, None, max_new_tokens), prompts)
     eng["gearshift"].update(weights=llm.model.fmts, load_cold_s=cold_s, load_warm_s=warm.load_seconds)
-    exact = LLM(load(path, device=device, weights="float32"))
+    exact = LLM(load(path, device=device, weights="float32"), prefix_cache=False)
     eng["gearshift-float32"] = _time_engine("gearshift float32", _ours(exact, None, max_new_tokens), prompts)
     eng["gearshift-float32"]["weights"] = exact.model.fmts
     del exact
@@ -173,11 +152,8 @@ def run_spec_bench(model: str | None, per_category: int = 2, max_new_tokens: int
                    drafters: list[str] | None = None, json_path: str | None = None, plot_path: str | None = None,
                    with_transformers: bool = True, device: str | None = None) -> dict:
     """Every method on the same questions in one process; speedups are relative to our plain decoding."""
-    from .engine import LLM
-    from .loading import load
-
     path = hub.resolve_model(model)
-    llm = LLM(load(path, device=device))
+    llm = LLM(load(path, device=device), prefix_cache=False)
     questions = spec_bench_sample(per_category)
     prompts = [llm.encode([{"role": "user", "content": q["turns"][0]}]) for q in questions]
     names = drafters or ["lookup", "early-exit", "recycling", "suffix", "hybrid"] + ([f"model:{draft}"] if draft else [])
@@ -356,8 +332,8 @@ def mean_loglik(llm, prompt: list[int], output: list[int]) -> float:
     if not output:
         return 0.0
     ids = prompt + output
-    logits = llm.model(torch.tensor([ids], device=llm.device), llm.model.new_cache(1, len(ids)))[0]
-    logp = torch.log_softmax(logits[len(prompt) - 1:-1].float(), dim=-1)
+    logits = llm.model.run(ids, llm.model.new_cache(1, len(ids)), logits_from=len(prompt) - 1)[:-1]
+    logp = torch.log_softmax(logits.float(), dim=-1)
     return float(logp.gather(1, torch.tensor(output, device=llm.device)[:, None]).mean())
 
 
@@ -367,11 +343,7 @@ def run_ead(model: str | None, small: str = "early-exit", taus=EAD_TAUS, n_quest
     """Sweep tau: cost (large-model share, compute, tokens/s) against quality, each relative to the
     large model's own greedy answer. quality_retained is the loglik ratio (see the README).
     `verify` also runs ead+verify at each tau: the same schedule, lossless, so only its cost varies."""
-    from .ead import EAD
-    from .engine import LLM
-    from .loading import load
-
-    llm = LLM(load(hub.resolve_model(model), device=device))
+    llm = LLM(load(hub.resolve_model(model), device=device), prefix_cache=False)
     rows = gsm8k_eval(n_questions)
     prompts = [llm.encode([{"role": "user", "content": r["question"]}]) for r in rows]
     answers = [final_number(r["answer"].split("####")[-1]) for r in rows]

@@ -33,12 +33,11 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from .bench import read_jsonl
-from .errors import GearshiftError
-from .hub import atomic_file
-from .loading import Checkpoint, _unpermute, build_model, read_checkpoint
-from .model import ExitHead, Transformer, rope_inv_freq
-from .sampling import SamplingParams
+from ..errors import GearshiftError
+from ..hub import atomic_file
+from ..loading import Checkpoint, _unpermute, build_model, read_checkpoint
+from ..model import ExitHead, Transformer, rope_inv_freq
+from .data import read_jsonl
 
 SHARED = ("model.embed_tokens.weight", "lm_head.weight")
 
@@ -81,19 +80,20 @@ def gsm8k_prompts(path: Path, first: int, count: int) -> list[str]:
     return [r["question"] for r in rows[first:first + count]]
 
 
-@torch.inference_mode()
 def self_prompts(llm, n: int, seed: int = 0, max_tokens: int = 64, batch: int = 32) -> list[str]:
     """`n` distinct user requests sampled from the chat template's open user turn (Magpie, Xu et
     al. 2024): an instruction-tuned model continuing there writes the kind of request it was tuned
     on, so a general-purpose draft needs no other text, and no benchmark prompt is ever seen.
-    Requests cut off by `max_tokens` are dropped."""
+    Requests cut off by `max_tokens` are dropped. Each round asks for `batch` samples of the open
+    turn (`n` = batch: sample j is seeded with the round's seed + j)."""
     sentinel = "\x00"
     text = llm.tokenizer.apply_chat_template([{"role": "user", "content": sentinel}], add_generation_prompt=False)
     prefix = llm.tokenizer.encode(text[:text.index(sentinel)], add_special_tokens=False)
     out: list[str] = []
     bar = tqdm(total=n, desc="target writes training prompts", unit="prompt")
     for i in range(max(1, 10 * n // batch)):
-        for c in llm.generate([prefix] * batch, temperature=1.0, top_p=0.95, seed=seed + i, max_tokens=max_tokens):
+        for c in llm.generate(prefix, n=batch, temperature=1.0, top_p=0.95, seed=seed + i * batch,
+                              max_tokens=max_tokens):
             q = c.text.strip()
             if c.finish_reason == "stop" and len(q) >= 16 and q not in out and len(out) < n:
                 out.append(q)
@@ -108,36 +108,24 @@ def self_prompts(llm, n: int, seed: int = 0, max_tokens: int = 64, batch: int = 
 
 # ---------------------------------------------------------------- stage 1: the target writes the data
 
-@torch.inference_mode()
 def generate_data(llm, cfg: DistillConfig, prompts: list[str]) -> list[dict]:
-    """Greedy answers by the target, batch by batch, with its top-k logits at every answer position."""
+    """Greedy answers by the target through the public API, batch by batch, with its top-k
+    log-probabilities at every answer position (the soft targets: their softmax is the target's
+    top-k distribution)."""
     path = cfg.out / "data.pt"
     data: list[dict] = torch.load(path) if path.exists() else []
     todo = prompts[len(data):]
-    params = SamplingParams(max_tokens=cfg.max_new_tokens)
     chat = bool(llm.tokenizer.chat_template)
     top_k = min(cfg.top_k, llm.model.cfg.vocab_size)
     bar = tqdm(total=len(prompts), initial=len(data), desc="target writes training text", unit="answer")
     for b in range(0, len(todo), cfg.gen_batch):
-        batch = [llm.encode([{"role": "user", "content": q}] if chat else q) for q in todo[b:b + cfg.gen_batch]]
-        cache, nxt, budget = llm._prefill(batch, params)
-        answers = [[] for _ in batch]
-        tops = [[] for _ in batch]
-        done = [False] * len(batch)
-        for _ in range(budget):
-            logits = llm.model(nxt[:, None], cache)[:, -1]
-            top = logits.topk(top_k, dim=-1)
-            nxt = logits.argmax(-1)
-            for r, t in enumerate(nxt.tolist()):
-                if not done[r]:
-                    tops[r].append((top.values[r].half(), top.indices[r].int()))
-                    answers[r].append(t)
-                    done[r] = t in llm.eos_ids
-            if all(done):
-                break
-        for ids, ans, top in zip(batch, answers, tops):
-            data.append({"ids": torch.tensor(ids + ans, dtype=torch.int32), "start": len(ids),
-                         "top_values": torch.stack([v for v, _ in top]), "top_indices": torch.stack([i for _, i in top])})
+        batch = [[{"role": "user", "content": q}] if chat else q for q in todo[b:b + cfg.gen_batch]]
+        for prompt, c in zip(batch, llm.generate(batch, max_tokens=cfg.max_new_tokens, logprobs=top_k)):
+            ids = llm.encode(prompt)
+            tops = [lp.top_logprobs for lp in c.logprobs]
+            data.append({"ids": torch.tensor(ids + c.token_ids, dtype=torch.int32), "start": len(ids),
+                         "top_values": torch.tensor([[t.logprob for t in row] for row in tops]).reshape(-1, top_k).half(),
+                         "top_indices": torch.tensor([[t.id for t in row] for row in tops], dtype=torch.int32).reshape(-1, top_k)})
         with atomic_file(path) as f:
             torch.save(data, f)
         bar.update(len(batch))
@@ -187,7 +175,7 @@ def soft_cross_entropy(logits: torch.Tensor, batch: list[dict]) -> torch.Tensor:
 
 def distill_loss(model: Transformer, batch: list[dict]) -> torch.Tensor:
     """The draft's loss at every answer position."""
-    rows = _answer_rows(model(_tokens(batch), None, hidden=True), batch)
+    rows = _answer_rows(model.forward_train(_tokens(batch)), batch)
     return soft_cross_entropy(model.lm_head(model.norm(rows)), batch)
 
 
@@ -195,7 +183,7 @@ def exit_loss(target: Transformer, n_layers: int, head: ExitHead, lm_head: torch
               batch: list[dict]) -> torch.Tensor:
     """An exit head's loss: the target's own first blocks (frozen), then the head and the LM head."""
     with torch.no_grad():
-        rows = _answer_rows(target(_tokens(batch), None, n_layers=n_layers, hidden=True), batch)
+        rows = _answer_rows(target.forward_train(_tokens(batch), n_layers=n_layers), batch)
     return soft_cross_entropy(F.linear(head(rows), lm_head), batch)
 
 
@@ -290,22 +278,6 @@ def export_exit(head: ExitHead, n_layers: int, target_path: Path, out: Path) -> 
     save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, str(out / "exit.safetensors"))
     (out / "config.json").write_text(json.dumps({"gearshift_exit": {
         "base": str(target_path.resolve()), "layers": n_layers, "rank": head.a.shape[0]}}, indent=1))
-
-
-def load_exit(path: Path, llm) -> tuple[int, ExitHead]:
-    """(layers, head) of an exit trained by `gearshift distill --early-exit` for `llm`."""
-    from safetensors.torch import load_file
-    try:
-        meta = json.loads((path / "config.json").read_text())["gearshift_exit"]
-        state = load_file(str(path / "exit.safetensors"))
-    except (OSError, ValueError, KeyError) as e:
-        raise GearshiftError(f"{path} is not an early-exit head from gearshift distill --early-exit: {e}") from None
-    if Path(meta["base"]).resolve() != Path(llm.loaded.path).resolve():
-        raise GearshiftError(f"{path} was trained for {meta['base']}, not {llm.loaded.path}")
-    cfg = llm.model.cfg
-    head = ExitHead(cfg.dim, cfg.norm_eps, meta["rank"])
-    head.load_state_dict(state)
-    return meta["layers"], head.to(llm.device).eval().requires_grad_(False)
 
 
 def distill(llm, cfg: DistillConfig, early_exit: bool = False, rank: int = 32) -> dict:

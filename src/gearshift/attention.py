@@ -1,0 +1,178 @@
+"""Which rows see which cache entries, and how attention is computed: the one place for it.
+
+A forward runs a `Batch`: the rows of several `Segment`s (one per sequence, each for its own KV
+cache slot) flattened into one [tokens, dim] activation, so every linear layer runs once for all
+of them. Attention cannot be shared across sequences; it is computed here.
+
+The exactness policy is explicit: `cached` attends every row on its own, exactly as a one-token
+decode step attends its token (the row's query against its slot's first n entries). So a row's
+result depends only on its sequence's tokens up to it, never on how the work was cut: what else
+shares the step, how a prompt was chunked, or whether a prefix came from the prefix cache. With
+the row-independent packed int4/int8 kernels (`model.Linear`) that makes whole forwards exact:
+greedy output in a continuous batch, after a prefix-cache hit, or under speculative decoding is
+token for token the output of one sequence decoded alone. Two implementations keep that promise,
+and a process uses one of them throughout: the native kernel (`kernels.attend`, every row of a
+step in one call per layer, for float32 caches on a CPU) and, where it is unavailable, one
+PyTorch attention call per row. Batched attention over many rows (one masked call per sequence)
+rounds differently per chunking; it is only used by `causal`, the training forward, where
+nothing is cached.
+
+Token trees (speculative decoding) are rows too: a tree node sits at its depth below the root,
+and before it attends, its ancestors' entries are laid out after the prefix exactly as plain
+decoding of that path would have them; afterwards the entries are left in node order for
+`KVCache.keep` to compact the accepted path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import kernels
+from .kv_cache import KVCache
+
+
+@dataclass
+class Segment:
+    """Tokens for one cache slot, appended after the slot's current length.
+
+    With `parents`, the last len(parents) tokens are a tree below the token before them (the
+    root, itself a plain row): `parents` as in `Proposal.parents`, 0 = the root. Rows from
+    `logits_from` on return logits (None: no row does, e.g. a prefill chunk)."""
+    slot: int
+    tokens: list[int]
+    parents: list[int] | None = None
+    logits_from: int | None = None
+
+
+def tree_paths(parents: list[int]) -> list[list[int]]:
+    """Root-to-node index paths of a tree given as parent indices in topological order."""
+    paths: list[list[int]] = []
+    for i, par in enumerate(parents):
+        if (i == 0) != (par == -1) or par >= i:
+            raise ValueError("tree nodes must come in topological order with one root first")
+        paths.append([0] if i == 0 else paths[par] + [i])
+    return paths
+
+
+@dataclass
+class _Run:
+    """A segment as rows of the flat batch: where its rows start, where its entries go."""
+    slot: int
+    row: int  # first row of the segment in the batch
+    start: int  # cache position of its first token
+    n_plain: int  # rows attended as a chain (the root of a tree included)
+    paths: list[list[int]] | None  # tree: node paths, root (node 0) = the last plain row
+
+
+class Batch:
+    """Segments flattened for one forward: token ids, RoPE positions, cache write positions,
+    and the rows whose outputs are returned, all built once per step."""
+
+    def __init__(self, segments: list[Segment], cache: KVCache):
+        dev = cache.k.device
+        if len({s.slot for s in segments}) != len(segments):
+            raise ValueError("two segments of one batch write the same cache slot")
+        tokens, positions, write, out, runs = [], [], [], [], []
+        self.out_slices: list[slice] = []  # per segment: its rows in the output
+        for seg in segments:
+            start, row = cache.lengths[seg.slot], len(tokens)
+            n_tree = len(seg.parents) if seg.parents is not None else 0
+            n_plain = len(seg.tokens) - n_tree
+            if n_plain < 1 or not seg.tokens:
+                raise ValueError("a segment needs at least one token before its tree")
+            if start + len(seg.tokens) > cache.max_len:
+                raise ValueError(f"sequence of {start + len(seg.tokens)} tokens exceeds the cache ({cache.max_len})")
+            paths = tree_paths([-1] + list(seg.parents)) if n_tree else None
+            root = start + n_plain - 1
+            tokens += seg.tokens
+            positions += range(start, start + n_plain)
+            if paths:
+                positions += [root + len(p) - 1 for p in paths[1:]]  # a tree node's position: its depth
+            write += range(seg.slot * cache.max_len + start, seg.slot * cache.max_len + start + len(seg.tokens))
+            first = len(out)
+            if seg.logits_from is not None:
+                out += range(row + seg.logits_from, row + len(seg.tokens))
+            self.out_slices.append(slice(first, len(out)))
+            runs.append(_Run(seg.slot, row, start, n_plain, paths))
+        self.segments, self.runs = segments, runs
+        self.native = kernels.attend() if cache.k.device.type == "cpu" and cache.k.dtype == torch.float32 else None
+        if self.native is not None:
+            self.native_rows, self.native_extra = self._native_rows()
+        self.tokens = torch.tensor(tokens, device=dev)
+        self.positions = torch.tensor(positions, device=dev)
+        self.write = torch.tensor(write, device=dev)
+        self.out = None if len(out) == len(tokens) else torch.tensor(out, dtype=torch.long, device=dev)
+
+    def _native_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """For the native kernel: per row (slot, n, e0, e1): it attends positions 0..n-1 of its slot,
+        then extra[e0:e1] (a tree node's ancestors below the root, and itself, where they were written)."""
+        rows, extra = [], []
+        for run in self.runs:
+            rows += [(run.slot, run.start + i + 1, 0, 0) for i in range(run.n_plain)]
+            base = run.start + run.n_plain - 1
+            for path in (run.paths or [])[1:]:
+                rows.append((run.slot, base + 1, len(extra), len(extra) + len(path) - 1))
+                extra += [base + node for node in path[1:]]
+        return torch.tensor(rows, dtype=torch.long), torch.tensor(extra, dtype=torch.long)
+
+    def advance(self, cache: KVCache) -> None:
+        """Every segment's entries are written: its slot now holds them (trees in node order)."""
+        for seg, run in zip(self.segments, self.runs):
+            cache.lengths[seg.slot] = run.start + len(seg.tokens)
+
+
+def cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, layer: int,
+           batch: Batch) -> torch.Tensor:
+    """q [T, H, D], k/v [T, KVH, D] (RoPE applied): write k/v into the slots, attend every row exactly."""
+    rows_k, rows_v = cache.rows[layer]
+    rows_k.index_copy_(0, batch.write, k)
+    rows_v.index_copy_(0, batch.write, v)
+    if batch.native is not None:
+        return batch.native(q, cache.k[layer], cache.v[layer], batch.native_rows, batch.native_extra)
+    t, h, d = q.shape
+    kvh = k.shape[1]
+    qg = q.view(t, 1, kvh, h // kvh, d)  # a KV head's query heads as query rows: no GQA expansion
+    out = []
+    for run in batch.runs:
+        keys, values = cache.heads[layer][run.slot]  # [1, KVH, positions, D] views
+        for i in range(run.n_plain):
+            n = run.start + i + 1
+            out.append(F.scaled_dot_product_attention(qg[run.row + i], keys[:, :, :n], values[:, :, :n]))
+        if run.paths:
+            out += _tree_rows(qg, k, v, cache.k[layer, run.slot], cache.v[layer, run.slot], run, keys, values)
+    return torch.stack(out).view(t, h, d)
+
+
+def _tree_rows(qg, k, v, slot_keys, slot_values, run: _Run, keys, values) -> list[torch.Tensor]:
+    """Attend tree nodes 1.. (node 0, the root, was attended as a plain row): each sees the prefix
+    and its ancestors laid out after the root as plain decoding of its path has them."""
+    base = run.start + run.n_plain - 1  # the root's position; nodes were written at base + node
+    first = run.row + run.n_plain - 1  # the root's row
+    laid = list(range(len(run.paths)))  # which node's entries sit at base, base + 1, ...
+    rows = []
+    for node in range(1, len(run.paths)):
+        path = run.paths[node]
+        d = next((j for j, (a, b) in enumerate(zip(laid, path)) if a != b), len(path))
+        if d < len(path):
+            idx = torch.tensor(path[d:], device=k.device) + first
+            slot_keys[base + d:base + len(path)] = k[idx]
+            slot_values[base + d:base + len(path)] = v[idx]
+            laid[d:len(path)] = path[d:]
+        n = base + len(path)
+        rows.append(F.scaled_dot_product_attention(qg[first + node], keys[:, :, :n], values[:, :, :n]))
+    if laid != list(range(len(run.paths))):  # leave the entries in node order for the caller to compact
+        slot_keys[base:base + len(laid)] = k[first:first + len(laid)]
+        slot_values[base:base + len(laid)] = v[first:first + len(laid)]
+    return rows
+
+
+def causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: int, s: int) -> torch.Tensor:
+    """Training: whole sequences [b, s], nothing cached, one batched causal call (autograd-friendly)."""
+    _, h, d = q.shape
+    kvh = k.shape[1]
+    q, k, v = (x.view(b, s, -1, d).transpose(1, 2) for x in (q, k, v))
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=h != kvh)
+    return y.transpose(1, 2).reshape(b * s, h, d)

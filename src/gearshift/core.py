@@ -1,0 +1,187 @@
+"""The engine core: many sequences, one step loop.
+
+`add` turns a request into a sequence, `step` advances every running sequence by one step and
+returns what each produced, `abort` ends one at once (its slot is free for the next), and
+`has_work` says whether anything is left. A step, whatever strategies the sequences use:
+
+1. admit waiting sequences into free KV cache slots, each starting from the longest prefix of
+   its prompt already computed (`prefix_cache.py`);
+2. plan: every running sequence gets rows under the step's token budget (`scheduler.py`): the
+   tokens it has not read yet (a prompt chunk, a catch-up, the last token), and, once caught up,
+   the draft its strategy proposes (`strategies.py`);
+3. one target forward over all of those rows (`model.Transformer.forward`: linear layers once for
+   the whole batch, attention per row within each sequence's slot);
+4. each caught-up sequence's strategy verifies its rows and keeps what it accepts (the cache keeps
+   the accepted path, `KVCache.keep`); sequences that decode without the target (lossy EAD's small
+   turns) do so;
+5. new tokens go through stop rules and the detokenizer; finished sequences free their slot.
+
+Speculative sequences share the step with plain ones: a plain sequence brings one row, a
+speculative one its last token and its draft (a chain, or a tree whose nodes attend their own
+ancestors), and each is verified on its own slice of the batch's logits.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import torch
+
+from .attention import Batch
+from .errors import GearshiftError
+from .model import Transformer
+from .prefix_cache import PrefixCache
+from .scheduler import EngineConfig, Scheduler, Task
+from .sequence import Logprob, Request, Sequence, StepOutput
+from .tokenizer import Tokenizer
+
+
+class EngineCore:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, eos_ids: set[int],
+                 config: EngineConfig | None = None):
+        self.model, self.tokenizer, self.eos_ids = model, tokenizer, eos_ids
+        self.config = config or EngineConfig()
+        self.window = min(model.cfg.max_seq_len, self.config.max_model_len or model.cfg.max_seq_len)
+        self.cache = model.new_cache(self.config.max_num_seqs, self.window)
+        self.prefix = PrefixCache(self.cache, self.config.prefix_cache_bytes, self.config.prefix_cache)
+        self.scheduler = Scheduler(self.config, self.prefix, self.window)
+        self.seqs: dict[int, Sequence] = {}
+        self._ids = itertools.count()
+        self._ended: list[StepOutput] = []  # aborted sequences, reported by the next step
+
+    # ------------------------------------------------------------------ the interface
+
+    def check(self, request: Request) -> None:
+        """Refuse a request the engine cannot run, with a one-line reason."""
+        n = len(request.prompt)
+        if n == 0:
+            raise GearshiftError("the prompt is empty")
+        if n >= self.window:
+            raise GearshiftError(f"prompt is {n} tokens but the context window is {self.window}")
+
+    def add(self, request: Request) -> int:
+        """Queue a request; returns its sequence id. It starts at a step boundary, when a slot is free."""
+        self.check(request)
+        seq = Sequence(next(self._ids), request, self.tokenizer, self.window, self.model.device)
+        self.seqs[seq.id] = seq
+        self.scheduler.waiting.append(seq)
+        return seq.id
+
+    def abort(self, seq_id: int) -> None:
+        """End a sequence now (finish reason "abort"); its slot is free for the next step."""
+        seq = self.seqs.get(seq_id)
+        if seq is None:
+            return
+        seq.finish_reason = "abort"
+        out = StepOutput(seq.id, [], "")
+        self._finish(seq, out)
+        self._ended.append(out)
+
+    def has_work(self) -> bool:
+        return bool(self.scheduler.waiting or self.scheduler.running or self._ended)
+
+    @property
+    def running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        """Advance every running sequence by one step; the outputs of the sequences that moved."""
+        outputs, self._ended = self._ended, []
+        now = time.perf_counter()
+        for seq in self.scheduler.admit():
+            seq.stats.timing.admitted = now
+            seq.strategy = seq.request.strategy()
+            seq.strategy.start(seq)
+        tasks, alone = self.scheduler.plan()
+        if tasks:
+            batch = Batch([t.segment for t in tasks], self.cache)
+            t0 = time.perf_counter()
+            logits = self.model(batch, self.cache)
+            forward_s = time.perf_counter() - t0
+            for task, rows in zip(tasks, batch.out_slices):
+                if (out := self._accept(task, logits[rows], forward_s)) is not None:
+                    outputs.append(out)
+        for seq in alone:
+            tokens, logits = seq.strategy.decide(seq)
+            outputs.append(self._advance(seq, tokens, logits, list(range(len(tokens)))))
+        return outputs
+
+    # ------------------------------------------------------------------ one sequence's step
+
+    def _accept(self, task: Task, logits: torch.Tensor, forward_s: float) -> StepOutput | None:
+        seq = task.seq
+        seq.stats.work.target_rows += task.take + (len(task.proposal.tokens) if task.proposal else 0)
+        if task.proposal is None:  # a chunk of what it has to read: no tokens yet
+            seq.computed += task.take
+            return None
+        root = seq.computed + task.take - 1
+        verdict = seq.strategy.accept(seq, logits, task.proposal, forward_s)
+        nodes = [0] + [i + 1 for i in verdict.path]  # the rows each new token was chosen at
+        self.cache.keep(seq.slot, root, nodes)
+        seq.computed = root + len(nodes)
+        seq.stats.work.target_forwards += 1
+        return self._advance(seq, verdict.tokens, logits, nodes)
+
+    def _advance(self, seq: Sequence, tokens: list[int], logits: torch.Tensor, rows: list[int]) -> StepOutput:
+        """Append new tokens through the stop rules (token i was chosen from `logits[rows[i]]`)."""
+        stats, params = seq.stats, seq.params
+        stats.work.produced += len(tokens)
+        kept, text = [], ""
+        for t in tokens:
+            stats.work.consumed += 1
+            if t in self.eos_ids and not params.ignore_eos:
+                seq.finish_reason = "stop"
+                break
+            seq.tokens.append(t)
+            kept.append(t)
+            text += seq.text.push(t)
+            if seq.text.stopped:
+                seq.finish_reason = "stop"
+            elif seq.remaining <= 0:
+                seq.finish_reason = "length"
+            if seq.finish_reason:
+                break
+        stats.generated = len(seq.tokens) - seq.prompt_len
+        if stats.timing.first_token is None:
+            stats.timing.first_token = time.perf_counter()
+            stats.timing.first_step_tokens = len(kept)
+        out = StepOutput(seq.id, kept, text)
+        if seq.logprobs is not None and kept:
+            out.logprobs = self._logprobs(logits[rows[:len(kept)]], kept, params.logprobs)
+            seq.logprobs += out.logprobs
+        if seq.finish_reason:
+            self._finish(seq, out)
+        return out
+
+    def _finish(self, seq: Sequence, out: StepOutput) -> None:
+        seq.stats.timing.finished = time.perf_counter()
+        out.text += seq.text.flush()
+        if seq.strategy is not None:
+            seq.strategy.finish(seq)
+        self.scheduler.remove(seq)
+        del self.seqs[seq.id]
+        out.finish_reason = seq.finish_reason
+        out.completion = seq.completion()
+
+    def _logprobs(self, logits: torch.Tensor, tokens: list[int], top: int) -> list[Logprob]:
+        """The target's (or, for lossy EAD's small turns, the small model's) log-probabilities of the
+        chosen tokens and the `top` likeliest ones, from the raw logits (temperature 1, no top-k/p)."""
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        chosen = logp[torch.arange(len(tokens)), torch.tensor(tokens)].tolist()
+        tops = logp.topk(min(top, logp.shape[-1]), dim=-1) if top else None
+        out = []
+        for i, (t, lp) in enumerate(zip(tokens, chosen)):
+            alts = [] if tops is None else [self._entry(a, v) for a, v in
+                                            zip(tops.indices[i].tolist(), tops.values[i].tolist())]
+            out.append(self._entry(t, lp, alts))
+        return out
+
+    def _entry(self, token: int, logprob: float, top: list[Logprob] | None = None) -> Logprob:
+        raw = self.tokenizer.token_bytes(token)
+        return Logprob(token, raw.decode("utf-8", errors="replace"), logprob, list(raw), top or [])

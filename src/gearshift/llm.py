@@ -1,0 +1,155 @@
+"""The Python API: `LLM.generate` and `LLM.stream`, thin loops over the engine core.
+
+An `LLM` owns one `EngineCore` for its whole life, so its KV cache slots and prefix cache carry
+over between calls: the next turn of a chat, or another question about the same document, reads
+only what is new.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from .core import EngineCore
+from .drafters import Drafter, ModelDrafter
+from .ead import EAD
+from .errors import GearshiftError
+from .loading import Loaded, load as load_weights
+from .model import Transformer
+from .sampling import SamplingParams
+from .scheduler import EngineConfig
+from .sequence import Completion, Request
+from .strategies import make_drafter, strategy_factory
+from .tokenizer import Tokenizer
+
+Prompt = str | list[dict] | list[int]
+
+
+class Stream:
+    """Text deltas of one completion as it is generated; `completion` is set once it ends.
+    Leaving the loop early aborts the sequence and frees its slot."""
+
+    def __init__(self, core: EngineCore, request: Request):
+        core.check(request)
+        self.core, self.request = core, request
+        self.seq_id: int | None = None
+        self.completion: Completion | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        if self.seq_id is not None:
+            raise RuntimeError("a stream can be iterated once")
+        self.seq_id = self.core.add(self.request)  # added when read, so an unread stream holds no slot
+        try:
+            while self.completion is None:
+                for out in self.core.step():
+                    if out.seq_id != self.seq_id:
+                        continue
+                    if out.text:
+                        yield out.text
+                    self.completion = out.completion
+        finally:
+            if self.completion is None:
+                self.core.abort(self.seq_id)
+
+
+class LLM:
+    """A loaded model with its tokenizer and engine core: `generate` returns completions, `stream` yields text.
+
+    Engine options (`EngineConfig`): max_num_seqs, max_batched_tokens, max_model_len, prefix_cache,
+    prefix_cache_bytes."""
+
+    def __init__(self, loaded: Loaded, **engine: object):
+        self.loaded = loaded
+        self.model: Transformer = loaded.model
+        self.tokenizer: Tokenizer = loaded.tokenizer
+        self.eos_ids = set(self.model.cfg.eos_token_ids)
+        if self.tokenizer.eos_id is not None:
+            self.eos_ids.add(self.tokenizer.eos_id)
+        self.core = EngineCore(self.model, self.tokenizer, self.eos_ids, EngineConfig(**engine))
+        self._drafters: dict[str, Drafter] = {}
+
+    @property
+    def device(self):
+        return self.model.device
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Chat messages go through the chat template; a string is tokenized as is; ids pass through."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+            ids = self.tokenizer.encode_chat(prompt)
+        elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            ids = list(prompt)
+            if any(not 0 <= t < self.model.cfg.vocab_size for t in ids):
+                raise GearshiftError(f"token ids must be in [0, {self.model.cfg.vocab_size})")
+        else:
+            raise GearshiftError("a prompt is a string, a list of {'role', 'content'} messages, or a list of token ids")
+        if not ids:
+            raise GearshiftError("the prompt is empty")
+        return ids
+
+    def drafter(self, spec: str | Drafter | None) -> Drafter | None:
+        """A drafter by name ("lookup", "early-exit:L", "model:PATH", "auto", ...), built once and
+        reused (each sequence drafts with its own fork of it)."""
+        if spec is None or not isinstance(spec, str):
+            return spec
+        if spec not in self._drafters:
+            self._drafters[spec] = make_drafter(spec, self.model, self.tokenizer, Path(self.loaded.path))
+        return self._drafters[spec]
+
+    def requests(self, prompt: Prompt, drafter: str | Drafter | None = None, ead: EAD | None = None, n: int = 1,
+                 **params) -> list[Request]:
+        """The requests for one prompt: `n` samples, the j-th seeded with seed + j when a seed is given."""
+        p = SamplingParams(**params)
+        if not isinstance(n, int) or n < 1:
+            raise GearshiftError(f"n must be a positive integer, got {n!r}")
+        make = self._strategy(drafter, ead)
+        ids = self.encode(prompt)
+        return [Request(ids, p if p.seed is None or j == 0 else SamplingParams(**{**vars(p), "seed": p.seed + j}), make)
+                for j in range(n)]
+
+    def _strategy(self, drafter: str | Drafter | None, ead: EAD | None):
+        if ead is None:
+            return strategy_factory(self.model, self.drafter(drafter))
+        if drafter is not None:
+            raise GearshiftError("use a drafter or entropy-adaptive decoding, not both")
+        small = self.drafter(ead.small)
+        if not isinstance(small, ModelDrafter):
+            raise GearshiftError(f"ead needs a small model (early-exit[:L] or model:PATH), not {ead.small!r}")
+        return strategy_factory(self.model, ead=(small, ead))
+
+    def generate(self, prompt: Prompt | list[Prompt], drafter: str | Drafter | None = None, ead: EAD | None = None,
+                 n: int = 1, **params) -> Completion | list[Completion]:
+        """Complete one prompt, or several (a list of prompts), all decoded side by side.
+
+        With a drafter, decoding is speculative and lossless: greedy output is token-identical
+        to plain decoding, sampled output has the target's distribution. With `ead`, a small model
+        writes where it is sure (see `ead.py`): lossy, unless `ead.verify`. `n` > 1 returns n
+        completions per prompt. Every output is the one the prompt gets alone.
+        """
+        many = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], (str, list))
+        requests = [r for x in (prompt if many else [prompt]) for r in self.requests(x, drafter, ead, n, **params)]
+        ids = [self.core.add(r) for r in requests]
+        done: dict[int, Completion] = {}
+        try:
+            while len(done) < len(ids):
+                for out in self.core.step():
+                    if out.completion is not None:
+                        done[out.seq_id] = out.completion
+        finally:
+            for i in ids:
+                if i not in done:
+                    self.core.abort(i)
+        results = [done[i] for i in ids]
+        return results if many or n > 1 else results[0]
+
+    def stream(self, prompt: Prompt, drafter: str | Drafter | None = None, ead: EAD | None = None,
+               **params) -> Stream:
+        """Text deltas as they are generated; the finished Completion is then in `.completion`."""
+        request, = self.requests(prompt, drafter, ead, **params)
+        return Stream(self.core, request)
+
+
+def load(model: str | Path | None = None, device: str | None = None, weights: str = "auto", **engine) -> LLM:
+    """Load a model (None = the default SmolLM2-135M-Instruct, pulled on first use)."""
+    return LLM(load_weights(model, device=device, weights=weights), **engine)

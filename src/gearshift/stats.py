@@ -1,0 +1,98 @@
+"""Per-sequence numbers: one small dataclass per concern, added up where the work happens and
+exported in one place (`SequenceStats.as_dict`), which is what `Completion.metrics` shows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Timing:
+    """Wall-clock moments (time.perf_counter) in a sequence's life."""
+    arrival: float
+    admitted: float | None = None  # given a cache slot
+    first_token: float | None = None
+    finished: float | None = None
+    first_step_tokens: int = 0  # tokens that arrived with the first one (speculation can bring several)
+
+    @property
+    def queue_s(self) -> float:
+        return _span(self.arrival, self.admitted)
+
+    @property
+    def ttft_s(self) -> float:
+        return _span(self.arrival, self.first_token)
+
+    @property
+    def prefill_s(self) -> float:
+        """Admission to the first token: the prompt read in, and the first step."""
+        return _span(self.admitted, self.first_token)
+
+    @property
+    def decode_s(self) -> float:
+        return _span(self.first_token, self.finished)
+
+
+def _span(a: float | None, b: float | None) -> float:
+    return b - a if a is not None and b is not None else 0.0
+
+
+@dataclass
+class Work:
+    """What the target model did for the sequence."""
+    target_forwards: int = 0  # steps whose logits gave tokens: MAT's denominator (a prefill chunk is none)
+    target_rows: int = 0  # tokens the target read, the prompt included
+    produced: int = 0  # tokens the strategy produced, before a stop cut them
+    consumed: int = 0  # tokens taken from the model, the stopping EOS included
+
+
+@dataclass
+class Speculation:
+    proposed: int = 0
+    accepted: int = 0
+    draft_s: float = 0.0
+    verify_s: float = 0.0  # the steps' forward and verification (shared with the rest of the batch)
+
+
+@dataclass
+class EADCost:
+    """Entropy-adaptive decoding: who wrote the tokens, and the compute both models spent (every
+    token each one read) against the large model alone reading the prompt and the output."""
+    large_tokens: int = 0
+    small_tokens: int = 0
+    flops: float = 0.0
+    large_only_flops: float = 0.0
+
+
+@dataclass
+class SequenceStats:
+    timing: Timing
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
+    generated: int = 0
+    work: Work = field(default_factory=Work)
+    spec: Speculation | None = None  # speculative strategies only
+    ead: EADCost | None = None  # entropy-adaptive strategies only
+
+    def as_dict(self) -> dict:
+        t, w = self.timing, self.work
+        decode_tokens = self.generated - t.first_step_tokens
+        m = {"prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
+             "generated_tokens": self.generated, "queue_s": t.queue_s, "ttft_s": t.ttft_s,
+             "prefill_s": t.prefill_s, "decode_s": t.decode_s,
+             "tok_per_s": decode_tokens / t.decode_s if t.decode_s > 0 and decode_tokens > 0 else 0.0,
+             "target_forwards": w.target_forwards, "target_rows": w.target_rows,
+             # MAT, mean tokens per target forward: 1.0 for plain decoding, as in Spec-Bench
+             "mat": w.consumed / w.target_forwards if w.target_forwards else 0.0}
+        if self.spec is not None:
+            s = self.spec
+            m.update(proposed=s.proposed, accepted=s.accepted, draft_s=s.draft_s, verify_s=s.verify_s,
+                     acceptance_rate=s.accepted / s.proposed if s.proposed else 0.0)
+        if self.ead is not None:
+            e = self.ead
+            made = e.large_tokens + e.small_tokens
+            m.update(large_tokens=e.large_tokens, small_tokens=e.small_tokens,
+                     large_fraction=e.large_tokens / made if made else 0.0, flops=e.flops,
+                     large_only_flops=e.large_only_flops,
+                     relative_compute=e.flops / e.large_only_flops if e.large_only_flops else 0.0)
+        return m
