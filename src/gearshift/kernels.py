@@ -2,13 +2,17 @@
 
 `attend()` returns the exact attention op (`csrc/attention.cpp`): every row of a step in one call
 per layer, each row computed on its own with a fixed instruction order, so results never depend
-on how rows are grouped. Where it cannot be built or loaded (no compiler, another platform, a
-CUDA model, or GEARSHIFT_KERNELS=0) the engine falls back to attending row by row with PyTorch
-(`attention.py`), which is exact in the same sense; one process uses one of the two throughout.
+on how rows are grouped. `linear()` says whether the quantized matrix products
+(`csrc/linear.cpp`) are there; they unpack each weight block once for up to four rows, which is
+what keeps a k-token forward cheap. Where the library cannot be built or loaded (no compiler,
+another platform, a CUDA model, or GEARSHIFT_KERNELS=0) the engine falls back to PyTorch: row by
+row attention (`attention.py`) and PyTorch's packed int4/int8 kernels, exact in the same sense;
+one process uses one of the two throughout.
 
-The build takes ~20 s once per machine (it is keyed by the source, the compiler, PyTorch's
-version and the CPU's vector extensions) and lands under $GEARSHIFT_HOME/kernels by an atomic
-rename, so concurrent first runs cannot leave a half-written library behind.
+The build takes ~30 s once per machine, one compiler per source in parallel. It is keyed by the
+sources, the compiler, PyTorch's version and the CPU's vector extensions, and lands under
+$GEARSHIFT_HOME/kernels by an atomic rename, so concurrent first runs cannot leave a half-written
+library behind.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ import torch
 
 from .hub import home
 
-SOURCE = Path(__file__).parent / "csrc" / "attention.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("attention.cpp", "linear.cpp", "block.cpp")]
+HEADERS = [Path(__file__).parent / "csrc" / "simd.h"]
 _state: dict[str, object] = {}
 
 
@@ -36,52 +41,89 @@ def _cpu_flags() -> set[str]:
     return set(line.split(":", 1)[1].split())
 
 
-def _compile_command(out: Path) -> list[str]:
+def _commands(out: Path) -> tuple[list[list[str]], list[str]]:
+    """One compile command per source (run in parallel) and the link command."""
     from torch.utils import cpp_extension
 
-    flags = ["-mavx2", "-mfma"] if platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= _cpu_flags() else []
+    flags = (["-mavx2", "-mfma", "-mf16c"] if platform.machine() in ("x86_64", "AMD64")
+             and {"avx2", "fma", "f16c"} <= _cpu_flags() else [])
     lib = cpp_extension.library_paths()[0]
-    return ([os.environ.get("CXX", "c++"), "-O3", "-std=c++17", "-shared", "-fPIC", "-w", *flags,
-             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
-            + [f"-I{p}" for p in cpp_extension.include_paths()]
-            + [str(SOURCE), "-o", str(out), f"-L{lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}"])
+    cxx = os.environ.get("CXX", "c++")
+    # -fopenmp: ATen's parallel_for is a header template that runs on OpenMP; compiled without it,
+    # it silently runs on one thread (the process shares PyTorch's libgomp.so.1)
+    compile_flags = (["-O3", "-std=c++17", "-fPIC", "-fopenmp", "-w", *flags,
+                      f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+                     + [f"-I{p}" for p in cpp_extension.include_paths()])
+    objects = [out.with_name(f"{out.name}.{src.stem}.o") for src in SOURCES]
+    compiles = [[cxx, *compile_flags, "-c", str(src), "-o", str(obj)] for src, obj in zip(SOURCES, objects)]
+    link = [cxx, "-shared", "-fopenmp", *map(str, objects), "-o", str(out), f"-L{lib}", "-lc10", "-ltorch_cpu",
+            f"-Wl,-rpath,{lib}"]
+    return compiles, link
 
 
 def _library() -> Path:
     """The built library, building it first if this machine has none yet."""
-    probe = _compile_command(Path("out.so"))
+    compiles, link = _commands(Path("out.so"))
     try:
-        compiler = subprocess.run([probe[0], "--version"], capture_output=True, text=True, timeout=30).stdout
+        compiler = subprocess.run([link[0], "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.TimeoutExpired) as e:
         raise RuntimeError(f"no C++ compiler ({e})") from None
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, torch.__version__, platform.machine(),
-                                    " ".join(probe)]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\n".join([*(s.read_text() for s in SOURCES + HEADERS), compiler, torch.__version__,
+                                    platform.machine(), *(" ".join(c) for c in compiles)]).encode()).hexdigest()[:16]
     path = home() / "kernels" / f"gearshift-{key}.so"
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    print("gearshift: building the attention kernel (once per machine, ~20 s) ...", file=sys.stderr)
+    compiles, link = _commands(tmp)
+    print("gearshift: building the native kernels (once per machine, ~30 s) ...", file=sys.stderr)
     try:
-        proc = subprocess.run(_compile_command(tmp), capture_output=True, text=True, timeout=600)
+        procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for c in compiles]
+        for proc in procs:
+            _, err = proc.communicate(timeout=600)
+            if proc.returncode != 0:
+                raise RuntimeError((err.strip().splitlines() or ["compiler failed"])[-1])
+        proc = subprocess.run(link, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
-            raise RuntimeError((proc.stderr.strip().splitlines() or ["compiler failed"])[-1])
+            raise RuntimeError((proc.stderr.strip().splitlines() or ["linker failed"])[-1])
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+        for obj in tmp.parent.glob(f"{tmp.name}.*.o"):
+            obj.unlink(missing_ok=True)
     return path
 
 
-def attend():
-    """The native exact attention op, or None where it is unavailable (one notice, then silence)."""
-    if "attend" not in _state:
-        op = None
+def _load() -> bool:
+    """Build and load the library once per process; False (after one notice) where it cannot be."""
+    if "loaded" not in _state:
+        ok = False
         if os.environ.get("GEARSHIFT_KERNELS", "1") != "0":
             try:
                 torch.ops.load_library(str(_library()))
-                op = torch.ops.gearshift.attend
-            except Exception as e:  # anything: the PyTorch path is always there
-                print(f"gearshift: native attention unavailable, attending row by row in PyTorch ({e})",
-                      file=sys.stderr)
-        _state["attend"] = op
-    return _state["attend"]
+                ok = True
+            except Exception as e:  # anything: the PyTorch paths are always there
+                print(f"gearshift: native kernels unavailable, using PyTorch's ({e})", file=sys.stderr)
+        _state["loaded"] = ok
+    return bool(_state["loaded"])
+
+
+def version() -> str:
+    """What computes a forward in this process: the native library's source hash, or "pytorch"
+    (part of the key of anything measured, e.g. the forward-cost curve)."""
+    return hashlib.sha256("".join(s.read_text() for s in SOURCES + HEADERS).encode()).hexdigest()[:12] \
+        if _load() else "pytorch"
+
+
+def attend():
+    """The native exact attention op, or None where it is unavailable."""
+    return torch.ops.gearshift.attend if _load() else None
+
+
+def linear() -> bool:
+    """Whether the native quantized matrix products (`csrc/linear.cpp`: AVX2/FMA/F16C) are there."""
+    if not _load():
+        return False
+    if "simd" not in _state:
+        _state["simd"] = bool(torch.ops.gearshift.simd())
+    return bool(_state["simd"])

@@ -26,7 +26,7 @@ from .model import FORMATS, ExitHead, ModelConfig, Transformer, interleave_rope_
 from .tokenizer import Tokenizer
 
 SUPPORTED = ("llama", "mistral", "qwen2")
-CACHE_VERSION = 5
+CACHE_VERSION = 8
 
 
 @dataclass

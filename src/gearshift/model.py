@@ -1,9 +1,10 @@
 """Llama-family transformer (Llama 2/3, SmolLM, Mistral, Qwen2) in plain PyTorch.
 
 Written for decoding speed on small batches: q/k/v and gate/up are fused into one matmul each,
-the KV cache is static, and every linear layer can keep its weights 4- or 8-bit packed (the CPU
-kernels `_weight_int4pack_mm_for_cpu` / `_weight_int8pack_mm`), which is what makes a GGUF model
-fast on a CPU: decoding streams every weight once per token, so fewer bytes means more tokens/s.
+the KV cache is static, and every linear layer can keep its weights 4- or 8-bit packed (native
+kernels in `csrc/linear.cpp`, PyTorch's packed CPU kernels where those are not built), which is
+what makes a GGUF model fast on a CPU: decoding streams every weight once per token, so fewer
+bytes means more tokens/s.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import attention
+from . import attention, kernels
 from .attention import Batch, Segment
 from .kv_cache import KVCache
 
@@ -56,66 +57,129 @@ class ModelConfig:
         return self.n_layers * (attn + mlp + 2 * self.dim) + emb + self.dim
 
 
-def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric min/max quantization in groups of 32 along the input dim.
+Q4_COLS, Q8_COLS = 16, 8  # output columns per tile of the native kernels (csrc/linear.cpp); N is padded to whole tiles
 
-    On weights that came from GGUF Q4_1 this recovers the file's own 4-bit codes exactly
-    (Q4_1 is min/max quantization on the same 32-element blocks). The kernel wants the scale and
-    offset in bf16; rounding the offset naively shifts every weight of a block the same way, and
-    on SmolLM2 that flips greedy tokens. So the scale is rounded first and the offset is then the
-    least-squares fit for it, which keeps the block's mean exact (measured: greedy output equal
-    to the float32 weights' on prompts where the naive offset diverged at the first token).
+
+def _pad_rows(w: torch.Tensor, multiple: int) -> torch.Tensor:
+    extra = -w.shape[0] % multiple
+    return torch.cat([w, w.new_zeros(extra, w.shape[1])]) if extra else w
+
+
+def quantize_int4(w: torch.Tensor) -> torch.Tensor:
+    """Asymmetric min/max quantization in blocks of 32 inputs (GGUF's Q4_1: fp16 scale d and min
+    m per block, w = q * d + m), laid out for the native kernel in tiles of 16 output columns:
+    uint8 [N/16, K/32, 320], per (tile, block) the 16 columns' d, their m, then 8 chunks of 32
+    bytes, chunk c byte 2j + p holding input 4c + p of column j (low nibble) and input 4c + 2 + p
+    (high nibble); see csrc/linear.cpp.
+
+    On weights that came from a Q4_1 file this recovers the file's blocks (Q4_1 is min/max
+    quantization on the same blocks, with fp16 d and m). The scale is rounded to fp16 first and the
+    min is then the least-squares fit for it, which keeps each block's mean exact.
     """
+    w = _pad_rows(w.float(), Q4_COLS)
     n, k = w.shape
-    g = w.float().reshape(n, k // GROUP, GROUP)
+    nb, t = k // GROUP, n // Q4_COLS
+    g = w.reshape(n, nb, GROUP)
     lo, hi = g.amin(-1), g.amax(-1)
-    exact = ((hi - lo) / 15).clamp(min=1e-10)
-    q = ((g - lo[..., None]) / exact[..., None]).round().clamp(0, 15)
-    scale = exact.to(torch.bfloat16).float()
-    zero = (g - (q - 8) * scale[..., None]).mean(-1)  # the kernel computes (q - 8) * scale + zero
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).reshape(n, k), 1)
-    return packed, torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    d = ((hi - lo) / 15).to(torch.float16)
+    df = d.float()
+    q = ((g - lo[..., None]) / torch.where(df > 0, df, 1.0)[..., None]).round().clamp(0, 15)
+    m = (g - q * df[..., None]).mean(-1).to(torch.float16)
+    per_tile = lambda v: v.reshape(t, Q4_COLS, nb).transpose(1, 2).contiguous().view(torch.uint8)  # noqa: E731
+    # [t, j, nb, k = 4c + 2h + p] -> [t, nb, c, h, j, p]
+    q = q.to(torch.uint8).reshape(t, Q4_COLS, nb, 8, 2, 2).permute(0, 2, 3, 4, 1, 5)
+    codes = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).reshape(t, nb, 8 * GROUP)
+    return torch.cat([per_tile(d), per_tile(m), codes], -1).contiguous()
+
+
+def unpack_int4(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`quantize_int4`'s tiles back to codes [N, K] (uint8, 0..15), scales and mins [N, K/32] (float32)."""
+    t, nb, _ = tiles.shape
+    col = lambda b: b.contiguous().view(torch.float16).float().transpose(1, 2).reshape(t * Q4_COLS, nb)  # noqa: E731
+    codes = tiles[..., 4 * Q4_COLS:].reshape(t, nb, 8, Q4_COLS, 2)  # [t, nb, c, j, p]
+    q = torch.stack([codes & 15, codes >> 4], 3)  # [t, nb, c, h, j, p]
+    q = q.permute(0, 4, 1, 2, 3, 5).reshape(t * Q4_COLS, nb * GROUP)
+    return q, col(tiles[..., :2 * Q4_COLS]), col(tiles[..., 2 * Q4_COLS:4 * Q4_COLS])
+
+
+def dequantize_int4(tiles: torch.Tensor) -> torch.Tensor:
+    q, d, m = unpack_int4(tiles)
+    n = q.shape[0]
+    return (q.float().reshape(n, -1, GROUP) * d[..., None] + m[..., None]).reshape(n, -1)
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel int8 (gpt-fast's weight-only int8)."""
-    scale = (w.float().abs().amax(-1) / 127).clamp(min=1e-10)
-    q = (w.float() / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
-    return q, scale.to(torch.bfloat16)
+    """Symmetric per-output-channel int8 (gpt-fast's weight-only int8), in tiles of 8 output
+    columns for the native kernel: int8 [N/8, K, 8] and float32 scales [N] (N padded to 8)."""
+    w = _pad_rows(w.float(), Q8_COLS)
+    scale = (w.abs().amax(-1) / 127).clamp(min=1e-10)
+    q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return q.reshape(-1, Q8_COLS, w.shape[1]).transpose(1, 2).contiguous(), scale
 
 
 class Linear(nn.Module):
-    """y = x W^T (+ b), with W kept dense or packed to int8/int4 (CPU kernels, bf16 inputs)."""
+    """y = x W^T (+ b), with W kept dense or packed to int8/int4.
+
+    Packed weights run on the native kernels (`kernels.linear()`, `csrc/linear.cpp`: int4 with
+    activations quantized to int16 per block of 32 and integer products, int8 in float; each weight
+    block unpacked once for up to four rows) or, where those are not built, on PyTorch's packed CPU
+    kernels (bf16 activations), converted on first use. Both compute every row on its own, so a
+    row's result never depends on the other rows of the call.
+    """
 
     def __init__(self, in_features: int, out_features: int, fmt: str, bias: bool = False):
         super().__init__()
         self.fmt, self.in_features, self.out_features = fmt, in_features, out_features
         if fmt == "int4":
-            self.register_buffer("packed", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
-            self.register_buffer("scales", torch.empty(in_features // GROUP, out_features, 2, dtype=torch.bfloat16))
+            tiles = -(-out_features // Q4_COLS)
+            self.register_buffer("tiles", torch.empty(tiles, in_features // GROUP, 20 * Q4_COLS, dtype=torch.uint8))
         elif fmt == "int8":
-            self.register_buffer("packed", torch.empty(out_features, in_features, dtype=torch.int8))
-            self.register_buffer("scales", torch.empty(out_features, dtype=torch.bfloat16))
+            tiles = -(-out_features // Q8_COLS)
+            self.register_buffer("tiles", torch.empty(tiles, in_features, Q8_COLS, dtype=torch.int8))
+            self.register_buffer("scales", torch.empty(tiles * Q8_COLS, dtype=torch.float32))
         else:
             self.register_buffer("weight", torch.empty(out_features, in_features, dtype=getattr(torch, fmt)))
         self.register_buffer("bias", torch.empty(out_features) if bias else None)
+        self._torch_packed: tuple[torch.Tensor, torch.Tensor] | None = None  # PyTorch's layout, when used
 
     def set_weight(self, w: torch.Tensor, b: torch.Tensor | None = None) -> None:
         if self.fmt == "int4":
-            self.packed, self.scales = quantize_int4(w)
+            self.tiles = quantize_int4(w)
         elif self.fmt == "int8":
-            self.packed, self.scales = quantize_int8(w)
+            self.tiles, self.scales = quantize_int8(w)
         else:
             self.weight = w.to(self.weight.dtype, copy=True)  # never alias a tied embedding
         if b is not None:
             self.bias = b.float()
+        self._torch_packed = None
+
+    def _torch_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weights in the layout of PyTorch's packed kernels (the fallback), built once."""
+        if self._torch_packed is None:
+            if self.fmt == "int4":  # N stays padded to whole tiles of 16, as PyTorch's kernel wants
+                q, d, m = unpack_int4(self.tiles)
+                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+                # PyTorch's kernel computes (q - 8) * scale + zero
+                scales = torch.stack([d, m + 8 * d], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+                self._torch_packed = packed, scales
+            else:
+                q = self.tiles.transpose(1, 2).reshape(-1, self.in_features).contiguous()
+                self._torch_packed = q, self.scales.to(torch.bfloat16)
+        return self._torch_packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [tokens, in_features] in the compute dtype (2-D: the packed kernels want it so)."""
-        if self.fmt == "int4":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, GROUP, self.scales)
-        elif self.fmt == "int8":
-            y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.packed, self.scales)
+        if self.fmt in ("int4", "int8"):
+            if x.device.type == "cpu" and kernels.linear():
+                xf = x.float().contiguous()
+                y = (torch.ops.gearshift.linear_q4(xf, self.tiles) if self.fmt == "int4"
+                     else torch.ops.gearshift.linear_q8(xf, self.tiles, self.scales))
+            else:
+                w, s = self._torch_layout()
+                y = (torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), w, GROUP, s)
+                     if self.fmt == "int4" else torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), w, s))
+            if y.shape[1] != self.out_features:  # padded to whole tiles
+                y = y[:, :self.out_features]
         else:
             y = F.linear(x if x.dtype == self.weight.dtype else x.to(self.weight.dtype), self.weight)
         if y.dtype != x.dtype:
@@ -204,6 +268,17 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.gate_up = Linear(cfg.dim, 2 * cfg.hidden_dim, fmt, bias=cfg.mlp_bias)
         self.down = Linear(cfg.hidden_dim, cfg.dim, fmt, bias=cfg.mlp_bias)
+        self._fused_weights: tuple | None = None
+
+    def fused_weights(self) -> tuple:
+        """This block's weights as `gearshift::block` takes them, gathered on first use (packed
+        weights are not trained, so they do not change after loading)."""
+        if self._fused_weights is None:
+            f = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
+            self._fused_weights = (f(self.attn_norm.weight), self.qkv.tiles, f(self.qkv.bias), self.o.tiles,
+                                   f(self.o.bias), f(self.mlp_norm.weight), self.gate_up.tiles, f(self.gate_up.bias),
+                                   self.down.tiles, f(self.down.bias))
+        return self._fused_weights
 
     def forward(self, x: torch.Tensor, rot: torch.Tensor, attend: Attend) -> torch.Tensor:
         """x: [tokens, dim]: activations stay 2-D between blocks, as the linear kernels take them.
@@ -228,7 +303,9 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, fmts["layers"]) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = Linear(cfg.dim, cfg.vocab_size, fmts["lm_head"])
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        with torch.device("cpu"):  # real numbers even when built on "meta" (which would also import torch._refs)
+            inv_freq = rope_inv_freq(cfg)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     @property
     def device(self) -> torch.device:
@@ -255,14 +332,30 @@ class Transformer(nn.Module):
         """
         x = F.embedding(batch.tokens, self.embed)
         rot = self._rotation(batch.positions)
-        for i, layer in enumerate(self.layers[:n_layers]):
-            x = layer(x, rot, partial(attention.cached, cache=cache, layer=i, batch=batch))
+        if self._fused(batch):
+            cos_sin = torch.view_as_real(rot).reshape(len(x), -1).contiguous()
+            heads, eps = (self.cfg.n_heads, self.cfg.n_kv_heads), self.cfg.norm_eps
+            for i, layer in enumerate(self.layers[:n_layers]):
+                x = torch.ops.gearshift.block(x, *layer.fused_weights(), cos_sin, cache.k[i], cache.v[i], batch.write,
+                                              batch.native_rows, batch.native_extra, *heads, eps)
+        else:
+            for i, layer in enumerate(self.layers[:n_layers]):
+                x = layer(x, rot, partial(attention.cached, cache=cache, layer=i, batch=batch))
         batch.advance(cache)
         if batch.out is not None:
             if not len(batch.out):  # nothing asked for (a prefill chunk): skip the LM head
                 return x[:0] if hidden else x.new_empty(0, self.cfg.vocab_size, dtype=torch.float32)
             x = x[batch.out]
         return x if hidden else self.logits(x)
+
+    def _fused(self, batch: Batch) -> bool:
+        """Whether blocks run as one native op each (`csrc/block.cpp`): int4 layers, float32
+        activations and cache on a CPU with the native kernels. The same math as `Block.forward`,
+        computed row by row like the rest, without a few hundred small ops' dispatch per step."""
+        c = self.cfg
+        whole_tiles = all(n % Q4_COLS == 0 for n in (c.dim, 2 * c.hidden_dim, c.head_dim * (c.n_heads + 2 * c.n_kv_heads)))
+        return (batch.native is not None and self.fmts["layers"] == "int4" and self.dtype == torch.float32
+                and whole_tiles and kernels.linear())
 
     def run(self, tokens: list[int] | torch.Tensor, cache: KVCache, slot: int = 0, parents: list[int] | None = None,
             logits_from: int | None = 0, n_layers: int | None = None, hidden: bool = False) -> torch.Tensor:

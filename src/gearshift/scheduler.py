@@ -28,12 +28,15 @@ class EngineConfig:
     max_model_len: int | None = None  # a slot's positions (default: the model's context window)
     prefix_cache: bool = True
     prefix_cache_bytes: int = 1 << 30  # host memory for evicted prefixes
+    exact: bool = True  # False: batched attention per sequence (attention.Batch), not batch-invariant
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_batched_tokens", "prefix_cache_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < (0 if name == "prefix_cache_bytes" else 1):
                 raise GearshiftError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.exact, bool):
+            raise GearshiftError(f"exact must be True or False, got {self.exact!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise GearshiftError(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
         if self.max_batched_tokens < self.max_num_seqs:  # else decode rows alone could starve every prompt

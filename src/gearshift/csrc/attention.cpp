@@ -21,52 +21,27 @@
 #include <cstdint>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define GEARSHIFT_AVX2 1
-#endif
+#include "simd.h"
 
 namespace {
 
 #ifdef GEARSHIFT_AVX2
-
-inline float hsum(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi);
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-  return _mm_cvtss_f32(lo);
-}
-
-// e^x for 8 floats (Cephes' expf: range reduction by ln 2, degree-5 polynomial), x <= 0 here.
-inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
-  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-
+using gearshift_simd::exp8;
+using gearshift_simd::hsum;
 #endif
 
-// One row, one KV head: G query heads (q, pre-scaled) against m keys at `keys` positions.
-void attend_unit(const float* q, const float* kbase, const float* vbase, const int64_t* keys, int64_t m,
-                 int64_t G, int64_t D, int64_t stride, float* out, int64_t out_stride, std::vector<float>& p) {
+// One row, one KV head: G query heads (q, times `scale` as they are read) against m keys at `keys`.
+void attend_unit(const float* q, float scale, const float* kbase, const float* vbase, const int64_t* keys,
+                 int64_t m, int64_t G, int64_t D, int64_t stride, float* out, int64_t out_stride,
+                 std::vector<float>& p) {
   p.resize(m * G + 8);
 #ifdef GEARSHIFT_AVX2
   if (D % 8 == 0 && D <= 256) {
     const int64_t V = D / 8;
     for (int64_t h = 0; h < G; ++h) {
       __m256 qv[32];
-      for (int64_t i = 0; i < V; ++i) qv[i] = _mm256_loadu_ps(q + h * D + 8 * i);
+      const __m256 vs = _mm256_set1_ps(scale);
+      for (int64_t i = 0; i < V; ++i) qv[i] = _mm256_mul_ps(_mm256_loadu_ps(q + h * D + 8 * i), vs);
       float* ph = p.data() + h * m;
       float mx = -INFINITY;
       for (int64_t j = 0; j < m; ++j) {
@@ -119,7 +94,7 @@ void attend_unit(const float* q, const float* kbase, const float* vbase, const i
     for (int64_t j = 0; j < m; ++j) {
       const float* kj = kbase + keys[j] * stride;
       float s = 0.f;
-      for (int64_t d = 0; d < D; ++d) s += q[h * D + d] * kj[d];
+      for (int64_t d = 0; d < D; ++d) s += (q[h * D + d] * scale) * kj[d];
       ph[j] = s;
       mx = std::max(mx, s);
     }
@@ -151,10 +126,10 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t L = k.size(1), KVH = k.size(2), G = H / KVH;
   TORCH_CHECK(k.size(3) == D && H % KVH == 0 && q.stride(2) == 1, "gearshift::attend: shapes do not match");
-  // queries pre-scaled by 1/sqrt(D), contiguous, as every row's unit reads them
-  const at::Tensor qs = (q * (1.0 / std::sqrt(static_cast<double>(D)))).contiguous();
+  const at::Tensor qc = q.contiguous();
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
   auto out = at::empty({T, H, D}, q.options());
-  const float* qp = qs.data_ptr<float>();
+  const float* qp = qc.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
   const int64_t* rp = rows.data_ptr<int64_t>();
@@ -172,7 +147,7 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       keys.resize(n + (e1 - e0));
       for (int64_t j = 0; j < n; ++j) keys[j] = j;
       for (int64_t j = e0; j < e1; ++j) keys[n + j - e0] = xp[j];
-      attend_unit(qp + (t * H + g * G) * D, kp + slot * L * stride + g * D, vp + slot * L * stride + g * D,
+      attend_unit(qp + (t * H + g * G) * D, scale, kp + slot * L * stride + g * D, vp + slot * L * stride + g * D,
                   keys.data(), static_cast<int64_t>(keys.size()), G, D, stride, op + (t * H + g * G) * D, D, p);
     }
   });

@@ -5,6 +5,7 @@ questions)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -13,11 +14,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .. import hub
+from .. import hardware, hub
 from ..errors import GearshiftError
 from ..ead import EAD
 from ..llm import LLM
 from ..loading import load
+from . import llama_cpp
 from .data import data_dir, read_jsonl, spec_bench_questions
 
 
@@ -40,7 +42,12 @@ def _emit(results: dict, printer, plotter, json_path: str | None, plot_path: str
 
 
 def run_quick(model: str | None, n_questions: int = 10, max_new_tokens: int = 128, json_path: str | None = None,
-              plot_path: str | None = None, with_transformers: bool = True, device: str | None = None) -> dict:
+              plot_path: str | None = None, with_transformers: bool = True, device: str | None = None,
+              llama_cpp_dir: str | None = None) -> dict:
+    """Plain greedy decoding of the same prompts by gearshift (packed and float32 weights),
+    transformers and, when `build-llama-cpp` has run, llama.cpp's server (same file, same threads);
+    then the memory-bandwidth roofline and the verify curve (cost of a k-token forward), all in
+    this run."""
     path = hub.resolve_model(model)
     questions = spec_bench_questions(n_questions)
     t0 = time.perf_counter()
@@ -67,33 +74,44 @@ def run_quick(model: str | None, n_questions: int = 10, max_new_tokens: int = 12
         ref = eng["transformers"]["outputs"]
         for name in ("gearshift", "gearshift-float32"):
             eng[name]["identical_to_transformers"] = sum(o == r for o, r in zip(eng[name]["outputs"], ref)) / len(ref)
-    llama = _bench_llama_cpp(path, max_new_tokens)
-    if llama:
-        eng["llama.cpp"] = _time_engine("llama.cpp", llama, prompts)
+    threads = torch.get_num_threads()
+    results["prefill_tok_per_s"] = {str(n): _prefill_rate(llm, n) for n in PREFILL_LENGTHS}
+    if path.is_file() and llama_cpp.binary("llama-server", llama_cpp_dir):
+        with llama_cpp.Server(path, threads, prefix=llama_cpp_dir) as server:
+            eng["llama.cpp"] = {**_time_engine("llama.cpp", lambda ids: server.complete(ids, max_new_tokens), prompts),
+                                "threads": threads}
+        results["llama_cpp"] = {"tok_per_s": eng["llama.cpp"]["tok_per_s"], "threads": threads,
+                                "server": " ".join(server.cmd)}
+        results["ratio_vs_llama_cpp"] = eng["gearshift"]["tok_per_s"] / eng["llama.cpp"]["tok_per_s"]
+        lb = llama_cpp.bench(path, threads, prefix=llama_cpp_dir)
+        if lb:
+            results["llama_cpp"].update(pp512=lb["pp512"], tg128=lb["tg128"], bench=lb["command"])
+            results["ratio_vs_llama_cpp_tg128"] = eng["gearshift"]["tok_per_s"] / lb["tg128"]
+            results["prefill_ratio_vs_llama_cpp_pp512"] = results["prefill_tok_per_s"]["512"] / lb["pp512"]
     for e in eng.values():
         e.pop("outputs", None)
+    # the roofline: bytes a decode step reads (weights + KV at the mean context) over the bandwidth
+    context = sum(len(p) for p in prompts) / len(prompts) + max_new_tokens / 2
+    bandwidth = hardware.memory_bandwidth()
+    per_token = hardware.bytes_per_token(llm.model, int(context))
+    results["roofline"] = {"bandwidth_gb_s": bandwidth / 1e9, "bytes_per_token": per_token,
+                           "tok_per_s": bandwidth / per_token, "context": int(context)}
+    results["roofline_fraction"] = eng["gearshift"]["tok_per_s"] / (bandwidth / per_token)
+    costs = hardware.measure(llm.model, sizes=VERIFY_SIZES)
+    results["forward_cost_ms"] = {str(n): 1000 * c for n, c in zip(costs.sizes, costs.seconds)}
     return _emit(results, _print_quick, _plot_quick, json_path, plot_path)
 
 
-def _bench_llama_cpp(path: Path, max_new_tokens: int):
-    """llama.cpp on the same GGUF, when the optional llama_cpp package is installed."""
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        return None
-    if not path.is_file():
-        return None
-    llm = Llama(str(path), n_ctx=4096, n_threads=torch.get_num_threads(), verbose=False)
+VERIFY_SIZES = (1, 2, 4, 8, 16)
+PREFILL_LENGTHS = (512, 4096)
 
-    def run(ids):
-        out, t0 = [], time.perf_counter()
-        for t in llm.generate(ids, temp=0.0, top_k=1, reset=True):
-            if t == llm.token_eos() or len(out) >= max_new_tokens:
-                break
-            out.append(t)
-        return {"tokens": out, "seconds": time.perf_counter() - t0}
 
-    return run
+def _prefill_rate(llm: LLM, n: int, reps: int = 2) -> float:
+    """Prompt tokens/s reading an n-token prompt (random tokens, prefix cache off): n over the
+    time to the first token, best of `reps`, as llama.cpp's ppN measures prompt processing."""
+    ids = torch.randint(0, llm.model.cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+    best = min(llm.generate(ids, max_tokens=1).metrics["ttft_s"] for _ in range(reps))
+    return n / best
 
 
 def _print_quick(r: dict) -> None:
@@ -111,6 +129,25 @@ def _print_quick(r: dict) -> None:
         print(f"{name:<20}{e['tok_per_s']:>9.1f}{e['generated_tokens']:>9}  {', '.join(notes)}")
     if "speedup_vs_transformers" in r:
         print(f"speedup vs transformers: {r['speedup_vs_transformers']:.2f}x")
+    if "ratio_vs_llama_cpp" in r:
+        print(f"ratio to llama.cpp (llama-server, same prompts): {r['ratio_vs_llama_cpp']:.2f}")
+    if "ratio_vs_llama_cpp_tg128" in r:
+        lc = r["llama_cpp"]
+        print(f"llama-bench: tg128 {lc['tg128']:.1f} tok/s (ratio {r['ratio_vs_llama_cpp_tg128']:.2f}), "
+              f"pp512 {lc['pp512']:.1f} tok/s")
+    if "prefill_tok_per_s" in r:
+        pf = r["prefill_tok_per_s"]
+        extra = (f" (ratio to llama.cpp pp512: {r['prefill_ratio_vs_llama_cpp_pp512']:.2f})"
+                 if "prefill_ratio_vs_llama_cpp_pp512" in r else "")
+        print("prefill tok/s: " + ", ".join(f"{k} tokens: {v:.0f}" for k, v in pf.items()) + extra)
+    if "roofline" in r:
+        rf = r["roofline"]
+        print(f"roofline: {rf['bytes_per_token'] / 1e6:.1f} MB/token at {rf['bandwidth_gb_s']:.1f} GB/s = "
+              f"{rf['tok_per_s']:.0f} tok/s; gearshift reaches {r['roofline_fraction']:.0%} of it")
+    if "forward_cost_ms" in r:
+        one = r["forward_cost_ms"]["1"]
+        print("verify curve (ms per forward of k tokens): " + ", ".join(
+            f"k={k}: {v:.1f} ({v / one:.2f}x)" for k, v in r["forward_cost_ms"].items()))
 
 
 def _plot_quick(r: dict, path: str) -> None:
@@ -150,8 +187,9 @@ def spec_bench_sample(per_category: int) -> list[dict]:
 
 def run_spec_bench(model: str | None, per_category: int = 2, max_new_tokens: int = 128, draft: str | None = None,
                    drafters: list[str] | None = None, json_path: str | None = None, plot_path: str | None = None,
-                   with_transformers: bool = True, device: str | None = None) -> dict:
-    """Every method on the same questions in one process; speedups are relative to our plain decoding."""
+                   with_transformers: bool = True, device: str | None = None, llama_cpp_dir: str | None = None) -> dict:
+    """Every method on the same questions in one process; speedups are relative to our plain decoding.
+    llama.cpp's server (plain greedy, same file and threads) joins when `build-llama-cpp` has run."""
     path = hub.resolve_model(model)
     llm = LLM(load(path, device=device), prefix_cache=False)
     questions = spec_bench_sample(per_category)
@@ -166,13 +204,21 @@ def run_spec_bench(model: str | None, per_category: int = 2, max_new_tokens: int
         methods[name] = _ours(llm, llm.drafter(spec), max_new_tokens)
     if with_transformers:
         methods.update(_hf_methods(path, draft, max_new_tokens, device))
-    runs: dict = {name: [] for name in methods}
-    for fn in methods.values():
-        fn(prompts[0][:16])  # warm-up
-    # question by question, every method in turn: drift in the machine's speed hits all alike
-    for ids in tqdm(prompts, desc="spec-bench", unit="q"):
-        for name, fn in methods.items():
-            runs[name].append(fn(ids))
+    with contextlib.ExitStack() as stack:
+        if path.is_file() and llama_cpp.binary("llama-server", llama_cpp_dir):  # plain decoding, the CPU anchor
+            server = stack.enter_context(llama_cpp.Server(path, torch.get_num_threads(), prefix=llama_cpp_dir))
+
+            def llama(ids):
+                out = server.complete(ids, max_new_tokens)
+                return {**out, "forwards": len(out["tokens"]), "consumed": len(out["tokens"])}
+            methods["llama.cpp"] = llama
+        runs: dict = {name: [] for name in methods}
+        for fn in methods.values():
+            fn(prompts[0][:16])  # warm-up
+        # question by question, every method in turn: drift in the machine's speed hits all alike
+        for ids in tqdm(prompts, desc="spec-bench", unit="q"):
+            for name, fn in methods.items():
+                runs[name].append(fn(ids))
     results = _summarize(path.name, max_new_tokens, questions, runs)
     return _emit(results, _print_spec_bench, _plot_spec_bench, json_path, plot_path)
 
@@ -245,7 +291,7 @@ def _summarize(model: str, max_new_tokens: int, questions: list[dict], runs: dic
     by_group = {g: [i for i, q in enumerate(questions) if q["group"] == g] for g in groups}
     out = {"model": model, "max_new_tokens": max_new_tokens, "questions": len(questions), "methods": {}}
     for name in runs:
-        reference = "hf-plain" if name.startswith("hf-") else "plain"
+        reference = "hf-plain" if name.startswith("hf-") else name if name == "llama.cpp" else "plain"
         mismatches = [questions[i]["question_id"] for i in every
                       if runs[name][i]["tokens"] != runs[reference][i]["tokens"]]
         out["methods"][name] = {
@@ -255,6 +301,8 @@ def _summarize(model: str, max_new_tokens: int, questions: list[dict], runs: dic
             "per_category": {g: {"speedup": rate(name, idx) / rate("plain", idx), "mat": mat(name, idx)}
                              for g, idx in by_group.items()},
         }
+        if "llama.cpp" in runs:
+            out["methods"][name]["vs_llama_cpp"] = rate(name, every) / rate("llama.cpp", every)
     return out
 
 
@@ -268,7 +316,8 @@ def _print_spec_bench(r: dict) -> None:
     for name, m in methods.items():
         cells = "".join(f"{m['per_category'][g]['speedup']:>13.2f}x" for g in groups)
         same = "yes" if m["identical_to_plain"] else f"NO ({len(m['mismatched_questions'])} differ)"
-        print(f"{name:<18}{cells}{m['speedup']:>8.2f}x{m['mat']:>6.2f}{m['tok_per_s']:>8.1f}  {same}")
+        vs = f"  {m['vs_llama_cpp']:.2f}x llama.cpp" if "vs_llama_cpp" in m else ""
+        print(f"{name:<18}{cells}{m['speedup']:>8.2f}x{m['mat']:>6.2f}{m['tok_per_s']:>8.1f}  {same}{vs}")
 
 
 def _plot_spec_bench(r: dict, path: str) -> None:

@@ -1,0 +1,132 @@
+// One transformer block (Llama family) as one op: RMSNorm, q/k/v, RoPE, KV cache write, exact
+// attention, output projection, RMSNorm, gate/up, SiLU, down, both residuals.
+//
+// Why: a decode step of a small model is hundreds of tiny tensor ops, and on a CPU each costs a
+// few microseconds of dispatch whatever its size, which for SmolLM2-135M is as much as the
+// arithmetic. One call per block removes that overhead and keeps the math of `model.Block`
+// (same formats, same order of operations per row): like every kernel here it computes each row
+// on its own, so a row's result never depends on the other rows of the step.
+//
+// Used for int4 blocks with float32 activations and caches on a CPU with AVX2 (model.Block falls
+// back to its PyTorch ops elsewhere).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+
+#include "simd.h"
+
+at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& rows,
+                  const at::Tensor& extra);
+at::Tensor linear_q4(const at::Tensor& x, const at::Tensor& blocks);
+
+namespace {
+
+// y = x / sqrt(mean(x^2) + eps) * w, per row (float, sequential sum: fixed order per row).
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  const int64_t T = x.size(0), n = x.size(1);
+  auto y = at::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t) {
+    const float* xr = xp + t * n;
+    float ss = 0.f;
+    for (int64_t i = 0; i < n; ++i) ss += xr[i] * xr[i];
+    const float r = 1.0f / std::sqrt(ss / static_cast<float>(n) + static_cast<float>(eps));
+    for (int64_t i = 0; i < n; ++i) yp[t * n + i] = xr[i] * r * wp[i];
+  }
+  return y;
+}
+
+void add_bias(at::Tensor& y, const std::optional<at::Tensor>& b) {
+  if (b.has_value()) y.add_(*b);
+}
+
+}  // namespace
+
+// x [T, dim]; rot [T, D]: (cos, sin) pairs per row; cache k/v [slots, L, KVH, D] of this layer;
+// write [T] flat positions (slot * L + position); rows/extra as for `attend`. Returns the new x.
+at::Tensor block(const at::Tensor& x, const at::Tensor& attn_norm, const at::Tensor& qkv,
+                 const std::optional<at::Tensor>& qkv_bias, const at::Tensor& o, const std::optional<at::Tensor>& o_bias,
+                 const at::Tensor& mlp_norm, const at::Tensor& gate_up, const std::optional<at::Tensor>& gate_up_bias,
+                 const at::Tensor& down, const std::optional<at::Tensor>& down_bias, const at::Tensor& rot,
+                 const at::Tensor& cache_k, const at::Tensor& cache_v, const at::Tensor& write,
+                 const at::Tensor& rows, const at::Tensor& extra, int64_t n_heads, int64_t n_kv_heads, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2, "gearshift::block: x");
+  TORCH_CHECK(cache_k.is_contiguous() && cache_v.is_contiguous() && write.is_contiguous() && rot.is_contiguous(),
+              "gearshift::block: contiguous cache, write and rot");
+  const int64_t T = x.size(0), D = cache_k.size(3), H = n_heads, KVH = n_kv_heads;
+  TORCH_CHECK(cache_k.size(2) == KVH && rot.size(0) == T && rot.numel() == T * D && write.numel() == T,
+              "gearshift::block: shapes do not match");
+
+  // attention half
+  at::Tensor h = linear_q4(rms_norm(x, attn_norm, eps), qkv);  // [T, (H + 2 KVH) D]
+  add_bias(h, qkv_bias);
+  const int64_t width = (H + 2 * KVH) * D;
+  float* hp = h.data_ptr<float>();
+  const float* rp = rot.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t) {  // RoPE on q and k: interleaved pairs, one complex multiply each
+    const float* cs = rp + t * D;
+    for (int64_t head = 0; head < H + KVH; ++head) {
+      float* p = hp + t * width + head * D;
+      for (int64_t i = 0; i < D / 2; ++i) {
+        const float a = p[2 * i], b = p[2 * i + 1], c = cs[2 * i], s = cs[2 * i + 1];
+        p[2 * i] = a * c - b * s;
+        p[2 * i + 1] = a * s + b * c;
+      }
+    }
+  }
+  const int64_t* wp = write.data_ptr<int64_t>();
+  float* kp = cache_k.data_ptr<float>();
+  float* vp = cache_v.data_ptr<float>();
+  const int64_t entry = KVH * D;
+  for (int64_t t = 0; t < T; ++t) {
+    std::memcpy(kp + wp[t] * entry, hp + t * width + H * D, entry * sizeof(float));
+    std::memcpy(vp + wp[t] * entry, hp + t * width + (H + KVH) * D, entry * sizeof(float));
+  }
+  const at::Tensor q = h.narrow(1, 0, H * D).view({T, H, D});
+  at::Tensor y = attend(q, cache_k, cache_v, rows, extra).view({T, H * D});
+  at::Tensor out = linear_q4(y, o);
+  add_bias(out, o_bias);
+  out.add_(x);
+
+  // MLP half
+  at::Tensor gu = linear_q4(rms_norm(out, mlp_norm, eps), gate_up);  // [T, 2 F]
+  add_bias(gu, gate_up_bias);
+  const int64_t F = gu.size(1) / 2;
+  auto act = at::empty({T, F}, x.options());
+  const float* gp = gu.data_ptr<float>();
+  float* ap = act.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t) {  // SiLU(gate) * up
+    const float* g = gp + t * 2 * F;
+    const float* u = g + F;
+    float* a = ap + t * F;
+    int64_t i = 0;
+#ifdef GEARSHIFT_AVX2
+    const __m256 one = _mm256_set1_ps(1.f), hi = _mm256_set1_ps(88.f);
+    for (; i + 8 <= F; i += 8) {
+      const __m256 gv = _mm256_loadu_ps(g + i);
+      const __m256 e = gearshift_simd::exp8(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), gv), hi));
+      _mm256_storeu_ps(a + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
+    }
+#endif
+    for (; i < F; ++i) a[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+  }
+  at::Tensor d = linear_q4(act, down);
+  add_bias(d, down_bias);
+  return d.add_(out);
+}
+
+TORCH_LIBRARY_FRAGMENT(gearshift, m) {
+  m.def(
+      "block(Tensor x, Tensor attn_norm, Tensor qkv, Tensor? qkv_bias, Tensor o, Tensor? o_bias, Tensor mlp_norm, "
+      "Tensor gate_up, Tensor? gate_up_bias, Tensor down, Tensor? down_bias, Tensor rot, Tensor cache_k, "
+      "Tensor cache_v, Tensor write, Tensor rows, Tensor extra, int n_heads, int n_kv_heads, float eps) -> Tensor",
+      &block);
+}

@@ -1,0 +1,257 @@
+// Weight-only quantized matrix products for a few rows at a time: y = x W^T, x float32 [M, K].
+//
+// Decoding multiplies one row (or k rows, when speculative decoding verifies k tokens) by every
+// weight of the model, so the cost is reading and unpacking the weights, then multiplying. Both
+// kernels unpack a piece of the weights once and apply it to up to four rows before moving on,
+// so scoring k tokens costs far less than k one-token steps (the verify curve speculative
+// decoding needs), and each thread streams its own columns' bytes in order.
+//
+// q4 (the layers): each row of x is first quantized to int16 in blocks of 32 (scale
+// dx = max|x| / 32767: an error below 2e-5 of the block's largest value, finer than bf16), and the
+// 4-bit codes multiply it as integers, 16 products per instruction (`madd`), summed exactly in
+// int32; per block, y += d * dx * (q . xq) + m * sum(x), in float. (llama.cpp quantizes x to int8
+// for twice the products per instruction; on SmolLM2 that cost 10x the KL divergence from the
+// float model, measured, so this kernel keeps 16 bits.)
+//   Layout: [N/16, K/32, 320] bytes per (tile of 16 output columns, block of 32 inputs): fp16
+//   scales d of the 16 columns, fp16 mins m, then 8 chunks of 32 bytes; chunk c byte 2j + p holds
+//   the code of input 4c + p of column j in its low nibble and of input 4c + 2 + p in its high
+//   nibble, so an AND (or a shift and an AND) and a widening give the 16-bit lanes `madd` pairs
+//   with (x[k], x[k+1]).
+//   w = q * d + m (GGUF's Q4_1 block: min/max quantization with fp16 d and m).
+// q8 (the LM head): float32 x times int8 weights converted to float, tiles of 8 columns:
+//   int8 [N/8, K, 8] and a float32 scale per column; w = q * s.
+//
+// Exactness: every output element is computed by one fixed sequence of operations (integer sums
+// are exact; float steps in a fixed order per row and column), whatever M is and however rows
+// and columns are tiled or split across threads. So a row's result never depends on which other
+// rows share the call, which keeps batched decoding bit-identical to one sequence decoded alone.
+//
+// Only built with AVX2 + FMA + F16C; elsewhere `simd()` says false and the engine uses PyTorch's
+// packed kernels instead.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define GEARSHIFT_LINEAR 1
+#endif
+
+namespace {
+
+#ifdef GEARSHIFT_LINEAR
+
+constexpr int64_t BLOCK = 32, Q4_COLS = 16, Q4_TILE_BYTES = 320;
+constexpr int64_t PREFETCH = 8;  // blocks ahead
+
+// x quantized per row and block: int16 codes, scale, and the float sum of the block.
+struct QuantRows {
+  const int16_t* q;
+  const float* dx;
+  const float* xs;
+  int64_t K, nb;
+};
+
+void quantize_rows(const float* x, int64_t M, int64_t K, int16_t* q, float* dx, float* xs) {
+  const int64_t nb = K / BLOCK;
+  for (int64_t i = 0; i < M * nb; ++i) {
+    const float* xb = x + i * BLOCK;
+    float amax = 0.f, sum = 0.f;
+    for (int64_t j = 0; j < BLOCK; ++j) {
+      amax = std::max(amax, std::fabs(xb[j]));
+      sum += xb[j];
+    }
+    const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+    for (int64_t j = 0; j < BLOCK; ++j) q[i * BLOCK + j] = static_cast<int16_t>(std::nearbyint(xb[j] * inv));
+    dx[i] = amax / 32767.f;
+    xs[i] = sum;
+  }
+}
+
+inline __m256i pair(const int16_t* p) {  // (x[k], x[k+1]) in every 32-bit lane
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
+// R rows from r0 times one tile of 16 columns.
+template <int R>
+void q4_tile(const QuantRows& x, const uint8_t* W, float* y, int64_t N, int64_t r0, int64_t t) {
+  const int64_t nb = x.nb;
+  __m256 lo[R], hi[R];
+  for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm256_setzero_ps();
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = W + (t * nb + b) * Q4_TILE_BYTES;
+    for (int l = 0; l < Q4_TILE_BYTES; l += 64)  // the stream runs ahead of the arithmetic
+      _mm_prefetch(reinterpret_cast<const char*>(blk + PREFETCH * Q4_TILE_BYTES + l), _MM_HINT_T0);
+    __m256i ilo[R], ihi[R];  // exact int32 sums (|q . xq| < 32 * 15 * 32767) for columns 0-7, 8-15
+    for (int r = 0; r < R; ++r) ilo[r] = ihi[r] = _mm256_setzero_si256();
+    for (int c = 0; c < 8; ++c) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 + 32 * c));
+      const __m256i v0 = _mm256_and_si256(raw, nibble), v1 = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble);
+      // 16-bit lanes (q[k][j], q[k+1][j]) for inputs k = 4c (w0) and 4c + 2 (w1), columns 0-7 / 8-15
+      const __m256i w0lo = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(v0));
+      const __m256i w0hi = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(v0, 1));
+      const __m256i w1lo = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(v1));
+      const __m256i w1hi = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(v1, 1));
+      for (int r = 0; r < R; ++r) {
+        const int16_t* xq = x.q + (r0 + r) * x.K + b * BLOCK + 4 * c;
+        const __m256i x0 = pair(xq), x1 = pair(xq + 2);
+        ilo[r] = _mm256_add_epi32(ilo[r], _mm256_add_epi32(_mm256_madd_epi16(w0lo, x0), _mm256_madd_epi16(w1lo, x1)));
+        ihi[r] = _mm256_add_epi32(ihi[r], _mm256_add_epi32(_mm256_madd_epi16(w0hi, x0), _mm256_madd_epi16(w1hi, x1)));
+      }
+    }
+    const __m256 dlo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
+    const __m256 dhi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16)));
+    const __m256 mlo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 32)));
+    const __m256 mhi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 48)));
+    for (int r = 0; r < R; ++r) {
+      const __m256 dx = _mm256_set1_ps(x.dx[(r0 + r) * nb + b]), xs = _mm256_set1_ps(x.xs[(r0 + r) * nb + b]);
+      lo[r] = _mm256_fmadd_ps(mlo, xs, _mm256_fmadd_ps(_mm256_mul_ps(dlo, dx), _mm256_cvtepi32_ps(ilo[r]), lo[r]));
+      hi[r] = _mm256_fmadd_ps(mhi, xs, _mm256_fmadd_ps(_mm256_mul_ps(dhi, dx), _mm256_cvtepi32_ps(ihi[r]), hi[r]));
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(y + (r0 + r) * N + t * Q4_COLS, lo[r]);
+    _mm256_storeu_ps(y + (r0 + r) * N + t * Q4_COLS + 8, hi[r]);
+  }
+}
+
+template <int R, int CV>
+void q8_tile(const float* x, int64_t K, const int8_t* W, const float* s, float* y, int64_t N, int64_t r0,
+             int64_t t0) {
+  __m256 acc[R][CV];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < CV; ++c) acc[r][c] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    if ((k & 7) == 0)  // each tile is its own stream: keep one cache line in flight ahead of each
+      for (int c = 0; c < CV; ++c)
+        _mm_prefetch(reinterpret_cast<const char*>(W + ((t0 + c) * K + k) * 8 + 8 * 64), _MM_HINT_T0);
+    for (int c = 0; c < CV; ++c) {
+      const __m256 w = _mm256_cvtepi32_ps(
+          _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(W + ((t0 + c) * K + k) * 8))));
+      for (int r = 0; r < R; ++r) acc[r][c] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + (r0 + r) * K + k), w, acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < CV; ++c)
+      _mm256_storeu_ps(y + (r0 + r) * N + (t0 + c) * 8, _mm256_mul_ps(acc[r][c], _mm256_loadu_ps(s + (t0 + c) * 8)));
+}
+
+using std::integral_constant;
+
+// Threads own ranges of column tiles; within a range, rows go in groups of four, then the rest.
+template <typename Tile>
+void run_tiles(int64_t M, int64_t tiles, int64_t grain, Tile tile) {
+  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      int64_t r = 0;
+      for (; r + 4 <= M; r += 4) tile(integral_constant<int, 4>(), r, t);
+      switch (M - r) {
+        case 3: tile(integral_constant<int, 3>(), r, t); break;
+        case 2: tile(integral_constant<int, 2>(), r, t); break;
+        case 1: tile(integral_constant<int, 1>(), r, t); break;
+        default: break;
+      }
+    }
+  });
+}
+
+// Tiles per thread task: about 2^14 * cols multiply-adds (a few microseconds), so the smallest
+// products stay on one thread and the rest are split evenly.
+inline int64_t grain(int64_t M, int64_t K) { return std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, M * K)); }
+
+#endif
+
+void check_x(const at::Tensor& x, int64_t K) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(1) == K,
+              "gearshift linear: x must be contiguous float32 [M, ", K, "]");
+}
+
+}  // namespace
+
+bool simd() {
+#ifdef GEARSHIFT_LINEAR
+  return true;
+#else
+  return false;
+#endif
+}
+
+// x [M, K] float32, tiles [N/16, K/32, 320] uint8 -> [M, N] float32
+at::Tensor linear_q4(const at::Tensor& x, const at::Tensor& tiles) {
+#ifdef GEARSHIFT_LINEAR
+  TORCH_CHECK(tiles.scalar_type() == at::kByte && tiles.is_contiguous() && tiles.dim() == 3 &&
+              tiles.size(2) == Q4_TILE_BYTES, "gearshift::linear_q4: tiles must be contiguous uint8 [N/16, K/32, 320]");
+  const int64_t N = tiles.size(0) * Q4_COLS, nb = tiles.size(1), K = nb * BLOCK;
+  check_x(x, K);
+  const int64_t M = x.size(0);
+  auto y = at::empty({M, N}, x.options());
+  auto xq = at::empty({M, K}, x.options().dtype(at::kShort));
+  auto scales = at::empty({2, M, nb}, x.options());
+  quantize_rows(x.data_ptr<float>(), M, K, xq.data_ptr<int16_t>(), scales[0].data_ptr<float>(),
+                scales[1].data_ptr<float>());
+  const QuantRows rows{xq.data_ptr<int16_t>(), scales[0].data_ptr<float>(), scales[1].data_ptr<float>(), K, nb};
+  const uint8_t* wp = tiles.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  run_tiles(M, N / Q4_COLS, std::max<int64_t>(1, grain(M, K) / 2), [&](auto rr, int64_t r0, int64_t t) {
+    q4_tile<decltype(rr)::value>(rows, wp, yp, N, r0, t);
+  });
+  return y;
+#else
+  TORCH_CHECK(false, "gearshift::linear_q4 needs AVX2, FMA and F16C");
+#endif
+}
+
+// x [M, K] float32, tiles int8 [N/8, K, 8], scale [N] float32 -> [M, N] float32
+at::Tensor linear_q8(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& scale) {
+#ifdef GEARSHIFT_LINEAR
+  TORCH_CHECK(tiles.scalar_type() == at::kChar && tiles.is_contiguous() && tiles.dim() == 3 && tiles.size(2) == 8 &&
+              scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == tiles.size(0) * 8,
+              "gearshift::linear_q8: tiles must be contiguous int8 [N/8, K, 8], scale float32 [N]");
+  const int64_t N = tiles.size(0) * 8, K = tiles.size(1);
+  check_x(x, K);
+  const int64_t M = x.size(0);
+  auto y = at::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const int8_t* wp = tiles.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  // one float accumulator chain per (row, tile of 8): tasks of 8 tiles, so a single row still
+  // keeps eight chains in flight; more rows take fewer tiles at once
+  const int64_t groups = N / 8 / 8, rest = N / 8 % 8;
+  at::parallel_for(0, groups + (rest ? 1 : 0), std::max<int64_t>(1, grain(M, K) / 8), [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t t0 = g * 8, n = g < groups ? 8 : rest;
+      int64_t r = 0;
+      if (n == 8) {
+        for (; r + 4 <= M; r += 4)
+          for (int64_t u = 0; u < 8; u += 2) q8_tile<4, 2>(xp, K, wp, sp, yp, N, r, t0 + u);
+        for (; r + 2 <= M; r += 2)
+          for (int64_t u = 0; u < 8; u += 4) q8_tile<2, 4>(xp, K, wp, sp, yp, N, r, t0 + u);
+        for (; r < M; ++r) q8_tile<1, 8>(xp, K, wp, sp, yp, N, r, t0);
+      } else {
+        for (; r < M; ++r)
+          for (int64_t u = 0; u < n; ++u) q8_tile<1, 1>(xp, K, wp, sp, yp, N, r, t0 + u);
+      }
+    }
+  });
+  return y;
+#else
+  TORCH_CHECK(false, "gearshift::linear_q8 needs AVX2, FMA and F16C");
+#endif
+}
+
+TORCH_LIBRARY_FRAGMENT(gearshift, m) {
+  m.def("simd() -> bool", &simd);
+  m.def("linear_q4(Tensor x, Tensor tiles) -> Tensor", &linear_q4);
+  m.def("linear_q8(Tensor x, Tensor tiles, Tensor scale) -> Tensor", &linear_q8);
+}

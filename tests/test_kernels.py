@@ -1,0 +1,88 @@
+"""The native kernels (csrc/): quantized matrix products, the fused block and their layouts, checked
+against plain PyTorch math on the same numbers. Row independence is what keeps batched decoding
+exact, so it is checked bit for bit."""
+
+import pytest
+import torch
+
+from gearshift import kernels
+from gearshift.attention import Batch, Segment
+from gearshift.model import Linear, dequantize_int4, quantize_int4, quantize_int8, unpack_int4
+
+pytestmark = pytest.mark.skipif(not kernels.linear(), reason="native kernels need AVX2/FMA/F16C and a compiler")
+
+
+def q41_weights(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Weights that are exactly Q4_1 blocks (fp16 d and m, codes 0..15 with 0 and 15 in every block)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k // 32, 32), generator=g)
+    q[..., 0], q[..., 1] = 0, 15
+    d = (torch.rand(n, k // 32, generator=g) * 0.01 + 1e-3).half().float()
+    m = (-torch.rand(n, k // 32, generator=g) * 0.1).half().float()
+    return (q * d[..., None] + m[..., None]).reshape(n, k), q.reshape(n, k), d, m
+
+
+def test_int4_layout_recovers_q41_blocks():
+    w, q, d, m = q41_weights(24, 96)
+    tiles = quantize_int4(w)
+    assert tiles.shape == (2, 3, 320) and tiles.dtype == torch.uint8
+    q2, d2, m2 = (t[:24] for t in unpack_int4(tiles))  # padded to whole tiles of 16 columns
+    assert torch.equal(q2.long(), q) and torch.equal(d2, d) and torch.equal(m2, m)
+    assert torch.equal(dequantize_int4(tiles)[:24], w)
+    assert not dequantize_int4(tiles)[24:].any()
+
+
+@pytest.mark.parametrize("n,k", [(960, 576), (576, 1536), (40, 64)])
+def test_products_match_float_math_and_rows_are_independent(n, k):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(n, k, generator=g) * 0.05
+    x = torch.randn(13, k, generator=g)
+    tiles = quantize_int4(w)
+    y4 = torch.ops.gearshift.linear_q4(x, tiles)[:, :n]
+    ref4 = x.double() @ dequantize_int4(tiles)[:n].double().T
+    # x is quantized to int8 per block of 32 (as llama.cpp does): close, not exact
+    assert (y4.double() - ref4).norm() / ref4.norm() < 2e-2
+    q8, s8 = quantize_int8(w)
+    y8 = torch.ops.gearshift.linear_q8(x, q8, s8)
+    ref8 = x.double() @ (q8.transpose(1, 2).reshape(-1, k).double() * s8.double()[:, None]).T
+    assert torch.allclose(y8.double(), ref8, atol=1e-4, rtol=1e-5)
+    for op, args in ((torch.ops.gearshift.linear_q4, (tiles,)), (torch.ops.gearshift.linear_q8, (q8, s8))):
+        full = op(x, *args)
+        for rows in (slice(0, 1), slice(5, 6), slice(2, 9), slice(12, 13)):  # every tile shape: 1-3 rows, 4s
+            assert torch.equal(op(x[rows].contiguous(), *args), full[rows])
+
+
+def test_linear_pads_columns_and_matches_pytorch_fallback(monkeypatch):
+    """An output size that is not a multiple of 8 (tiles are padded); PyTorch's packed kernels (bf16
+    activations) give nearly the same result from the same layout."""
+    g = torch.Generator().manual_seed(2)
+    w, x = torch.randn(50, 64, generator=g) * 0.05, torch.randn(3, 64, generator=g)
+    for fmt in ("int4", "int8"):
+        lin = Linear(64, 50, fmt)
+        lin.set_weight(w)
+        native = lin(x)
+        assert native.shape == (3, 50)
+        monkeypatch.setitem(kernels._state, "loaded", False)
+        fallback = lin(x)
+        monkeypatch.undo()
+        assert torch.allclose(native, fallback, atol=2e-2, rtol=2e-2), (native - fallback).abs().max()
+
+
+def test_fused_block_matches_the_pytorch_block(llm, monkeypatch):
+    """The default model's forward with fused blocks against the same weights through `Block.forward`
+    (the PyTorch ops, native attention): the same math, rounded differently, so close not equal."""
+    m = llm.model
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 49152, (40,), generator=g).tolist()
+    with torch.inference_mode():
+        batch = lambda c: Batch([Segment(0, tokens, logits_from=0)], c)  # noqa: E731
+        c1 = m.new_cache(1, 64)
+        assert m._fused(batch(c1))
+        fused = m(batch(c1), c1)
+        monkeypatch.setattr(type(m), "_fused", lambda self, b: False)
+        c2 = m.new_cache(1, 64)
+        plain = m(batch(c2), c2)
+    assert c1.lengths == c2.lengths == [40]
+    assert torch.allclose(c1.k[:, 0, :40], c2.k[:, 0, :40], atol=1e-2, rtol=1e-3)
+    assert (fused.argmax(-1) == plain.argmax(-1)).float().mean() >= 0.95
+    assert torch.allclose(fused, plain, atol=0.05, rtol=0.01), (fused - plain).abs().max()
