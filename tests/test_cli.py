@@ -195,3 +195,7 @@ def test_llama_server_anchor_completes_greedily_and_stops(llm):
         assert len(a["tokens"]) == 16 and a["tokens"] == b["tokens"]
         proc = server.proc
     assert proc.poll() is not None
+
+
+def test_build_llama_cpp_with_bad_jobs_is_a_one_line_error():
+    assert_one_line_error(run("build-llama-cpp", "--jobs", "0"), "--jobs must be a positive integer")

