@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import gearshift
-from gearshift import LLM
 from tiny import tiny_model_dir
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
@@ -24,14 +23,22 @@ def test_tiny_model_logits_on_cuda_match_the_cpu(tiny, weights):
         m = gearshift.load(str(tiny), device=device, weights="float32" if device == "cpu" else weights).model
         with torch.inference_mode():
             logits[device] = m.run(ids, m.new_cache(1, 64), logits_from=0).float().cpu()
-    tol = 1e-4 if weights == "float32" else 5e-2
-    assert torch.allclose(logits["cuda"], logits["cpu"], atol=tol, rtol=tol), (logits["cuda"] - logits["cpu"]).abs().max()
+    cuda, cpu = logits["cuda"], logits["cpu"]
+    if weights == "float32":
+        assert torch.allclose(cuda, cpu, atol=1e-4, rtol=1e-4), (cuda - cpu).abs().max()
+    else:  # bf16 weights and activations (8-bit mantissa, 0.4% per rounding) through every layer:
+        # judge each row's logit vector as a whole (2.3% was seen on an H200), and the clear greedy choices
+        rel = ((cuda - cpu).norm(dim=-1) / cpu.norm(dim=-1)).max()
+        assert rel < 5e-2, rel
+        top2 = cpu.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 0.25  # rows whose greedy token is not a near tie
+        assert torch.equal(cuda.argmax(-1)[clear], cpu.argmax(-1)[clear])
 
 
 def test_speculative_greedy_equals_plain_on_cuda(tiny):
     """float32 on the GPU: lookup drafting and a continuous batch of three give the plain greedy
     tokens; where they do not, the divergence must be at a near tie (top-2 gap < 1e-3)."""
-    llm = LLM(gearshift.load(str(tiny), device="cuda", weights="float32"), max_num_seqs=3)
+    llm = gearshift.load(str(tiny), device="cuda", weights="float32", max_num_seqs=3)
     prompts = ["a b c d a b c", "h g f e h g", "b b b b c c c"]
     plain = [llm.generate(p, max_tokens=40, logprobs=2) for p in prompts]
     for drafter in (None, "lookup"):
