@@ -11,15 +11,25 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
 	touch $(STAMP)
 
-.PHONY: install demo test bench gpu-check llama-cpp
+.PHONY: install demo test bench gpu-check llama-cpp browser serve
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/gearshift generate "$(PROMPT)" --max-tokens 200
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(VENV)/bin/gearshift pull
 	$(PY) -m pytest -q
+
+# Debian's chromium for the chat page's browser test (the test is skipped where it cannot be installed)
+browser:
+	@command -v chromium >/dev/null 2>&1 || apt-get install -y -q chromium >/dev/null 2>&1 \
+		|| (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) \
+		|| echo "chromium could not be installed: the chat-page browser test will be skipped"
+
+# the OpenAI-compatible server on the default model, chat page at http://127.0.0.1:8000/
+serve: $(STAMP)
+	$(VENV)/bin/gearshift serve
 
 bench: $(STAMP)
 	mkdir -p results

@@ -199,3 +199,61 @@ def test_llama_server_anchor_completes_greedily_and_stops(llm):
 
 def test_build_llama_cpp_with_bad_jobs_is_a_one_line_error():
     assert_one_line_error(run("build-llama-cpp", "--jobs", "0"), "--jobs must be a positive integer")
+
+
+def test_serve_refuses_bad_settings_before_loading():
+    assert_one_line_error(run("serve", "--speculative-config", "{bad"), "--speculative-config is not valid JSON")
+    assert_one_line_error(run("serve", "--speculative-config", '{"method": "magic"}'), "method 'magic' is unknown")
+    assert_one_line_error(run("serve", "--max-num-seqs", "0"), "max_num_seqs must be a positive integer")
+    assert_one_line_error(run("serve", "--port", "70000"), "--port must be from 1 to 65535")
+    assert_one_line_error(run("bench", "serve"), "bench serve needs --url URL or --compare-llama-cpp")
+    assert_one_line_error(run("bench", "serve", "--url", "localhost:8000"), "--url must start with http://")
+
+
+def test_serve_command_answers_the_openai_client_and_stops_on_sigint(default_model):
+    """`gearshift serve` as a user starts it: a real process on loopback, the openai client, Ctrl-C."""
+    import signal
+    import time
+    import urllib.request
+
+    import openai
+
+    from gearshift.tools.llama_cpp import free_port
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "gearshift", "serve", "--port", str(port), "--max-num-seqs", "2",
+                             "--max-model-len", "1024", "--speculative-config", '{"method": "ngram"}',
+                             "--served-model-name", "tiny-chat", "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                assert time.time() < deadline, "server never became ready"
+                time.sleep(0.2)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        r = c.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "Hi!"}], max_tokens=8,
+                                      temperature=0)
+        assert r.choices[0].message.content and r.model_extra["gearshift"]["strategy"] == "lookup"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.skipif(not (LLAMA_CPP / "bin" / "llama-server").is_file(), reason="llama.cpp not built (build-llama-cpp)")
+def test_bench_serve_compares_with_llama_server(tmp_path):
+    out = tmp_path / "serve.json"
+    p = run("bench", "serve", "--compare-llama-cpp", "--concurrency", "2", "--requests", "2", "--max-tokens", "8",
+            "--max-num-seqs", "2", "--llama-cpp", str(LLAMA_CPP), "--json", str(out))
+    assert p.returncode == 0, p.stderr
+    r = json.loads(out.read_text())
+    for name in ("gearshift", "llama.cpp"):
+        s = r["servers"][name]["2"]
+        assert s["errors"] == 0 and s["requests"] == 2 and s["output_tok_per_s"] > 0
+    assert "-np 2" in r["commands"]["llama.cpp"] and "--max-num-seqs 2" in r["commands"]["gearshift"]
+    assert r["ratio_vs_llama_cpp"]["2"]["output_tok_per_s"] > 0

@@ -1,4 +1,4 @@
-"""The `gearshift` command line: pull, generate, chat, info, bench, build-llama-cpp, distill."""
+"""The `gearshift` command line: pull, generate, chat, serve, info, bench, build-llama-cpp, distill."""
 
 from __future__ import annotations
 
@@ -164,11 +164,13 @@ def cmd_bench(a) -> None:
     from .ead import EAD
     from .tools.bench import run_ead, run_quick, run_spec_bench
     from .tools.bench_engine import run_batch, run_multiturn
-    if a.suite == "batch":
-        levels = _int_list(a.concurrency, "--concurrency")
+    if a.suite == "serve":
+        cmd_bench_serve(a)
+    elif a.suite == "batch":
+        levels = _int_list(a.concurrency or "1,2,4,8,16", "--concurrency")
         if a.rate is not None and a.rate <= 0:
             raise GearshiftError("--rate is requests per second and must be positive")
-        run_batch(a.model, levels, n_requests=a.requests, max_new_tokens=a.max_tokens, rate=a.rate,
+        run_batch(a.model, levels, n_requests=a.requests_given or 16, max_new_tokens=a.max_tokens, rate=a.rate,
                   prefix_cache=not a.no_prefix_cache, repeats=a.repeats, json_path=a.json, plot_path=a.plot,
                   device=a.device)
     elif a.suite == "multiturn":
@@ -195,7 +197,59 @@ def cmd_bench(a) -> None:
         run_quick(a.model, n_questions=a.limit or 10, max_new_tokens=a.max_tokens, json_path=a.json, plot_path=a.plot,
                   with_transformers=not a.no_transformers, device=a.device, llama_cpp_dir=a.llama_cpp)
     else:
-        raise GearshiftError("choose a benchmark: gearshift bench --quick, or bench spec-bench, ead, batch or multiturn")
+        raise GearshiftError("choose a benchmark: gearshift bench --quick, or bench spec-bench, ead, batch, multiturn or serve")
+
+
+def cmd_bench_serve(a) -> None:
+    from .tools import bench_serve
+    levels = _int_list(a.concurrency or "1,4,8,16", "--concurrency")
+    if a.requests_given is not None and a.requests_given < 1:
+        raise GearshiftError("--requests must be positive")
+    if a.max_num_seqs < 1:
+        raise GearshiftError("--max-num-seqs must be positive")
+    if a.compare_llama_cpp:
+        _check_llama_cpp(a.llama_cpp)
+        from .tools import llama_cpp
+        if not llama_cpp.binary("llama-server", a.llama_cpp):
+            raise GearshiftError("--compare-llama-cpp needs llama-server: run `gearshift build-llama-cpp` first")
+    if a.url and not a.url.startswith(("http://", "https://")):
+        raise GearshiftError(f"--url must start with http:// or https://, got {a.url!r}")
+    bench_serve.run_serve(a.url, levels, a.requests_given, a.max_tokens, a.api_key, a.compare_llama_cpp, a.model,
+                          a.max_num_seqs, a.llama_cpp, json_path=a.json, plot_path=a.plot)
+
+
+def cmd_serve(a) -> None:
+    import logging
+
+    from .server import ServerConfig, create_app, default_model_name, parse_speculative_config, serve
+    from .hub import default_model_path
+    from .scheduler import EngineConfig
+    engine = dict(max_num_seqs=a.max_num_seqs, max_batched_tokens=max(a.max_batched_tokens, a.max_num_seqs),
+                  max_model_len=a.max_model_len)
+    EngineConfig(**engine)  # bad settings fail before the model loads
+    if not 0 < a.port < 65536:
+        raise GearshiftError(f"--port must be from 1 to 65535, got {a.port}")
+    if a.max_queue < 0:
+        raise GearshiftError("--max-queue must be >= 0")
+    if a.threads is not None and a.threads < 1:
+        raise GearshiftError("--threads must be positive")
+    import os
+    api_key = a.api_key or os.environ.get("GEARSHIFT_API_KEY") or None
+    config = ServerConfig(model_name=a.served_model_name or default_model_name(a.model or default_model_path()),
+                          api_key=api_key, max_queue=a.max_queue,
+                          speculative=parse_speculative_config(a.speculative_config, "--speculative-config"))
+    logging.basicConfig(level=getattr(logging, a.log_level.upper(), logging.INFO), format="%(levelname)s: %(message)s")
+
+    def load():
+        import torch
+
+        from .llm import load as load_llm
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        return load_llm(a.model, device=a.device, weights=a.weights, **engine)
+
+    print(f"gearshift: serving {config.model_name} on http://{a.host}:{a.port} (the chat page is at /)", file=sys.stderr)
+    serve(create_app(load, config), a.host, a.port, log_level=a.log_level)
 
 
 def cmd_build_llama_cpp(a) -> None:
@@ -248,18 +302,43 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_sampling_args(p)
     p.set_defaults(func=cmd_chat)
+    p = sub.add_parser("serve", help="an OpenAI-compatible server (with a chat page at /) on the engine")
+    p.add_argument("model", nargs="?", default=None, help="GGUF file or Hugging Face directory (default: SmolLM2)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (or $GEARSHIFT_API_KEY)")
+    p.add_argument("--served-model-name", default=None, help="the name clients send as `model` (default: file name)")
+    p.add_argument("--max-num-seqs", type=int, default=8, help="sequences decoded side by side (KV cache slots)")
+    p.add_argument("--max-batched-tokens", type=int, default=256, help="rows per step (prompt chunks + decode)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context per sequence (default: the model's)")
+    p.add_argument("--max-queue", type=int, default=256, help="requests that may wait for a slot; more get 503")
+    p.add_argument("--speculative-config", default=None,
+                   help='server-wide strategy, as JSON shaped like vLLM\'s: {"method": "ngram"}, {"method": "suffix"}, '
+                        '{"method": "early-exit", "num_layers": 4}, {"model": PATH, "num_speculative_tokens": 4}, '
+                        '{"method": "ead+verify", "tau": 2.0}; a request may send its own `speculative_config`')
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--weights", default="auto", help="weight format, as for generate")
+    p.set_defaults(func=cmd_serve)
     p = sub.add_parser("info", help="architecture, parameter count, quantization, memory")
     p.add_argument("model_path", nargs="?", default=None)
     p.add_argument("--json", action="store_true")
     _add_model_args(p)
     p.set_defaults(func=cmd_info)
     p = sub.add_parser("bench", help="measure decoding speed (against transformers, under load, across turns)")
-    p.add_argument("suite", nargs="?", choices=["spec-bench", "ead", "batch", "multiturn"],
+    p.add_argument("suite", nargs="?", choices=["spec-bench", "ead", "batch", "multiturn", "serve"],
                    help="spec-bench: every drafter, per category; ead: entropy-adaptive decoding, cost vs quality; "
                         "batch: continuous batching at several concurrency levels; multiturn: the prefix cache "
-                        "across chat turns")
-    p.add_argument("--concurrency", default="1,2,4,8,16", help="batch: concurrency levels")
-    p.add_argument("--requests", type=int, default=16, help="batch: questions per level")
+                        "across chat turns; serve: load on an OpenAI-compatible server")
+    p.add_argument("--concurrency", default=None, help="batch (default 1,2,4,8,16), serve (default 1,4,8,16): levels")
+    p.add_argument("--requests", type=int, default=None, dest="requests_given",
+                   help="batch: questions per level (default 16); serve: requests per level (default 2 x c, >= 8)")
+    p.add_argument("--url", default=None, help="serve: the server to load (any OpenAI-compatible one)")
+    p.add_argument("--api-key", default=None, help="serve: sent as a bearer token with --url")
+    p.add_argument("--compare-llama-cpp", action="store_true",
+                   help="serve: start gearshift serve and llama-server on loopback and load each in turn")
+    p.add_argument("--max-num-seqs", type=int, default=8, help="serve: slots of both servers (llama-server -np)")
     p.add_argument("--rate", type=float, default=None, help="batch: also an open-loop run at this many requests/s")
     p.add_argument("--no-prefix-cache", action="store_true", help="batch: every request reads its whole prompt")
     p.add_argument("--repeats", type=int, default=1, help="batch: runs per level, levels up then down (pooled)")

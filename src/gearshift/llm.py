@@ -8,6 +8,7 @@ only what is new.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from .core import EngineCore
@@ -88,14 +89,22 @@ class LLM:
             raise GearshiftError("the prompt is empty")
         return ids
 
-    def drafter(self, spec: str | Drafter | None) -> Drafter | None:
+    def drafter(self, spec: str | Drafter | None, k: int | None = None) -> Drafter | None:
         """A drafter by name ("lookup", "early-exit:L", "model:PATH", "auto", ...), built once and
-        reused (each sequence drafts with its own fork of it)."""
+        reused (each sequence drafts with its own fork of it); `k` caps its draft length (or tree size)."""
         if spec is None or not isinstance(spec, str):
             return spec
         if spec not in self._drafters:
             self._drafters[spec] = make_drafter(spec, self.model, self.tokenizer, Path(self.loaded.path))
-        return self._drafters[spec]
+        if k is None:
+            return self._drafters[spec]
+        key = f"{spec}#k={k}"
+        if key not in self._drafters:
+            base = self._drafters[spec]
+            capped = base.fork()
+            capped.length = replace(base.length, k=min(base.length.k, k), k_min=min(base.length.k_min, k), k_max=k)
+            self._drafters[key] = capped
+        return self._drafters[key]
 
     def requests(self, prompt: Prompt, drafter: str | Drafter | None = None, ead: EAD | None = None, n: int = 1,
                  **params) -> list[Request]:
@@ -103,12 +112,13 @@ class LLM:
         p = SamplingParams(**params)
         if not isinstance(n, int) or n < 1:
             raise GearshiftError(f"n must be a positive integer, got {n!r}")
-        make = self._strategy(drafter, ead)
+        make = self.strategy(drafter, ead)
         ids = self.encode(prompt)
         return [Request(ids, p if p.seed is None or j == 0 else SamplingParams(**{**vars(p), "seed": p.seed + j}), make)
                 for j in range(n)]
 
-    def _strategy(self, drafter: str | Drafter | None, ead: EAD | None):
+    def strategy(self, drafter: str | Drafter | None, ead: EAD | None):
+        """The per-sequence strategy factory a request carries: plain, speculative or entropy-adaptive."""
         if ead is None:
             return strategy_factory(self.model, self.drafter(drafter))
         if drafter is not None:

@@ -48,6 +48,7 @@ class Work:
 
 @dataclass
 class Speculation:
+    drafts: int = 0  # steps that scored a draft (vLLM's spec_decode_num_drafts)
     proposed: int = 0
     accepted: int = 0
     draft_s: float = 0.0
@@ -86,7 +87,7 @@ class SequenceStats:
              "mat": w.consumed / w.target_forwards if w.target_forwards else 0.0}
         if self.spec is not None:
             s = self.spec
-            m.update(proposed=s.proposed, accepted=s.accepted, draft_s=s.draft_s, verify_s=s.verify_s,
+            m.update(drafts=s.drafts, proposed=s.proposed, accepted=s.accepted, draft_s=s.draft_s, verify_s=s.verify_s,
                      acceptance_rate=s.accepted / s.proposed if s.proposed else 0.0)
         if self.ead is not None:
             e = self.ead

@@ -92,6 +92,7 @@ class Speculative:
             self.drafter.length.update(len(proposal.tokens), verdict.accepted)
         if seq.stats.spec is not None:
             s = seq.stats.spec
+            s.drafts += bool(proposal.tokens)
             s.proposed += len(proposal.tokens)
             s.accepted += verdict.accepted
             s.verify_s += forward_s + time.perf_counter() - t0

@@ -130,7 +130,7 @@ def bench(model: Path, threads: int, n_prompt: int = 512, n_gen: int = 128, reps
             "command": " ".join(cmd)}
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -145,7 +145,7 @@ class Server:
         if exe is None:
             raise GearshiftError(f"no llama-server under {Path(prefix or default_dir()) / 'bin'}: "
                                  "run `gearshift build-llama-cpp` first")
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = [str(exe), "-m", str(model), "-t", str(threads), "-tb", str(threads), "-c", str(ctx * slots),
                     "-np", str(slots), "--host", "127.0.0.1", "--port", str(self.port), *(extra or [])]

@@ -1,0 +1,72 @@
+"""Prometheus metrics, named as vLLM names them (`vllm:x` is `gearshift:x` here, as SGLang's are
+`sglang:x`), so a dashboard written for vLLM needs only its prefix changed.
+
+Each app has its own registry (several servers in one process, as in the tests, do not collide).
+Counters are fed by the engine thread as outputs and completions arrive; the running and waiting
+gauges read the engine when scraped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from ..sequence import Completion
+
+P = "gearshift:"
+_LATENCY = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+
+
+class Metrics:
+    def __init__(self, model_name: str):
+        self.registry = CollectorRegistry()
+        r, label = self.registry, ["model_name"]
+        self.model_name = model_name
+        self.running = Gauge(P + "num_requests_running", "Requests in KV cache slots, decoding or prefilling.",
+                             label, registry=r)
+        self.waiting = Gauge(P + "num_requests_waiting", "Requests waiting for a slot.", label, registry=r)
+        self.prompt_tokens = Counter(P + "prompt_tokens", "Prompt tokens processed.", label, registry=r)
+        self.generation_tokens = Counter(P + "generation_tokens", "Generated tokens.", label, registry=r)
+        self.ttft = Histogram(P + "time_to_first_token_seconds", "Time to first token.", label,
+                              buckets=_LATENCY, registry=r)
+        self.itl = Histogram(P + "inter_token_latency_seconds", "Time between successive output steps "
+                             "(a speculative step can bring several tokens).", label, buckets=_LATENCY, registry=r)
+        self.e2e = Histogram(P + "e2e_request_latency_seconds", "Arrival to last token.", label,
+                             buckets=_LATENCY, registry=r)
+        self.success = Counter(P + "request_success", "Finished requests, by finish reason.",
+                               label + ["finished_reason"], registry=r)
+        self.drafts = Counter(P + "spec_decode_num_drafts", "Speculative steps that scored a draft.", label, registry=r)
+        self.draft_tokens = Counter(P + "spec_decode_num_draft_tokens", "Draft tokens proposed.", label, registry=r)
+        self.accepted_tokens = Counter(P + "spec_decode_num_accepted_tokens", "Draft tokens accepted.", label,
+                                       registry=r)
+        self.prefix_queries = Counter(P + "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                      label, registry=r)
+        self.prefix_hits = Counter(P + "prefix_cache_hits", "Prompt tokens found in the prefix cache.", label,
+                                   registry=r)
+
+    def watch(self, running: Callable[[], int], waiting: Callable[[], int]) -> None:
+        self.running.labels(self.model_name).set_function(running)
+        self.waiting.labels(self.model_name).set_function(waiting)
+
+    def first_token(self, seconds: float, prompt_tokens: int) -> None:
+        self.ttft.labels(self.model_name).observe(seconds)
+        self.prompt_tokens.labels(self.model_name).inc(prompt_tokens)
+
+    def tokens(self, n: int, gap_s: float | None) -> None:
+        self.generation_tokens.labels(self.model_name).inc(n)
+        if gap_s is not None:
+            self.itl.labels(self.model_name).observe(gap_s)
+
+    def finished(self, c: Completion, e2e_s: float) -> None:
+        name, m = self.model_name, c.metrics
+        self.e2e.labels(name).observe(e2e_s)
+        self.success.labels(name, c.finish_reason).inc()
+        self.drafts.labels(name).inc(m.get("drafts", 0))
+        self.draft_tokens.labels(name).inc(m.get("proposed", 0))
+        self.accepted_tokens.labels(name).inc(m.get("accepted", 0))
+        self.prefix_queries.labels(name).inc(c.prompt_tokens)
+        self.prefix_hits.labels(name).inc(c.cached_tokens)
+
+    def text(self) -> bytes:
+        return generate_latest(self.registry)
