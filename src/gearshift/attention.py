@@ -45,6 +45,7 @@ class Segment:
     tokens: list[int]
     parents: list[int] | None = None
     logits_from: int | None = None
+    capture_from: int | None = None  # keep the queries of rows from this one on (a KV policy scores with them)
 
 
 def tree_paths(parents: list[int]) -> list[list[int]]:
@@ -81,8 +82,10 @@ class Batch:
             raise ValueError("two segments of one batch write the same cache slot")
         tokens, positions, write, out, runs = [], [], [], [], []
         self.out_slices: list[slice] = []  # per segment: its rows in the output
-        for seg in segments:
+        self.capture: dict[int, slice] = {}  # segment index -> its rows whose queries are kept
+        for i, seg in enumerate(segments):
             start, row = cache.lengths[seg.slot], len(tokens)
+            shift = cache.shift[seg.slot]  # RoPE takes token positions; the cache, slot positions
             n_tree = len(seg.parents) if seg.parents is not None else 0
             n_plain = len(seg.tokens) - n_tree
             if n_plain < 1 or not seg.tokens:
@@ -92,9 +95,11 @@ class Batch:
             paths = tree_paths([-1] + list(seg.parents)) if n_tree else None
             root = start + n_plain - 1
             tokens += seg.tokens
-            positions += range(start, start + n_plain)
+            positions += range(start + shift, start + n_plain + shift)
             if paths:
-                positions += [root + len(p) - 1 for p in paths[1:]]  # a tree node's position: its depth
+                positions += [root + shift + len(p) - 1 for p in paths[1:]]  # a tree node's position: its depth
+            if seg.capture_from is not None:  # plain rows only: a draft's rows may be rejected
+                self.capture[i] = slice(row + seg.capture_from, row + n_plain)
             write += range(seg.slot * cache.max_len + start, seg.slot * cache.max_len + start + len(seg.tokens))
             first = len(out)
             if seg.logits_from is not None:
@@ -102,6 +107,8 @@ class Batch:
             self.out_slices.append(slice(first, len(out)))
             runs.append(_Run(seg.slot, row, start, n_plain, paths))
         self.segments, self.runs, self.exact = segments, runs, exact
+        self.queries: list[torch.Tensor] = []  # per layer, the captured rows' queries (RoPE applied)
+        self.holes = cache.holes if any(cache.compacted[s.slot] for s in segments) else None
         native = exact and cache.k.device.type == "cpu" and cache.k.dtype == torch.float32
         self.native = kernels.attend() if native else None
         if self.native is not None:
@@ -150,8 +157,11 @@ def cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, la
     rows_k, rows_v = cache.rows[layer]
     rows_k.index_copy_(0, batch.write, k)
     rows_v.index_copy_(0, batch.write, v)
+    if batch.capture:
+        batch.queries.append(torch.cat([q[rows] for rows in batch.capture.values()]))
     if batch.native is not None:
-        return batch.native(q, cache.k[layer], cache.v[layer], batch.native_rows, batch.native_extra)
+        holes = batch.holes[layer] if batch.holes is not None else NO_HOLES
+        return batch.native(q, cache.k[layer], cache.v[layer], batch.native_rows, batch.native_extra, holes)
     if not batch.exact:
         return batched(q, cache, layer, batch)
     t, h, d = q.shape
@@ -160,15 +170,29 @@ def cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, la
     out = []
     for run in batch.runs:
         keys, values = cache.heads[layer][run.slot]  # [1, KVH, positions, D] views
+        live = holes_mask(cache, layer, run.slot)
         for i in range(run.n_plain):
             n = run.start + i + 1
-            out.append(F.scaled_dot_product_attention(qg[run.row + i], keys[:, :, :n], values[:, :, :n]))
+            out.append(F.scaled_dot_product_attention(qg[run.row + i], keys[:, :, :n], values[:, :, :n],
+                                                      attn_mask=None if live is None else live[..., :n]))
         if run.paths:
-            out += _tree_rows(qg, k, v, cache.k[layer, run.slot], cache.v[layer, run.slot], run, keys, values)
+            out += _tree_rows(qg, k, v, cache.k[layer, run.slot], cache.v[layer, run.slot], run, keys, values, live)
     return torch.stack(out).view(t, h, d)
 
 
-def _tree_rows(qg, k, v, slot_keys, slot_values, run: _Run, keys, values) -> list[torch.Tensor]:
+NO_HOLES = torch.empty(0, dtype=torch.int64)
+
+
+def holes_mask(cache: KVCache, layer: int, slot: int) -> torch.Tensor | None:
+    """[1, KVH, 1, max_len] bool: the slot positions each KV head attends (None: all, no holes)."""
+    if not cache.compacted[slot]:
+        return None
+    h = cache.holes[layer, slot]  # [KVH, 2]
+    pos = torch.arange(cache.max_len, device=h.device)
+    return ((pos < h[:, :1]) | (pos >= h[:, 1:]))[None, :, None]
+
+
+def _tree_rows(qg, k, v, slot_keys, slot_values, run: _Run, keys, values, live) -> list[torch.Tensor]:
     """Attend tree nodes 1.. (node 0, the root, was attended as a plain row): each sees the prefix
     and its ancestors laid out after the root as plain decoding of its path has them."""
     base = run.start + run.n_plain - 1  # the root's position; nodes were written at base + node
@@ -184,7 +208,8 @@ def _tree_rows(qg, k, v, slot_keys, slot_values, run: _Run, keys, values) -> lis
             slot_values[base + d:base + len(path)] = v[idx]
             laid[d:len(path)] = path[d:]
         n = base + len(path)
-        rows.append(F.scaled_dot_product_attention(qg[first + node], keys[:, :, :n], values[:, :, :n]))
+        rows.append(F.scaled_dot_product_attention(qg[first + node], keys[:, :, :n], values[:, :, :n],
+                                                   attn_mask=None if live is None else live[..., :n]))
     if laid != list(range(len(run.paths))):  # leave the entries in node order for the caller to compact
         slot_keys[base:base + len(laid)] = k[first:first + len(laid)]
         slot_values[base:base + len(laid)] = v[first:first + len(laid)]
@@ -200,6 +225,9 @@ def batched(q: torch.Tensor, cache: KVCache, layer: int, batch: Batch) -> torch.
         n = len(seg.tokens)
         end = run.start + n
         qr = q[run.row:run.row + n].transpose(0, 1)[None]  # [1, H, n, D]
+        live = holes_mask(cache, layer, run.slot)
+        if live is not None:  # per KV head, repeated for its query heads
+            mask = mask & live[0, :, :, :end].repeat_interleave(q.shape[1] // keys.shape[1], dim=0)
         y = F.scaled_dot_product_attention(qr, keys[:, :, :end], values[:, :, :end], attn_mask=mask,
                                            enable_gqa=q.shape[1] != keys.shape[1])
         out.append(y[0].transpose(0, 1))

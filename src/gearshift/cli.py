@@ -35,6 +35,9 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tau", type=float, default=2.0, help="ead entropy threshold, nats")
     p.add_argument("--window", type=int, default=5, help="ead rolling window, tokens")
     p.add_argument("--min-run", type=int, default=4, help="ead: tokens before the schedule may switch again")
+    p.add_argument("--kv-policy", default=None, choices=["full", "streaming", "snapkv", "h2o", "pyramid"],
+                   help="which KV cache entries to keep past --kv-budget (default: all)")
+    p.add_argument("--kv-budget", type=int, default=None, help="KV entries kept per layer and head (default 1024)")
 
 
 def _sampling(a: argparse.Namespace) -> dict:
@@ -43,6 +46,9 @@ def _sampling(a: argparse.Namespace) -> dict:
     params = dict(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                   seed=a.seed, stop=a.stop)
     SamplingParams(**params)
+    if a.kv_policy or a.kv_budget is not None:
+        from .kv_policy import KVPolicy
+        params["kv_policy"] = KVPolicy(a.kv_policy or "snapkv", **({"budget": a.kv_budget} if a.kv_budget is not None else {}))
     if a.strategy:
         from .ead import EAD
         params["ead"] = EAD(small=a.small, tau=a.tau, window=a.window, min_run=a.min_run,
@@ -59,6 +65,8 @@ def _stats(c) -> str:
     m = c.metrics
     spec = f", MAT {m['mat']:.2f}, acceptance {m['acceptance_rate']:.0%}" if "proposed" in m else ""
     cached = f" ({m['cached_tokens']} prompt tokens cached)" if m["cached_tokens"] else ""
+    if m.get("kv_bytes", 0) < m.get("kv_full_bytes", 0):
+        cached += f", KV cache {m['kv_bytes'] / 2 ** 20:.1f} of {m['kv_full_bytes'] / 2 ** 20:.1f} MiB"
     return (f"[{m['generated_tokens']} tokens, {m['tok_per_s']:.1f} tok/s{spec}, "
             f"first token {m['ttft_s'] * 1000:.0f} ms{cached}, finish: {c.finish_reason}]")
 
@@ -161,11 +169,17 @@ def _check_llama_cpp(prefix: str | None) -> None:
 
 
 def cmd_bench(a) -> None:
+    if a.max_tokens is not None and a.max_tokens < 1:
+        raise GearshiftError("--max-tokens must be positive")
+    if a.suite != "kv":
+        a.max_tokens = a.max_tokens or 128
     from .ead import EAD
     from .tools.bench import run_ead, run_quick, run_spec_bench
     from .tools.bench_engine import run_batch, run_multiturn
     if a.suite == "serve":
         cmd_bench_serve(a)
+    elif a.suite == "kv":
+        cmd_bench_kv(a)
     elif a.suite == "batch":
         levels = _int_list(a.concurrency or "1,2,4,8,16", "--concurrency")
         if a.rate is not None and a.rate <= 0:
@@ -197,7 +211,33 @@ def cmd_bench(a) -> None:
         run_quick(a.model, n_questions=a.limit or 10, max_new_tokens=a.max_tokens, json_path=a.json, plot_path=a.plot,
                   with_transformers=not a.no_transformers, device=a.device, llama_cpp_dir=a.llama_cpp)
     else:
-        raise GearshiftError("choose a benchmark: gearshift bench --quick, or bench spec-bench, ead, batch, multiturn or serve")
+        raise GearshiftError("choose a benchmark: gearshift bench --quick, or bench spec-bench, ead, batch, multiturn, serve or kv")
+
+
+def _lengths(text: str) -> list[int]:
+    """'1k,2k,8k' -> [1000, 2000, 8000] (SCBench's nominal lengths, so '8k' fits an 8192 window)."""
+    try:
+        out = [int(float(x[:-1]) * 1000) if x.lower().endswith("k") else int(x) for x in text.split(",")]
+    except ValueError:
+        raise GearshiftError(f"--lengths takes comma-separated lengths like 1k,2k,8k, got {text!r}") from None
+    if min(out) < 200:
+        raise GearshiftError("--lengths must be at least 200 tokens")
+    return out
+
+
+def cmd_bench_kv(a) -> None:
+    from .tools.bench_kv import TASKS, run_kv
+    lengths = _lengths(a.lengths)
+    budgets = _int_list(a.budgets, "--budgets")
+    policies = a.policies.split(",")
+    modes = a.modes.split(",")
+    tasks = a.tasks.split(",")
+    if any(m not in ("multi-request", "multi-turn") for m in modes):
+        raise GearshiftError(f"--modes takes multi-request and/or multi-turn, got {a.modes!r}")
+    if any(t not in TASKS for t in tasks):
+        raise GearshiftError(f"--tasks takes some of {', '.join(TASKS)}, got {a.tasks!r}")
+    run_kv(a.model, lengths, policies, budgets, modes, tasks, seed=a.seed, max_tokens=a.max_tokens or 16,
+           data_out=a.data_out, json_path=a.json, plot_path=a.plot, device=a.device)
 
 
 def cmd_bench_serve(a) -> None:
@@ -327,10 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=cmd_info)
     p = sub.add_parser("bench", help="measure decoding speed (against transformers, under load, across turns)")
-    p.add_argument("suite", nargs="?", choices=["spec-bench", "ead", "batch", "multiturn", "serve"],
+    p.add_argument("suite", nargs="?", choices=["spec-bench", "ead", "batch", "multiturn", "serve", "kv"],
                    help="spec-bench: every drafter, per category; ead: entropy-adaptive decoding, cost vs quality; "
                         "batch: continuous batching at several concurrency levels; multiturn: the prefix cache "
-                        "across chat turns; serve: load on an OpenAI-compatible server")
+                        "across chat turns; serve: load on an OpenAI-compatible server; kv: KV cache policies on "
+                        "long contexts (SCBench-style)")
     p.add_argument("--concurrency", default=None, help="batch (default 1,2,4,8,16), serve (default 1,4,8,16): levels")
     p.add_argument("--requests", type=int, default=None, dest="requests_given",
                    help="batch: questions per level (default 16); serve: requests per level (default 2 x c, >= 8)")
@@ -339,6 +380,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-llama-cpp", action="store_true",
                    help="serve: start gearshift serve and llama-server on loopback and load each in turn")
     p.add_argument("--max-num-seqs", type=int, default=8, help="serve: slots of both servers (llama-server -np)")
+    p.add_argument("--lengths", default="1k,2k,4k,8k", help="kv: context lengths (k = 1000 tokens)")
+    p.add_argument("--policies", default="streaming,snapkv,h2o,pyramid", help="kv: policies against the full cache")
+    p.add_argument("--budgets", default="256,1024", help="kv: budgets (entries per layer and KV head)")
+    p.add_argument("--modes", default="multi-request,multi-turn", help="kv: SCBench's modes")
+    p.add_argument("--tasks", default="passkey,kv,prefix_suffix,multihop,manyshot", help="kv: tasks")
+    p.add_argument("--seed", type=int, default=0, help="kv: data seed")
+    p.add_argument("--data-out", default=None, help="kv: also write the generated items (SCBench's JSONL format)")
     p.add_argument("--rate", type=float, default=None, help="batch: also an open-loop run at this many requests/s")
     p.add_argument("--no-prefix-cache", action="store_true", help="batch: every request reads its whole prompt")
     p.add_argument("--repeats", type=int, default=1, help="batch: runs per level, levels up then down (pooled)")
@@ -355,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drafter", action="append", default=None,
                    help="drafters to run (default: lookup, early-exit, recycling, suffix, hybrid)")
     p.add_argument("--limit", type=int, default=None, help="questions (--quick: 10, ead: 20)")
-    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=None, help="new tokens per request (kv: 16, others: 128)")
     p.add_argument("--json", default=None, help="write results to this JSON file")
     p.add_argument("--plot", default=None, help="draw tokens/s per engine to this PNG")
     p.add_argument("--no-transformers", action="store_true")

@@ -28,6 +28,7 @@ import time
 
 import torch
 
+from . import kv_policy
 from .attention import Batch
 from .errors import GearshiftError
 from .model import Transformer
@@ -89,6 +90,11 @@ class EngineCore:
     def waiting(self) -> int:
         return len(self.scheduler.waiting)
 
+    def kv_held(self) -> tuple[int, int]:
+        """Entries (every layer and KV head) and bytes the running sequences' caches hold."""
+        entries = sum(self.cache.held(seq.slot) for seq in list(self.scheduler.running) if seq.slot is not None)
+        return entries, entries * self.cache.entry_bytes
+
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         """Advance every running sequence by one step; the outputs of the sequences that moved."""
@@ -104,13 +110,50 @@ class EngineCore:
             t0 = time.perf_counter()
             logits = self.model(batch, self.cache)
             forward_s = time.perf_counter() - t0
-            for task, rows in zip(tasks, batch.out_slices):
-                if (out := self._accept(task, logits[rows], forward_s)) is not None:
+            captured = self._captured(batch)
+            for i, (task, rows) in enumerate(zip(tasks, batch.out_slices)):
+                first = task.seq.computed + (task.segment_capture or 0)  # token position of its first captured row
+                out = self._accept(task, logits[rows], forward_s)
+                if task.seq.kv is not None and task.seq.finish_reason is None:
+                    self._kv_step(task.seq, captured.get(i), first)
+                if out is not None:
                     outputs.append(out)
         for seq in alone:
             tokens, logits = seq.strategy.decide(seq)
             outputs.append(self._advance(seq, tokens, logits, list(range(len(tokens)))))
         return outputs
+
+    # ------------------------------------------------------------------ KV policies
+
+    @staticmethod
+    def _captured(batch: Batch) -> dict[int, list[torch.Tensor]]:
+        """Per segment that asked (`Segment.capture_from`), its rows' queries in every layer."""
+        out, at = {}, 0
+        for i, rows in batch.capture.items():
+            n = rows.stop - rows.start
+            out[i] = [q[at:at + n] for q in batch.queries]
+            at += n
+        return out
+
+    def _kv_step(self, seq: Sequence, queries: list[torch.Tensor] | None, first: int) -> None:
+        """After a sequence's step: keep its prompt window's queries; at the end of the prompt, and
+        then while decoding, let its policy drop entries (`kv_policy.py`)."""
+        state = seq.kv
+        if not state.prompt_done:
+            if queries is not None:
+                state.absorb(queries, first)
+            if seq.computed < seq.prompt_len:
+                return
+            state.prompt_done = True
+            if state.policy.name == "h2o" and state.window:
+                kv_policy.accumulate(seq.slot, state, self.cache, [torch.cat(w) for w in state.window],
+                                     state.window_first)
+            kv_policy.compress(seq.slot, state, self.cache, decoding=False)
+            state.window = []
+            return
+        if queries is not None:
+            kv_policy.accumulate(seq.slot, state, self.cache, queries, first)
+        kv_policy.compress(seq.slot, state, self.cache, decoding=True)
 
     # ------------------------------------------------------------------ one sequence's step
 
@@ -161,6 +204,11 @@ class EngineCore:
 
     def _finish(self, seq: Sequence, out: StepOutput) -> None:
         seq.stats.timing.finished = time.perf_counter()
+        if seq.slot is not None:  # what its cache held at the end, before the slot is released
+            c, st = self.cache, seq.stats
+            st.kv_entries = c.held(seq.slot)
+            st.kv_bytes = st.kv_entries * c.entry_bytes
+            st.kv_full_bytes = c.tokens(seq.slot) * c.bytes_per_token
         out.text += seq.text.flush()
         if seq.strategy is not None:
             seq.strategy.finish(seq)

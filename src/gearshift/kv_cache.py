@@ -9,6 +9,14 @@ pages lazily on a CPU).
 Speculative decoding writes entries for draft tokens and then keeps only the accepted ones:
 rolling back is moving a slot's length back, keeping one path of a token tree is one gather.
 A finished sequence's entries stay in its slot: the prefix cache (`prefix_cache.py`) reuses them.
+
+A KV policy (`kv_policy.py`) can drop entries: `compact` keeps, per layer and KV head, the entries
+it names, moved to the front of the slot in their order; the slot's length becomes the largest
+count kept, and a head that kept fewer has a *hole* up to it (`holes[layer, slot, head] = [a, b)`,
+positions attention skips). Keys keep the rotation (RoPE) of the position they were computed at,
+so nothing is recomputed; `shift[slot]` is how many positions the slot has dropped in all, which
+is what turns a slot position into a token position. The engine speaks in token positions
+(`rollback`, `keep`), the layout in slot positions (`lengths`).
 """
 
 from __future__ import annotations
@@ -24,6 +32,9 @@ class KVCache:
         self.v = torch.empty(shape, dtype=dtype, device=device)
         self.max_len = max_len
         self.lengths = [0] * slots  # positions of each slot that hold valid entries
+        self.shift = [0] * slots  # positions dropped by a KV policy: token position = slot position + shift
+        self.holes = torch.zeros(n_layers, slots, n_kv_heads, 2, dtype=torch.int64, device=device)
+        self.compacted = [False] * slots  # whether a policy dropped entries of the slot's sequence
         # views made once: per layer, every slot's rows for writes, and each slot as [1, kv heads, positions, D]
         # (4-D: the shape scaled_dot_product_attention's fused CPU kernel takes; 3-D falls back to a slow path)
         self.rows = [(self.k[i].view(-1, n_kv_heads, head_dim), self.v[i].view(-1, n_kv_heads, head_dim))
@@ -36,25 +47,66 @@ class KVCache:
         return self.k.shape[1]
 
     @property
+    def entry_bytes(self) -> int:
+        """Key and value of one position in one layer and KV head."""
+        return 2 * self.k.shape[-1] * self.k.element_size()
+
+    @property
     def bytes_per_token(self) -> int:
         """Keys and values of one position, every layer."""
         return 2 * self.k[:, 0, 0].numel() * self.k.element_size()
 
+    def tokens(self, slot: int) -> int:
+        """Tokens the slot's sequence has been through (its held entries plus those dropped)."""
+        return self.lengths[slot] + self.shift[slot]
+
     def rollback(self, slot: int, position: int) -> None:
-        """Forget everything of `slot` from `position` on (e.g. rejected draft tokens)."""
-        if not 0 <= position <= self.lengths[slot]:
-            raise ValueError(f"cannot roll back to {position}: slot {slot} holds {self.lengths[slot]} positions")
-        self.lengths[slot] = position
+        """Forget everything of `slot` from token `position` on (e.g. rejected draft tokens)."""
+        at = position - self.shift[slot]
+        if not 0 <= at <= self.lengths[slot] or (self.compacted[slot] and at < self.holes[:, slot, :, 1].max()):
+            raise ValueError(f"cannot roll back to {position}: slot {slot} holds {self.lengths[slot]} positions"
+                             + (f" after dropping {self.shift[slot]}" if self.shift[slot] else ""))
+        self.lengths[slot] = at
+
+    def reset(self, slot: int) -> None:
+        """Empty the slot, dropped entries and holes forgotten."""
+        self.lengths[slot] = self.shift[slot] = 0
+        self.holes[:, slot] = 0
+        self.compacted[slot] = False
+
+    def compact(self, slot: int, keep: list[list[torch.Tensor]]) -> None:
+        """Keep, for each layer and KV head, the entries at slot positions `keep[layer][head]`
+        (ascending), moved to the front; every other entry is dropped. See the module docstring."""
+        n = self.lengths[slot]
+        end = max(len(idx) for per_layer in keep for idx in per_layer)
+        for layer, per_layer in enumerate(keep):
+            for head, idx in enumerate(per_layer):
+                m = len(idx)
+                idx = idx.to(self.k.device)
+                self.k[layer, slot, :m, head] = self.k[layer, slot, idx, head]
+                self.v[layer, slot, :m, head] = self.v[layer, slot, idx, head]
+                self.holes[layer, slot, head, 0] = m
+                self.holes[layer, slot, head, 1] = end
+        self.shift[slot] += n - end
+        self.lengths[slot] = end
+        self.compacted[slot] = True
+
+    def held(self, slot: int) -> int:
+        """Entries the slot holds, over every layer and KV head (holes excluded)."""
+        h = self.holes[:, slot]
+        return int(self.lengths[slot] * h.shape[0] * h.shape[1] - (h[..., 1].clamp(max=self.lengths[slot])
+                                                                    - h[..., 0]).clamp(min=0).sum())
 
     def keep(self, slot: int, start: int, nodes: list[int]) -> None:
-        """After scoring a token tree whose root sits at `start`: move the accepted path's entries
-        (node indices, root first) into place and forget the rest."""
+        """After scoring a token tree whose root sits at token position `start`: move the accepted
+        path's entries (node indices, root first) into place and forget the rest."""
+        start -= self.shift[slot]
         if nodes != list(range(len(nodes))):
             src = torch.tensor(nodes, device=self.k.device) + start
             end = start + len(nodes)
             self.k[:, slot, start:end] = self.k[:, slot, src]
             self.v[:, slot, start:end] = self.v[:, slot, src]
-        self.rollback(slot, start + len(nodes))
+        self.lengths[slot] = start + len(nodes)
 
     def copy(self, src: int, dst: int, n: int, start: int = 0) -> None:
         """Give slot `dst` positions start..n of slot `src` (a prefix shared by two sequences;

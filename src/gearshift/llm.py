@@ -15,6 +15,7 @@ from .core import EngineCore
 from .drafters import Drafter, ModelDrafter
 from .ead import EAD
 from .errors import GearshiftError
+from .kv_policy import KVPolicy
 from .loading import Loaded, load as load_weights
 from .model import Transformer
 from .sampling import SamplingParams
@@ -107,15 +108,17 @@ class LLM:
         return self._drafters[key]
 
     def requests(self, prompt: Prompt, drafter: str | Drafter | None = None, ead: EAD | None = None, n: int = 1,
-                 **params) -> list[Request]:
+                 kv_policy: str | KVPolicy | None = None, kv_budget: int | None = None, **params) -> list[Request]:
         """The requests for one prompt: `n` samples, the j-th seeded with seed + j when a seed is given."""
         p = SamplingParams(**params)
         if not isinstance(n, int) or n < 1:
             raise GearshiftError(f"n must be a positive integer, got {n!r}")
+        kv = kv_policy if isinstance(kv_policy, KVPolicy) or kv_policy is None and kv_budget is None else \
+            KVPolicy(kv_policy or "snapkv", **({"budget": kv_budget} if kv_budget is not None else {}))
         make = self.strategy(drafter, ead)
         ids = self.encode(prompt)
-        return [Request(ids, p if p.seed is None or j == 0 else SamplingParams(**{**vars(p), "seed": p.seed + j}), make)
-                for j in range(n)]
+        return [Request(ids, p if p.seed is None or j == 0 else SamplingParams(**{**vars(p), "seed": p.seed + j}), make,
+                        kv=kv) for j in range(n)]
 
     def strategy(self, drafter: str | Drafter | None, ead: EAD | None):
         """The per-sequence strategy factory a request carries: plain, speculative or entropy-adaptive."""
@@ -129,16 +132,20 @@ class LLM:
         return strategy_factory(self.model, ead=(small, ead))
 
     def generate(self, prompt: Prompt | list[Prompt], drafter: str | Drafter | None = None, ead: EAD | None = None,
-                 n: int = 1, **params) -> Completion | list[Completion]:
+                 n: int = 1, kv_policy: str | KVPolicy | None = None, kv_budget: int | None = None,
+                 **params) -> Completion | list[Completion]:
         """Complete one prompt, or several (a list of prompts), all decoded side by side.
 
         With a drafter, decoding is speculative and lossless: greedy output is token-identical
         to plain decoding, sampled output has the target's distribution. With `ead`, a small model
         writes where it is sure (see `ead.py`): lossy, unless `ead.verify`. `n` > 1 returns n
-        completions per prompt. Every output is the one the prompt gets alone.
+        completions per prompt. Every output is the one the prompt gets alone. `kv_policy`
+        (streaming, snapkv, h2o, pyramid; `kv_policy.py`) and `kv_budget` (entries kept per layer
+        and KV head) bound the sequence's KV cache.
         """
         many = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], (str, list))
-        requests = [r for x in (prompt if many else [prompt]) for r in self.requests(x, drafter, ead, n, **params)]
+        requests = [r for x in (prompt if many else [prompt])
+                    for r in self.requests(x, drafter, ead, n, kv_policy, kv_budget, **params)]
         ids = [self.core.add(r) for r in requests]
         done: dict[int, Completion] = {}
         try:
@@ -154,9 +161,9 @@ class LLM:
         return results if many or n > 1 else results[0]
 
     def stream(self, prompt: Prompt, drafter: str | Drafter | None = None, ead: EAD | None = None,
-               **params) -> Stream:
+               kv_policy: str | KVPolicy | None = None, kv_budget: int | None = None, **params) -> Stream:
         """Text deltas as they are generated; the finished Completion is then in `.completion`."""
-        request, = self.requests(prompt, drafter, ead, **params)
+        request, = self.requests(prompt, drafter, ead, 1, kv_policy, kv_budget, **params)
         return Stream(self.core, request)
 
 

@@ -340,8 +340,9 @@ class Transformer(nn.Module):
             cos_sin = torch.view_as_real(rot).reshape(len(x), -1).contiguous()
             heads, eps = (self.cfg.n_heads, self.cfg.n_kv_heads), self.cfg.norm_eps
             for i, layer in enumerate(self.layers[:n_layers]):
+                holes = batch.holes[i] if batch.holes is not None else attention.NO_HOLES
                 x = torch.ops.gearshift.block(x, *layer.fused_weights(), cos_sin, cache.k[i], cache.v[i], batch.write,
-                                              batch.native_rows, batch.native_extra, *heads, eps)
+                                              batch.native_rows, batch.native_extra, holes, *heads, eps)
         else:
             for i, layer in enumerate(self.layers[:n_layers]):
                 x = layer(x, rot, partial(attention.cached, cache=cache, layer=i, batch=batch))
@@ -355,8 +356,9 @@ class Transformer(nn.Module):
     def _fused(self, batch: Batch) -> bool:
         """Whether blocks run as one native op each (`csrc/block.cpp`): int4 layers, float32
         activations and cache on a CPU with the native kernels. The same math as `Block.forward`,
-        computed row by row like the rest, without a few hundred small ops' dispatch per step."""
-        return batch.native is not None and self._fusable and kernels.linear()
+        computed row by row like the rest, without a few hundred small ops' dispatch per step. A step
+        that keeps queries for a KV policy (`Segment.capture_from`) runs the unfused path, which has them."""
+        return batch.native is not None and self._fusable and kernels.linear() and not batch.capture
 
     def run(self, tokens: list[int] | torch.Tensor, cache: KVCache, slot: int = 0, parents: list[int] | None = None,
             logits_from: int | None = 0, n_layers: int | None = None, hidden: bool = False) -> torch.Tensor:

@@ -9,6 +9,11 @@ Three places can hold such a prefix (llama.cpp's per-slot longest common prefix,
 - the host LRU: before a free slot's entries are overwritten they are copied to host memory,
   least recently used first out, within a byte budget; a hit is copied back into the slot.
 
+A slot whose sequence had entries dropped by a KV policy (`kv_policy.py`) holds no exact prefix,
+so it is never copied; only the next turn of the same conversation under the same policy may
+continue it in place (its prompt extends everything the slot went through), which is how a
+compressed cache serves a follow-up (SCBench's multi-turn mode). Anything else resets it.
+
 Reuse is exact: attention is row-exact (`attention.py`), so a position's entries depend only on
 the tokens up to it, never on how they were computed. The prompt's last token is always read
 again, since its logits give the first new token. A slot's content is a list of tokens whose
@@ -28,9 +33,11 @@ from .kv_cache import KVCache
 
 
 class Holder(Protocol):
-    """What a busy slot's owner exposes: its tokens, the first `computed` of them cached."""
+    """What a busy slot's owner exposes: its tokens, the first `computed` of them cached, and its
+    KV policy state (None: a full cache)."""
     tokens: list[int]
     computed: int
+    kv: object | None
 
 
 @dataclass
@@ -63,6 +70,7 @@ class PrefixCache:
     def __init__(self, cache: KVCache, budget_bytes: int = 1 << 30, enabled: bool = True, min_tokens: int = 16):
         self.cache, self.budget, self.enabled, self.min_tokens = cache, budget_bytes, enabled, min_tokens
         self.contents: list[list[int]] = [[] for _ in range(cache.slots)]  # what each free slot holds
+        self.policies: list[object | None] = [None] * cache.slots  # the KV policy that compacted a free slot
         self.busy: dict[int, Holder] = {}
         self.released = [0] * cache.slots  # when each slot was last freed (LRU among free slots)
         self.clock = 0
@@ -78,7 +86,7 @@ class PrefixCache:
     def holding(self, slot: int) -> list[int]:
         if slot in self.busy:
             owner = self.busy[slot]
-            return owner.tokens[:owner.computed]
+            return [] if self.cache.compacted[slot] else owner.tokens[:owner.computed]
         return self.contents[slot]
 
     def assign(self, prompt: list[int], owner: Holder) -> tuple[int, int]:
@@ -91,7 +99,14 @@ class PrefixCache:
         def match(tokens: list[int]) -> int:
             return min(limit, common_prefix(tokens, prompt)) if limit > 0 else 0
 
-        here = {s: match(self.contents[s]) for s in free}
+        policy = owner.kv.policy if getattr(owner, "kv", None) is not None else None
+
+        def continues(s: int) -> int:  # a compacted slot: all of it, under the same policy, or nothing
+            held = self.contents[s]
+            ok = policy == self.policies[s] and 0 < len(held) <= limit and common_prefix(held, prompt) == len(held)
+            return len(held) if ok else 0
+
+        here = {s: continues(s) if self.cache.compacted[s] else match(self.contents[s]) for s in free}
         slot = max(free, key=lambda s: (here[s], -self.released[s]))  # continue a slot in place
         source, found = None, here[slot]
         for s in self.busy:  # or copy from a running sequence, or from host memory, if that gives more
@@ -106,14 +121,18 @@ class PrefixCache:
             self.saved.move_to_end(source[1])
         if source is not None:
             slot = min(free, key=lambda s: (len(self.contents[s]) > 0, self.released[s]))  # least recently freed
-        if len(self.contents[slot]) - (0 if source is not None else found) >= self.min_tokens:
+        if self.cache.compacted[slot] and (source is not None or found == 0):
+            self.cache.reset(slot)  # compacted entries nobody continues
+            self.contents[slot] = []
+        if len(self.contents[slot]) - (0 if source is not None else found) >= self.min_tokens \
+                and not self.cache.compacted[slot]:
             self.save(self.contents[slot], slot)  # what is about to be overwritten goes to host memory
         if entry is not None:
             self.cache.load(slot, entry.k.to(self.cache.k.device), entry.v.to(self.cache.k.device), found)
         elif source is not None:
             self.cache.copy(source, slot, found)
         else:
-            self.cache.rollback(slot, min(self.cache.lengths[slot], found))
+            self.cache.rollback(slot, min(self.cache.tokens(slot), found))
         self.contents[slot] = []
         self.busy[slot] = owner
         self.queries += len(prompt)
@@ -128,8 +147,15 @@ class PrefixCache:
     def release(self, slot: int, tokens: list[int]) -> None:
         """The slot's sequence ended; its entries for `tokens` (what the slot really holds) stay for
         later prompts that continue them."""
+        owner = self.busy.pop(slot, None)
+        self.policies[slot] = None
+        if self.cache.compacted[slot]:  # a KV policy dropped entries: only its own next turn continues them
+            if self.enabled and owner is not None and getattr(owner, "kv", None) is not None:
+                self.policies[slot] = owner.kv.policy
+            else:
+                self.cache.reset(slot)
+                tokens = []
         self.cache.rollback(slot, len(tokens))
-        self.busy.pop(slot, None)
         self.contents[slot] = list(tokens) if self.enabled else []
         self.clock += 1
         self.released[slot] = self.clock

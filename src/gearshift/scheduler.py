@@ -53,12 +53,18 @@ class Task:
     proposal: Proposal | None
 
     @property
+    def segment_capture(self) -> int | None:
+        seq = self.seq
+        return seq.kv.capture_from(seq.computed, self.take, seq.prompt_len) if seq.kv is not None else None
+
+    @property
     def segment(self) -> Segment:
         seq, p = self.seq, self.proposal
         tokens = seq.tokens[seq.computed:seq.computed + self.take]
+        capture = self.segment_capture
         if p is None:
-            return Segment(seq.slot, tokens)
-        return Segment(seq.slot, tokens + p.tokens, p.parents, logits_from=self.take - 1)
+            return Segment(seq.slot, tokens, capture_from=capture)
+        return Segment(seq.slot, tokens + p.tokens, p.parents, logits_from=self.take - 1, capture_from=capture)
 
 
 class Scheduler:
@@ -87,7 +93,8 @@ class Scheduler:
             if not seq.strategy.uses_target(seq):
                 alone.append(seq)
                 continue
-            if seq.computed < seq.prompt_len and self.prefix.enabled and self._share(seq, reach):
+            if seq.computed < seq.prompt_len and self.prefix.enabled and not self.prefix.cache.compacted[seq.slot] \
+                    and self._share(seq, reach):
                 continue  # another sequence computes this one's next tokens in this step: copy them next step
             lag = seq.lag
             take = lag if lag == 1 else min(lag, budget)
@@ -108,8 +115,8 @@ class Scheduler:
         wait a step if it is computing more of them now. Returns whether to wait."""
         limit, held, soon, source = len(seq.tokens) - 1, seq.computed, seq.computed, None
         for other in self.running:
-            if other is seq or other.slot is None:
-                continue
+            if other is seq or other.slot is None or self.prefix.cache.compacted[other.slot]:
+                continue  # (a slot whose policy dropped entries holds no exact prefix)
             n = min(limit, common_prefix(other.tokens, seq.tokens))
             if min(n, other.computed) > held:
                 held, source = min(n, other.computed), other

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .kv_policy import KVPolicy, KVState
 from .sampling import SamplingParams, make_generator
 from .stats import SequenceStats, Timing
 from .tokenizer import IncrementalDetokenizer, Tokenizer
@@ -30,6 +31,7 @@ class Request:
     params: SamplingParams
     strategy: Callable[[], "Strategy"]  # makes the per-sequence strategy when the sequence starts
     arrival: float = field(default_factory=time.perf_counter)
+    kv: KVPolicy | None = None  # which cache entries to keep (None: all)
 
 
 @dataclass
@@ -111,7 +113,10 @@ class Sequence:
         self.params = request.params
         self.prompt_len = len(request.prompt)
         self.tokens = list(request.prompt)  # prompt + generated
-        self.max_new = min(self.params.max_tokens, window - self.prompt_len)
+        self.kv = KVState(request.kv) if request.kv is not None and request.kv.active else None
+        # a slot holds `window` positions; streaming keeps dropping old ones, so it can go on past that
+        unbounded = self.kv is not None and self.kv.policy.name == "streaming"
+        self.max_new = self.params.max_tokens if unbounded else min(self.params.max_tokens, window - self.prompt_len)
         self.gen = make_generator(self.params.seed, device)
         self.text = TextState(tokenizer, request.prompt, self.params.stop)
         self.logprobs: list[Logprob] | None = None if self.params.logprobs is None else []

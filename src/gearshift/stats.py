@@ -72,6 +72,9 @@ class SequenceStats:
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
     generated: int = 0
     work: Work = field(default_factory=Work)
+    kv_entries: int = 0  # cache entries (every layer and KV head) the sequence held at its end
+    kv_bytes: int = 0  # what those entries take (keys and values)
+    kv_full_bytes: int = 0  # what a full cache would take for the same tokens
     spec: Speculation | None = None  # speculative strategies only
     ead: EADCost | None = None  # entropy-adaptive strategies only
 
@@ -84,7 +87,8 @@ class SequenceStats:
              "tok_per_s": decode_tokens / t.decode_s if t.decode_s > 0 and decode_tokens > 0 else 0.0,
              "target_forwards": w.target_forwards, "target_rows": w.target_rows,
              # MAT, mean tokens per target forward: 1.0 for plain decoding, as in Spec-Bench
-             "mat": w.consumed / w.target_forwards if w.target_forwards else 0.0}
+             "mat": w.consumed / w.target_forwards if w.target_forwards else 0.0,
+             "kv_entries": self.kv_entries, "kv_bytes": self.kv_bytes, "kv_full_bytes": self.kv_full_bytes}
         if self.spec is not None:
             s = self.spec
             m.update(drafts=s.drafts, proposed=s.proposed, accepted=s.accepted, draft_s=s.draft_s, verify_s=s.verify_s,

@@ -116,13 +116,15 @@ void attend_unit(const float* q, float scale, const float* kbase, const float* v
 }  // namespace
 
 // q [T, H, D]; k, v [slots, max_len, KVH, D] (one layer); rows [T, 4] int64: slot, n, e0, e1
-// (keys: positions 0..n-1, then extra[e0:e1]); returns [T, H, D].
+// (keys: positions 0..n-1, then extra[e0:e1]); holes [slots, KVH, 2] int64 (or empty): per slot and
+// KV head, positions [a, b) that hold no entry (what a KV policy dropped; `KVCache.holes`), skipped.
+// Returns [T, H, D].
 at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& rows,
-                  const at::Tensor& extra) {
+                  const at::Tensor& extra, const at::Tensor& holes) {
   TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
               "gearshift::attend takes float32");
-  TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && rows.is_contiguous() && extra.is_contiguous(),
-              "gearshift::attend takes a contiguous cache");
+  TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && rows.is_contiguous() && extra.is_contiguous()
+              && holes.is_contiguous(), "gearshift::attend takes a contiguous cache");
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t L = k.size(1), KVH = k.size(2), G = H / KVH;
   TORCH_CHECK(k.size(3) == D && H % KVH == 0 && q.stride(2) == 1, "gearshift::attend: shapes do not match");
@@ -136,6 +138,10 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const int64_t* xp = extra.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
   const int64_t stride = KVH * D;
+  const bool has_holes = holes.numel() > 0;
+  TORCH_CHECK(!has_holes || (holes.dim() == 3 && holes.size(0) == k.size(0) && holes.size(1) == KVH
+                             && holes.size(2) == 2), "gearshift::attend: holes must be [slots, KVH, 2]");
+  const int64_t* hp = has_holes ? holes.data_ptr<int64_t>() : nullptr;
 
   at::parallel_for(0, T * KVH, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> p;
@@ -144,9 +150,16 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       const int64_t t = unit / KVH, g = unit % KVH;
       const int64_t slot = rp[4 * t], n = rp[4 * t + 1], e0 = rp[4 * t + 2], e1 = rp[4 * t + 3];
       TORCH_CHECK(slot >= 0 && n >= 0 && n + (e1 - e0) <= L && n + (e1 - e0) > 0, "gearshift::attend: bad row");
-      keys.resize(n + (e1 - e0));
-      for (int64_t j = 0; j < n; ++j) keys[j] = j;
-      for (int64_t j = e0; j < e1; ++j) keys[n + j - e0] = xp[j];
+      int64_t a = 0, b = 0;  // the hole [a, b) within [0, n)
+      if (hp != nullptr) {
+        b = std::min(hp[2 * (slot * KVH + g) + 1], n);
+        a = std::min(hp[2 * (slot * KVH + g)], b);
+      }
+      keys.clear();
+      for (int64_t j = 0; j < a; ++j) keys.push_back(j);
+      for (int64_t j = b; j < n; ++j) keys.push_back(j);
+      for (int64_t j = e0; j < e1; ++j) keys.push_back(xp[j]);
+      TORCH_CHECK(!keys.empty(), "gearshift::attend: a row with no keys");
       attend_unit(qp + (t * H + g * G) * D, scale, kp + slot * L * stride + g * D, vp + slot * L * stride + g * D,
                   keys.data(), static_cast<int64_t>(keys.size()), G, D, stride, op + (t * H + g * G) * D, D, p);
     }
@@ -155,5 +168,5 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 }
 
 TORCH_LIBRARY(gearshift, m) {
-  m.def("attend(Tensor q, Tensor k, Tensor v, Tensor rows, Tensor extra) -> Tensor", &attend);
+  m.def("attend(Tensor q, Tensor k, Tensor v, Tensor rows, Tensor extra, Tensor holes) -> Tensor", &attend);
 }

@@ -264,9 +264,10 @@ def _requests(state: State, llm: LLM, body, prompts: list[list[int]], max_tokens
                       is not None else 1.0, top_p=body.top_p if body.top_p is not None else 1.0, top_k=top_k,
                       stop=stop, ignore_eos=body.ignore_eos, logprobs=logprobs)
         try:
-            requests += llm.requests(ids, n=body.n, seed=body.seed, **params)
+            requests += llm.requests(ids, n=body.n, seed=body.seed, kv_policy=body.kv_policy,
+                                     kv_budget=body.kv_budget, **params)
         except GearshiftError as e:
-            raise APIError(400, str(e)) from None
+            raise APIError(400, str(e), param="kv_policy" if "kv" in str(e) else None) from None
     for r in requests:
         r.strategy = make
     return requests, strategy.label

@@ -57,7 +57,7 @@ class AsyncEngine:
         self._live: dict[int, Handle] = {}
         self._stopping = False
         self.in_flight = 0  # requests accepted and not finished: the queue-full test
-        metrics.watch(lambda: core.running, lambda: core.waiting + len(self._new))
+        metrics.watch(lambda: core.running, lambda: core.waiting + len(self._new), core.kv_held)
         self._thread = threading.Thread(target=self._run, name="gearshift-engine", daemon=True)
         self._thread.start()
 

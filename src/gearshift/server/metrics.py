@@ -45,9 +45,17 @@ class Metrics:
         self.prefix_hits = Counter(P + "prefix_cache_hits", "Prompt tokens found in the prefix cache.", label,
                                    registry=r)
 
-    def watch(self, running: Callable[[], int], waiting: Callable[[], int]) -> None:
+        self.kv_entries = Gauge(P + "kv_cache_entries", "KV cache entries held by running sequences (every "
+                                "layer and KV head; a KV policy keeps fewer).", label, registry=r)
+        self.kv_bytes = Gauge(P + "kv_cache_bytes", "Bytes those entries take.", label, registry=r)
+        self.kv_dropped = Counter(P + "kv_cache_dropped_bytes", "Bytes of entries KV policies dropped, by the "
+                                  "end of each request.", label, registry=r)
+
+    def watch(self, running: Callable[[], int], waiting: Callable[[], int], kv: Callable[[], tuple[int, int]]) -> None:
         self.running.labels(self.model_name).set_function(running)
         self.waiting.labels(self.model_name).set_function(waiting)
+        self.kv_entries.labels(self.model_name).set_function(lambda: kv()[0])
+        self.kv_bytes.labels(self.model_name).set_function(lambda: kv()[1])
 
     def first_token(self, seconds: float, prompt_tokens: int) -> None:
         self.ttft.labels(self.model_name).observe(seconds)
@@ -67,6 +75,7 @@ class Metrics:
         self.accepted_tokens.labels(name).inc(m.get("accepted", 0))
         self.prefix_queries.labels(name).inc(c.prompt_tokens)
         self.prefix_hits.labels(name).inc(c.cached_tokens)
+        self.kv_dropped.labels(name).inc(max(0, m.get("kv_full_bytes", 0) - m.get("kv_bytes", 0)))
 
     def text(self) -> bytes:
         return generate_latest(self.registry)

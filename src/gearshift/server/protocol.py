@@ -81,6 +81,8 @@ class _Common(_Strict):
     user: str | None = None  # accepted and ignored, as OpenAI does
     ignore_eos: bool = False  # vLLM's extra
     speculative_config: dict | None = None  # ours: this request's strategy, shaped like --speculative-config
+    kv_policy: str | None = None  # ours: streaming, snapkv, h2o, pyramid (kv_policy.py); None: the full cache
+    kv_budget: int | None = Field(None, ge=1)  # ours: entries kept per layer and KV head
     # changes what the answer means; refused unless left at their neutral values
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -235,12 +237,15 @@ def engine_report(completions: list[Completion], strategy: str) -> dict:
     proposed = sum(c.metrics.get("proposed", 0) for c in completions)
     accepted = sum(c.metrics.get("accepted", 0) for c in completions)
     decode_s = max((c.metrics.get("decode_s", 0.0) for c in completions), default=0.0)
-    report = {"strategy": strategy,
+    report = {"strategy": completions[0].strategy if completions else strategy,  # the name the engine ran
               "acceptance_rate": accepted / proposed if proposed else None,
               "mean_accepted_tokens": (sum(c.metrics.get("mat", 0.0) for c in completions) / len(completions)
                                        if completions else 0.0),
               "ttft_s": min((c.metrics.get("ttft_s", 0.0) for c in completions), default=0.0),
               "tokens_per_s": (sum(c.metrics.get("tok_per_s", 0.0) for c in completions) if decode_s else 0.0)}
+    if completions and completions[0].metrics.get("kv_full_bytes"):
+        report["kv_bytes"] = sum(c.metrics.get("kv_bytes", 0) for c in completions)
+        report["kv_full_bytes"] = sum(c.metrics.get("kv_full_bytes", 0) for c in completions)
     if any("relative_compute" in c.metrics for c in completions):
         report["relative_compute"] = sum(c.metrics["relative_compute"] for c in completions) / len(completions)
     return report

@@ -1,0 +1,191 @@
+"""KV cache policies: which cached entries a sequence keeps when its cache may not hold them all.
+
+One interface, as NVIDIA's kvpress has it: a policy *scores* the entries of every layer and KV
+head, and the cache keeps the best within a *budget* (entries per layer and head), moved to the
+front of the slot (`KVCache.compact`). It runs at the end of the prompt (prefill end) and, for
+policies that keep going, during decoding, each time the slot has grown `slack` entries over its
+budget (so compaction, a gather of the slot, is paid once per `slack` tokens, not per token).
+
+- `streaming` (StreamingLLM): the first `sinks` entries and the most recent ones.
+- `snapkv` (SnapKV): at prefill end, the last `window` prompt tokens' queries vote (softmax
+  attention, summed over the window and over the query heads sharing the KV head, pooled over
+  neighbouring positions); the window itself is kept. Nothing is dropped while decoding.
+- `h2o` (H2O / Scissorhands): each entry's attention accumulated over every query it has seen
+  (the prompt's window, then every decoded token); heavy hitters plus the recent window are
+  kept, at prefill end and while decoding.
+- `pyramid` (PyramidKV): SnapKV's scores with budgets that shrink linearly from the first layer
+  (1.5x the budget) to the last (0.5x): the same total, more where attention is broad.
+
+Every policy keeps the first `sinks` entries and the last `window`. Kept keys keep the rotation
+of their original positions, and new tokens continue at their true positions (`KVCache.shift`),
+as kvpress does. With a budget at least the sequence's length nothing is dropped, and the output
+is the full cache's, token for token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .errors import GearshiftError
+from .kv_cache import KVCache
+
+POLICIES = ("full", "streaming", "snapkv", "h2o", "pyramid")
+
+
+@dataclass
+class KVPolicy:
+    """What a request asks of its cache: a policy and a budget (entries per layer and KV head)."""
+    name: str = "full"
+    budget: int = 1024
+    sinks: int = 4
+    window: int = 32  # recent entries always kept; SnapKV's observation window
+    slack: int = 64  # decoding: compact when this many entries over the budget
+    pool: int = 7  # SnapKV's pooling kernel over neighbouring positions
+
+    def __post_init__(self):
+        if self.name not in POLICIES:
+            raise GearshiftError(f"unknown kv_policy {self.name!r}; choose {', '.join(POLICIES)}")
+        for f in ("budget", "window", "slack", "pool"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise GearshiftError(f"kv {f} must be a positive integer, got {v!r}")
+        if not isinstance(self.sinks, int) or self.sinks < 0:
+            raise GearshiftError(f"kv sinks must be an integer >= 0, got {self.sinks!r}")
+        if self.name != "full" and self.budget < self.sinks + self.window:
+            raise GearshiftError(f"kv_budget {self.budget} is under sinks + window ({self.sinks} + {self.window})")
+
+    @property
+    def active(self) -> bool:
+        return self.name != "full"
+
+    @property
+    def in_decode(self) -> bool:
+        """Whether the policy drops entries while decoding (not only at the end of the prompt)."""
+        return self.name in ("streaming", "h2o")
+
+    @property
+    def needs_queries(self) -> bool:
+        return self.name in ("snapkv", "h2o", "pyramid")
+
+    def layer_budgets(self, n_layers: int) -> list[int]:
+        if self.name != "pyramid" or n_layers == 1:
+            return [self.budget] * n_layers
+        lo = self.sinks + self.window
+        return [max(lo, round(self.budget * (1.5 - layer / (n_layers - 1)))) for layer in range(n_layers)]
+
+
+@dataclass
+class KVState:
+    """One sequence's policy state: the prompt window's queries (per layer, and the token position
+    of the first), H2O's accumulated attention (per layer, KV head and slot position), and
+    whether the end of the prompt has been handled."""
+    policy: KVPolicy
+    window: list[list[torch.Tensor]] = field(default_factory=list)
+    window_first: int | None = None
+    acc: torch.Tensor | None = None  # h2o: [layers, KVH, max_len]
+    prompt_done: bool = False
+    compactions: int = 0
+
+    def capture_from(self, start: int, take: int, prompt_len: int) -> int | None:
+        """Of the rows reading tokens start..start+take-1, the first whose queries to keep (None: none)."""
+        p = self.policy
+        if not p.needs_queries:
+            return None
+        if start >= prompt_len:  # decoding
+            return 0 if p.name == "h2o" else None
+        first = max(start, prompt_len - p.window)
+        return first - start if first < start + take else None
+
+    def absorb(self, queries: list[torch.Tensor], first: int) -> None:
+        """Queries of prompt rows from token position `first` on (chunks arrive in order)."""
+        if not self.window:
+            self.window, self.window_first = [[] for _ in queries], first
+        for per_layer, q in zip(self.window, queries):
+            per_layer.append(q)
+
+
+def attention_scores(q: torch.Tensor, keys: torch.Tensor, live: torch.Tensor, first: int) -> torch.Tensor:
+    """Softmax attention of queries q [w, H, D] (at slot positions first..first+w-1) over keys
+    [n, KVH, D] (`live` [KVH, n]: entries that exist), summed over the rows and the query heads of
+    each KV head: [KVH, n] float32."""
+    w, h, d = q.shape
+    n, kvh, _ = keys.shape
+    qg = q.float().view(w, kvh, h // kvh, d).permute(1, 0, 2, 3).reshape(kvh, -1, d)  # [KVH, w*G, D]
+    logits = qg @ keys.float().permute(1, 2, 0) / math.sqrt(d)  # [KVH, w*G, n]
+    pos = torch.arange(n, device=q.device)
+    row_pos = (first + torch.arange(w, device=q.device)).repeat_interleave(h // kvh)  # [w*G]
+    visible = (pos[None, :] <= row_pos[:, None])[None] & live[:, None, :]
+    logits = logits.masked_fill(~visible, -math.inf)
+    return logits.softmax(-1).nan_to_num().sum(1)
+
+
+def _live(cache: KVCache, layer: int, slot: int, n: int) -> torch.Tensor:
+    h = cache.holes[layer, slot]
+    pos = torch.arange(n, device=h.device)
+    if not cache.compacted[slot]:
+        return torch.ones(h.shape[0], n, dtype=torch.bool, device=h.device)
+    return (pos < h[:, :1]) | (pos >= h[:, 1:])
+
+
+def _select(scores: torch.Tensor, live: torch.Tensor, budget: int, p: KVPolicy) -> list[torch.Tensor]:
+    """Per KV head: the `budget` best live positions, sinks and the recent window always in, ascending."""
+    n = scores.shape[1]
+    s = scores.masked_fill(~live, -math.inf).clone()
+    protect = torch.zeros(n, dtype=torch.bool, device=s.device)
+    protect[:p.sinks] = True
+    protect[max(0, n - p.window):] = True
+    s[:, protect] = math.inf
+    s = s.masked_fill(~live, -math.inf)
+    out = []
+    for head in range(s.shape[0]):
+        k = min(budget, int(live[head].sum()))
+        out.append(s[head].topk(k).indices.sort().values)
+    return out
+
+
+def compress(seq_slot: int, state: KVState, cache: KVCache, decoding: bool) -> bool:
+    """Apply the policy to the slot now if it is due; returns whether entries were dropped."""
+    p = state.policy
+    n = cache.lengths[seq_slot]
+    budgets = p.layer_budgets(cache.k.shape[0])
+    if decoding:
+        if not p.in_decode or n <= max(budgets) + p.slack:
+            return False
+    elif n <= min(budgets):
+        return False  # the whole prompt fits: keep everything (h2o's scores still start from the window)
+    keep = []
+    for layer, budget in enumerate(budgets):
+        live = _live(cache, layer, seq_slot, n)
+        if p.name == "streaming":  # recency: the newest entries, sinks aside
+            scores = torch.arange(n, device=live.device, dtype=torch.float32).expand_as(live)
+        elif p.name == "h2o":
+            scores = state.acc[layer, :, :n]
+        else:  # snapkv, pyramid: the prompt window's vote
+            q = torch.cat(state.window[layer])
+            scores = attention_scores(q, cache.k[layer, seq_slot, :n], live, state.window_first - cache.shift[seq_slot])
+            scores = F.avg_pool1d(scores[:, None], p.pool, stride=1, padding=p.pool // 2, count_include_pad=False)[:, 0]
+        keep.append(_select(scores, live, budget, p))
+    if state.acc is not None:  # the accumulated scores follow their entries
+        acc = torch.zeros_like(state.acc)
+        for layer, per_layer in enumerate(keep):
+            for head, idx in enumerate(per_layer):
+                acc[layer, head, :len(idx)] = state.acc[layer, head, idx]
+        state.acc = acc
+    cache.compact(seq_slot, keep)
+    state.compactions += 1
+    return True
+
+
+def accumulate(seq_slot: int, state: KVState, cache: KVCache, queries: list[torch.Tensor], first: int) -> None:
+    """H2O: add the attention that queries (rows from token position `first` on) paid to each entry."""
+    n = cache.lengths[seq_slot]
+    layers, _, _, kvh, _ = cache.k.shape
+    if state.acc is None:
+        state.acc = torch.zeros(layers, kvh, cache.max_len, device=cache.k.device)
+    for layer, q in enumerate(queries):
+        live = _live(cache, layer, seq_slot, n)
+        state.acc[layer, :, :n] += attention_scores(q, cache.k[layer, seq_slot, :n], live, first - cache.shift[seq_slot])
