@@ -46,9 +46,8 @@ def _sampling(a: argparse.Namespace) -> dict:
     params = dict(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                   seed=a.seed, stop=a.stop)
     SamplingParams(**params)
-    if a.kv_policy or a.kv_budget is not None:
-        from .kv_policy import KVPolicy
-        params["kv_policy"] = KVPolicy(a.kv_policy or "snapkv", **({"budget": a.kv_budget} if a.kv_budget is not None else {}))
+    from .kv_policy import KVPolicy
+    params["kv_policy"] = KVPolicy.of(a.kv_policy, a.kv_budget)
     if a.strategy:
         from .ead import EAD
         params["ead"] = EAD(small=a.small, tau=a.tau, window=a.window, min_run=a.min_run,

@@ -58,6 +58,13 @@ class KVPolicy:
         if self.name != "full" and self.budget < self.sinks + self.window:
             raise GearshiftError(f"kv_budget {self.budget} is under sinks + window ({self.sinks} + {self.window})")
 
+    @classmethod
+    def of(cls, name: str | None, budget: int | None) -> "KVPolicy | None":
+        """From a request's `kv_policy` / `kv_budget` (a budget alone means SnapKV); None: neither."""
+        if name is None and budget is None:
+            return None
+        return cls(name or "snapkv", **({"budget": budget} if budget is not None else {}))
+
     @property
     def active(self) -> bool:
         return self.name != "full"

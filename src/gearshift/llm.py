@@ -113,8 +113,7 @@ class LLM:
         p = SamplingParams(**params)
         if not isinstance(n, int) or n < 1:
             raise GearshiftError(f"n must be a positive integer, got {n!r}")
-        kv = kv_policy if isinstance(kv_policy, KVPolicy) or kv_policy is None and kv_budget is None else \
-            KVPolicy(kv_policy or "snapkv", **({"budget": kv_budget} if kv_budget is not None else {}))
+        kv = kv_policy if isinstance(kv_policy, KVPolicy) else KVPolicy.of(kv_policy, kv_budget)
         make = self.strategy(drafter, ead)
         ids = self.encode(prompt)
         return [Request(ids, p if p.seed is None or j == 0 else SamplingParams(**{**vars(p), "seed": p.seed + j}), make,

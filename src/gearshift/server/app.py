@@ -25,6 +25,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import GearshiftError
+from ..kv_policy import POLICIES, KVPolicy
 from ..llm import LLM
 from ..sequence import Completion, Request
 from .engine import AsyncEngine, Handle, QueueFull
@@ -256,6 +257,10 @@ def _requests(state: State, llm: LLM, body, prompts: list[list[int]], max_tokens
         make = _strategy(state, llm, strategy)
     except GearshiftError as e:
         raise APIError(400, str(e), param="speculative_config") from None
+    try:
+        kv = KVPolicy.of(body.kv_policy, body.kv_budget)
+    except GearshiftError as e:
+        raise APIError(400, str(e), param="kv_budget" if body.kv_policy in POLICIES else "kv_policy") from None
     stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
     top_k = body.top_k if body.top_k is not None and body.top_k > 0 else 0
     requests = []
@@ -264,10 +269,9 @@ def _requests(state: State, llm: LLM, body, prompts: list[list[int]], max_tokens
                       is not None else 1.0, top_p=body.top_p if body.top_p is not None else 1.0, top_k=top_k,
                       stop=stop, ignore_eos=body.ignore_eos, logprobs=logprobs)
         try:
-            requests += llm.requests(ids, n=body.n, seed=body.seed, kv_policy=body.kv_policy,
-                                     kv_budget=body.kv_budget, **params)
+            requests += llm.requests(ids, n=body.n, seed=body.seed, kv_policy=kv, **params)
         except GearshiftError as e:
-            raise APIError(400, str(e), param="kv_policy" if "kv" in str(e) else None) from None
+            raise APIError(400, str(e)) from None
     for r in requests:
         r.strategy = make
     return requests, strategy.label
