@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .attention import holes_mask
 from .errors import GearshiftError
 from .kv_cache import KVCache
 
@@ -131,17 +132,17 @@ def attention_scores(q: torch.Tensor, keys: torch.Tensor, live: torch.Tensor, fi
 
 
 def _live(cache: KVCache, layer: int, slot: int, n: int) -> torch.Tensor:
-    h = cache.holes[layer, slot]
-    pos = torch.arange(n, device=h.device)
-    if not cache.compacted[slot]:
-        return torch.ones(h.shape[0], n, dtype=torch.bool, device=h.device)
-    return (pos < h[:, :1]) | (pos >= h[:, 1:])
+    """[KVH, n] bool: the slot positions below n that hold an entry, per KV head."""
+    mask = holes_mask(cache, layer, slot)
+    if mask is None:
+        return torch.ones(cache.k.shape[3], n, dtype=torch.bool, device=cache.k.device)
+    return mask[0, :, 0, :n]
 
 
 def _select(scores: torch.Tensor, live: torch.Tensor, budget: int, p: KVPolicy) -> list[torch.Tensor]:
     """Per KV head: the `budget` best live positions, sinks and the recent window always in, ascending."""
     n = scores.shape[1]
-    s = scores.masked_fill(~live, -math.inf).clone()
+    s = scores.clone()
     protect = torch.zeros(n, dtype=torch.bool, device=s.device)
     protect[:p.sinks] = True
     protect[max(0, n - p.window):] = True

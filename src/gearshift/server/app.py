@@ -209,20 +209,11 @@ def create_app(load: Callable[[], LLM], config: ServerConfig | None = None) -> F
     async def complete(body: CompletionRequest, request: HTTPRequest):
         llm = accept(body, request)
         p = body.prompt
-        if isinstance(p, str):
-            prompts = [llm.tokenizer.encode(p)]
-        elif p and all(isinstance(x, str) for x in p):
-            prompts = [llm.tokenizer.encode(x) for x in p]
-        elif p and all(isinstance(x, int) for x in p):
-            prompts = [list(p)]
-        else:
-            prompts = [list(x) for x in p]
-        vocab = llm.model.cfg.vocab_size
-        for ids in prompts:
-            if not ids:
-                raise APIError(400, "the prompt is empty", param="prompt")
-            if any(not 0 <= t < vocab for t in ids):
-                raise APIError(400, f"token ids must be in [0, {vocab})", param="prompt")
+        many = bool(p) and not isinstance(p, str) and not isinstance(p[0], int)  # a list of prompts
+        try:  # text is tokenized, ids are range-checked, as LLM.generate does
+            prompts = [llm.encode(x) for x in (p if many else [p])]
+        except GearshiftError as e:
+            raise APIError(400, str(e), param="prompt") from None
         return await _run(state, request, body, prompts, body.max_tokens, body.logprobs, chat=False)
 
     return app
@@ -231,10 +222,12 @@ def create_app(load: Callable[[], LLM], config: ServerConfig | None = None) -> F
 # ------------------------------------------------------------------ one request, start to end
 
 def _strategy(state: State, llm: LLM, s: Strategy):
-    """The factory for a strategy (drafters are built once per name and cap, under a lock: requests
-    arrive concurrently)."""
+    """The drafter (None: plain) and EAD settings of a strategy, each drafter built once per name and
+    cap under a lock (requests arrive concurrently), and checked by building its factory once."""
     with state.drafter_lock:
-        return llm.strategy(llm.drafter(s.drafter, s.k) if s.drafter else None, s.ead)
+        drafter = llm.drafter(s.drafter, s.k) if s.drafter else None
+        llm.strategy(drafter, s.ead)  # builds EAD's small model too, and refuses bad combinations
+    return drafter, s.ead
 
 
 def _requests(state: State, llm: LLM, body, prompts: list[list[int]], max_tokens: int | None,
@@ -254,7 +247,7 @@ def _requests(state: State, llm: LLM, body, prompts: list[list[int]], max_tokens
         except GearshiftError as e:
             raise APIError(400, str(e), param="speculative_config") from None
     try:
-        make = _strategy(state, llm, strategy)
+        drafter, ead = _strategy(state, llm, strategy)
     except GearshiftError as e:
         raise APIError(400, str(e), param="speculative_config") from None
     try:
@@ -269,11 +262,9 @@ def _requests(state: State, llm: LLM, body, prompts: list[list[int]], max_tokens
                       is not None else 1.0, top_p=body.top_p if body.top_p is not None else 1.0, top_k=top_k,
                       stop=stop, ignore_eos=body.ignore_eos, logprobs=logprobs)
         try:
-            requests += llm.requests(ids, n=body.n, seed=body.seed, kv_policy=kv, **params)
+            requests += llm.requests(ids, drafter, ead, n=body.n, seed=body.seed, kv_policy=kv, **params)
         except GearshiftError as e:
             raise APIError(400, str(e)) from None
-    for r in requests:
-        r.strategy = make
     return requests, strategy.label
 
 

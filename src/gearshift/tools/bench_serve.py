@@ -28,14 +28,8 @@ from pathlib import Path
 from ..errors import GearshiftError
 from . import llama_cpp
 from .bench import _emit
+from .bench_engine import _percentile
 from .data import spec_bench_questions
-
-
-def _percentile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    s = sorted(values)
-    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
 
 
 async def _one(client, url: str, body: dict, headers: dict) -> dict:
