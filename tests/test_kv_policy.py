@@ -10,7 +10,7 @@ import gearshift
 from gearshift import kernels, kv_policy
 from gearshift.attention import Batch, Segment
 from gearshift.errors import GearshiftError
-from gearshift.kv_cache import KVCache
+from gearshift.kv_cache import KVCache, dequantize, quantize
 from gearshift.kv_policy import KVPolicy, KVState
 from tiny import tiny_model_dir
 
@@ -41,11 +41,12 @@ def filled_cache(layers=2, kvh=2, n=40, d=8, seed=0) -> KVCache:
 
 def test_streaming_keeps_the_sinks_and_the_recent_window():
     c = filled_cache()
-    before = c.k[:, 0, :40].clone()
+    c.inv_freq = 1.0 / 10000 ** (torch.arange(0, 8, 2).float() / 8)
+    before = c.v[:, 0, :40].clone()
     state = KVState(KVPolicy("streaming", budget=12, sinks=4, window=8))
     assert kv_policy.compress(0, state, c, decoding=False)
     kept = list(range(4)) + list(range(32, 40))
-    assert torch.equal(c.k[:, 0, :12], before[:, kept])
+    assert torch.equal(c.v[:, 0, :12], before[:, kept])  # (keys are re-rotated: the next test)
     assert c.lengths[0] == 12 and c.shift[0] == 28 and c.tokens(0) == 40
     assert (c.holes[:, 0, :, 0] == 12).all() and (c.holes[:, 0, :, 1] == 12).all()  # every head kept 12: no hole
     assert c.held(0) == 12 * 2 * 2
@@ -102,6 +103,46 @@ def test_bad_policies_are_one_line_errors(tiny):
         tiny.generate("a b c", kv_policy="lru")
     with pytest.raises(GearshiftError, match="under sinks \\+ window"):
         tiny.generate("a b c", kv_policy="snapkv", kv_budget=8)
+    with pytest.raises(GearshiftError, match="unknown kv_policy"):
+        tiny.generate("a b c", kv_policy="snapkv+int3")
+    with pytest.raises(GearshiftError, match="calibrate-duo"):  # no head file for this model
+        tiny.generate("a b c", kv_policy="duo")
+
+
+def test_duo_keeps_retrieval_heads_whole_and_streams_the_others(tmp_path):
+    """A head file that names head 1 of layer 0 and head 0 of layer 1 the retrieval heads: they keep
+    all 40 entries, the other heads their sinks and most recent entries only."""
+    heads = tmp_path / "heads.json"
+    heads.write_text('{"scores": [[0.01, 0.9], [0.5, 0.02]]}')
+    c = filled_cache()
+    before = c.k[:, 0, :40].clone()
+    state = KVState(KVPolicy("duo", budget=12, sinks=4, window=8, heads=str(heads), retrieval=0.5))
+    assert kv_policy.compress(0, state, c, decoding=False)
+    streamed = list(range(4)) + list(range(32, 40))
+    for layer, whole in ((0, 1), (1, 0)):
+        assert torch.equal(c.k[layer, 0, :40, whole], before[layer, :, whole])
+        assert torch.equal(c.k[layer, 0, :12, 1 - whole], before[layer, streamed, 1 - whole])
+        assert c.holes[layer, 0, 1 - whole].tolist() == [12, 40] and c.holes[layer, 0, whole].tolist() == [40, 40]
+    assert c.lengths[0] == 40 and c.held(0) == 2 * (40 + 12)
+    c.lengths[0] = 40 + 70  # 70 decoded tokens later: the streaming heads are due again, the others untouched
+    assert kv_policy.compress(0, state, c, decoding=True)
+    assert c.held(0) == 2 * (110 + 12)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantized_kv_round_trips_within_its_stated_error(fmt):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 3, 64, generator=g) * torch.rand(200, 3, 1, generator=g) * 10
+    x[:, :, 5] += 30  # an outlier channel, as keys have
+    codes, scales = quantize(x, fmt)
+    err = (dequantize(codes, scales, fmt) - x).abs()
+    if fmt == "int8":
+        bound = x.abs().amax(-1, keepdim=True) / 254
+    else:
+        halves = x.view(200, 3, 2, 32)
+        bound = ((halves.amax(-1) - halves.amin(-1)) / 30).repeat_interleave(32, -1)
+    assert (err <= bound * (1 + 1e-5) + 1e-6).all()
+    assert codes.dtype == torch.uint8 and err.max() > 0  # (it is lossy: the bound is what holds)
 
 
 # ------------------------------------------------------------------ attention with dropped entries
@@ -131,6 +172,39 @@ def test_native_and_pytorch_attention_skip_the_same_holes(tiny, monkeypatch):
     assert not torch.allclose(out["native"], m.run([5, 6], full, logits_from=0), atol=1e-3)
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_native_and_pytorch_attention_read_the_same_quantized_entries(tiny, monkeypatch, fmt):
+    """A quantized slot: both implementations read all but each row's `recent` last keys from the
+    quantized copy (so the result differs from float32's), and with every key recent, it is float32's."""
+    if not kernels._load():
+        pytest.skip("no native kernels here")
+    m = tiny.model
+    ids = [i % 8 for i in range(1, 25)]
+    prompt = {}
+    for recent in (4, 64):  # the same quantized entries for both implementations: one prompt, copied
+        prompt[recent] = m.new_cache(1, 64)
+        prompt[recent].set_format(0, fmt, recent)
+        m.run(ids, prompt[recent])
+    out = {}
+    for impl in ("native", "pytorch"):
+        monkeypatch.setitem(kernels._state, "loaded", impl == "native")
+        for recent in (4, 64):
+            c = m.new_cache(1, 64)
+            c.set_format(0, fmt, recent)
+            for name in ("k", "v", "kq", "vq", "ks", "vs"):
+                getattr(c, name).copy_(getattr(prompt[recent], name))
+            c.lengths = list(prompt[recent].lengths)
+            out[impl, recent] = m.run([5, 6, 7], c, logits_from=0)
+            c = m.new_cache(1, 64)  # the same float32 entries, not quantized
+            c.k.copy_(prompt[recent].k), c.v.copy_(prompt[recent].v)
+            c.lengths = list(prompt[recent].lengths)
+            out[impl, recent, "float32"] = m.run([5, 6, 7], c, logits_from=0)
+    assert torch.allclose(out["native", 4], out["pytorch", 4], atol=1e-5)
+    assert not torch.allclose(out["native", 4], out["native", 4, "float32"], atol=1e-4)
+    for impl in ("native", "pytorch"):
+        assert torch.allclose(out[impl, 64], out[impl, 64, "float32"], atol=1e-5)
+
+
 def test_positions_continue_after_entries_are_dropped(tiny):
     """The next token's RoPE position is its place in the sequence, not in the slot."""
     cache = tiny.model.new_cache(1, 64)
@@ -138,6 +212,26 @@ def test_positions_continue_after_entries_are_dropped(tiny):
     cache.compact(0, [[torch.arange(10)] * tiny.model.cfg.n_kv_heads] * tiny.model.cfg.n_layers)
     batch = Batch([Segment(0, [5, 6])], cache)
     assert batch.positions.tolist() == [30, 31] and batch.write.tolist() == [10, 11]
+
+
+def test_streaming_rerotates_kept_keys_to_their_slot_positions(tiny):
+    """StreamingLLM: after dropping, a kept key is rotated as if computed at its new place (layer 0's
+    keys depend only on the token and its position, so a fresh run of the kept tokens is the
+    reference), and the next token takes the next slot position, not its place in the text."""
+    m = tiny.model
+    ids = [i % 8 for i in range(1, 31)]
+    cache = m.new_cache(1, 64)
+    m.run(ids, cache)
+    window_before = cache.k[0, 0, 22:30].clone()  # rotated at positions 22..29
+    state = KVState(KVPolicy("streaming", budget=12, sinks=4, window=8))
+    assert kv_policy.compress(0, state, cache, decoding=False)
+    kept = ids[:4] + ids[-8:]
+    fresh = m.new_cache(1, 64)
+    m.run(kept, fresh)
+    assert torch.allclose(cache.k[0, 0, :12], fresh.k[0, 0, :12], atol=1e-5)
+    assert not torch.allclose(cache.k[0, 0, 4:12], window_before, atol=1e-2)  # (moving them was not enough)
+    batch = Batch([Segment(0, [5, 6])], cache)
+    assert batch.positions.tolist() == [12, 13] and cache.tokens(0) == 30
 
 
 # ------------------------------------------------------------------ through the engine
@@ -160,11 +254,63 @@ def test_a_planted_key_is_retrieved_from_the_entries_snapkv_keeps(llm):
     assert "71432" not in llm.generate(q, max_tokens=16, kv_policy="streaming", kv_budget=128).text
 
 
+def test_quantized_kv_keeps_the_key_in_a_fraction_of_the_bytes(llm):
+    """1,000 tokens: int8, int4 (its recent 128 in float32) and SnapKV + int4 all still retrieve the
+    key; the bytes attention reads shrink by what each format says."""
+    q = passkey(20)
+    full = llm.generate(q, max_tokens=16)
+    for policy, most in ((KVPolicy("int8"), 0.29), (KVPolicy("int4"), 0.3),  # (int4: 128 of ~1,000 in float32)
+                         (KVPolicy("snapkv+int4", budget=128, residual=32), 0.06)):
+        c = llm.generate(q, max_tokens=16, kv_policy=policy)
+        assert "71432" in c.text, policy
+        assert c.metrics["kv_bytes"] < most * full.metrics["kv_bytes"], policy
+
+
+def test_int4_whose_window_holds_everything_changes_nothing(llm):
+    q = passkey(5)
+    ref = llm.generate(q, max_tokens=24)
+    for policy in ("int4", "snapkv+int4"):
+        c = llm.generate(q, max_tokens=24, kv_policy=KVPolicy(policy, budget=1024, residual=1024))
+        assert c.token_ids == ref.token_ids, policy
+
+
+def test_a_quantized_request_gets_the_same_output_alone_or_in_a_batch(llm):
+    """Quantized copies are made as entries are written and each row reads its own recent window, so
+    how the prompt was chunked (alone, or sharing steps with another) changes nothing."""
+    q1, q2 = passkey(8), passkey(12, key=55555)
+    alone = llm.generate(q1, max_tokens=16, kv_policy="int4", kv_budget=None)
+    both = llm.generate([q1, q2], max_tokens=16, kv_policy="int4")
+    assert both[0].token_ids == alone.token_ids and both[0].metrics["kv_bytes"] < both[0].metrics["kv_full_bytes"]
+
+
 def test_speculative_decoding_under_a_policy_equals_plain_under_it(llm):
     q = passkey(10)
     plain = llm.generate(q, max_tokens=32, kv_policy="h2o", kv_budget=160)
     spec = llm.generate(q, max_tokens=32, kv_policy="h2o", kv_budget=160, drafter="lookup")
     assert spec.token_ids == plain.token_ids
+    plain = llm.generate(q, max_tokens=32, kv_policy="int8")
+    spec = llm.generate(q, max_tokens=32, kv_policy="int8", drafter="hybrid")  # a tree: quantized entries relaid
+    assert spec.token_ids == plain.token_ids
+
+
+def test_calibrated_duo_heads_keep_the_key(llm, tmp_path):
+    """`gearshift calibrate-duo` on generated passkeys finds a few heads that look at the needle
+    (far above the median head); duo keeps those whole and streams the rest, and still retrieves."""
+    from gearshift.cli import main
+    out = tmp_path / "heads.json"
+    assert main(["calibrate-duo", "--samples", "3", "--length", "1000", "--out", str(out), "--plot",
+                 str(tmp_path / "heads.png")]) == 0
+    import json
+    scores = torch.tensor(json.loads(out.read_text())["scores"])
+    assert scores.shape == (llm.model.cfg.n_layers, llm.model.cfg.n_kv_heads)
+    assert scores.max() > 20 * scores.median() and (tmp_path / "heads.png").stat().st_size > 0
+    q = passkey(20)
+    c = llm.generate(q, max_tokens=16, kv_policy=KVPolicy("duo", budget=64, heads=str(out), retrieval=0.5))
+    assert "71432" in c.text and c.metrics["kv_bytes"] < 0.6 * c.metrics["kv_full_bytes"]
+    control = tmp_path / "random.json"  # as many heads kept whole, chosen at random: the key is lost
+    control.write_text(json.dumps({"scores": torch.rand(scores.shape, generator=torch.Generator().manual_seed(0)).tolist()}))
+    c = llm.generate(q, max_tokens=16, kv_policy=KVPolicy("duo", budget=64, heads=str(control), retrieval=0.5))
+    assert "71432" not in c.text
 
 
 def test_streaming_runs_past_the_window_in_bounded_memory(tiny):
@@ -211,9 +357,10 @@ def test_benchmark_data_is_scbench_shaped_and_deterministic_from_its_seed(llm):
     from gearshift.tools.bench_kv import TASKS, generate
     a, b = generate(llm.tokenizer, 1000, seed=3), generate(llm.tokenizer, 1000, seed=3)
     assert a == b and generate(llm.tokenizer, 1000, seed=4) != a
-    assert [i["task"] for i in a] == list(TASKS)
+    assert [i["task"] for i in a] == list(TASKS[:-1]) + ["needle"] * 4
     for item in a:
-        assert {"id", "context", "multi_turns"} <= set(item) and len(item["multi_turns"]) == 4
+        assert {"id", "context", "multi_turns"} <= set(item) and len(item["multi_turns"]) == (
+            1 if item["task"] == "needle" else 4)
         for turn in item["multi_turns"]:
             assert set(turn) == {"input", "answer"} and turn["answer"]
             if item["task"] != "manyshot":

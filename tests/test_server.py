@@ -227,6 +227,11 @@ def test_kv_policy_per_request(client, llm):
     assert r.choices[0].message.content == ref.text
     report = r.model_extra["gearshift"]
     assert report["kv_bytes"] < report["kv_full_bytes"] / 3
+    ref = llm.generate(q, max_tokens=12, kv_policy="snapkv+int8", kv_budget=64)  # composed with quantization
+    r = client.chat.completions.create(model=NAME, messages=q, max_tokens=12, temperature=0,
+                                       extra_body={"kv_policy": "snapkv+int8", "kv_budget": 64})
+    assert r.choices[0].message.content == ref.text
+    assert r.model_extra["gearshift"]["kv_bytes"] < report["kv_bytes"] / 3
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=NAME, messages=q, max_tokens=2, extra_body={"kv_policy": "lru"})
     assert e.value.body["param"] == "kv_policy"

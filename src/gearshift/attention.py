@@ -85,7 +85,8 @@ class Batch:
         self.capture: dict[int, slice] = {}  # segment index -> its rows whose queries are kept
         for i, seg in enumerate(segments):
             start, row = cache.lengths[seg.slot], len(tokens)
-            shift = cache.shift[seg.slot]  # RoPE takes token positions; the cache, slot positions
+            # RoPE takes token positions; the cache, slot positions (a re-rotated slot: slot positions too)
+            shift = 0 if cache.rope_at_slot[seg.slot] else cache.shift[seg.slot]
             n_tree = len(seg.parents) if seg.parents is not None else 0
             n_plain = len(seg.tokens) - n_tree
             if n_plain < 1 or not seg.tokens:
@@ -109,8 +110,16 @@ class Batch:
         self.segments, self.runs, self.exact = segments, runs, exact
         self.queries: list[torch.Tensor] = []  # per layer, the captured rows' queries (RoPE applied)
         self.holes = cache.holes if any(cache.compacted[s.slot] for s in segments) else None
+        # quantized slots: per format, the batch rows whose entries get a quantized copy, and where
+        groups: dict[str, tuple[list[int], list[int]]] = {}
+        for seg, run in zip(segments, runs):
+            if fmt := cache.formats[seg.slot]:
+                rows_, at = groups.setdefault(fmt, ([], []))
+                rows_ += range(run.row, run.row + len(seg.tokens))
+                at += range(seg.slot * cache.max_len + run.start, seg.slot * cache.max_len + run.start + len(seg.tokens))
+        self.quantized = [(fmt, torch.tensor(r, device=dev), torch.tensor(w, device=dev)) for fmt, (r, w) in groups.items()]
         native = exact and cache.k.device.type == "cpu" and cache.k.dtype == torch.float32
-        self.native = kernels.attend() if native else None
+        self.native = (kernels.attend_q() if self.quantized else kernels.attend()) if native else None
         if self.native is not None:
             self.native_rows, self.native_extra = self._native_rows()
         self.tokens = torch.tensor(tokens, device=dev)
@@ -157,11 +166,18 @@ def cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, la
     rows_k, rows_v = cache.rows[layer]
     rows_k.index_copy_(0, batch.write, k)
     rows_v.index_copy_(0, batch.write, v)
+    if batch.quantized:  # the quantized copies of rows in quantized slots
+        if batch.native is not None:
+            torch.ops.gearshift.quantize_into(k, v, batch.write, *cache.quantized_layer(layer))
+        else:
+            for fmt, rows, at in batch.quantized:
+                cache.write_quantized(layer, fmt, at, k[rows], v[rows])
     if batch.capture:
         batch.queries.append(torch.cat([q[rows] for rows in batch.capture.values()]))
     if batch.native is not None:
         holes = batch.holes[layer] if batch.holes is not None else NO_HOLES
-        return batch.native(q, cache.k[layer], cache.v[layer], batch.native_rows, batch.native_extra, holes)
+        quant = cache.quantized_layer(layer) if batch.quantized else ()
+        return batch.native(q, cache.k[layer], cache.v[layer], batch.native_rows, batch.native_extra, holes, *quant)
     if not batch.exact:
         return batched(q, cache, layer, batch)
     t, h, d = q.shape
@@ -169,18 +185,19 @@ def cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, la
     qg = q.view(t, 1, kvh, h // kvh, d)  # a KV head's query heads as query rows: no GQA expansion
     out = []
     for run in batch.runs:
-        keys, values = cache.heads[layer][run.slot]  # [1, KVH, positions, D] views
         live = holes_mask(cache, layer, run.slot)
         for i in range(run.n_plain):
             n = run.start + i + 1
-            out.append(F.scaled_dot_product_attention(qg[run.row + i], keys[:, :, :n], values[:, :, :n],
+            keys, values = cache.read(layer, run.slot, n, live)  # [1, KVH, n, D]
+            out.append(F.scaled_dot_product_attention(qg[run.row + i], keys, values,
                                                       attn_mask=None if live is None else live[..., :n]))
         if run.paths:
-            out += _tree_rows(qg, k, v, cache.k[layer, run.slot], cache.v[layer, run.slot], run, keys, values, live)
+            out += _tree_rows(qg, k, v, cache, layer, run, live)
     return torch.stack(out).view(t, h, d)
 
 
 NO_HOLES = torch.empty(0, dtype=torch.int64)
+NO_QUANT = (NO_HOLES,) * 5  # the fused block's quantized-copy arguments when the step has none
 
 
 def holes_mask(cache: KVCache, layer: int, slot: int) -> torch.Tensor | None:
@@ -192,9 +209,18 @@ def holes_mask(cache: KVCache, layer: int, slot: int) -> torch.Tensor | None:
     return ((pos < h[:, :1]) | (pos >= h[:, 1:]))[None, :, None]
 
 
-def _tree_rows(qg, k, v, slot_keys, slot_values, run: _Run, keys, values, live) -> list[torch.Tensor]:
+def _tree_rows(qg, k, v, cache: KVCache, layer: int, run: _Run, live) -> list[torch.Tensor]:
     """Attend tree nodes 1.. (node 0, the root, was attended as a plain row): each sees the prefix
     and its ancestors laid out after the root as plain decoding of its path has them."""
+    slot_keys, slot_values, fmt = cache.k[layer, run.slot], cache.v[layer, run.slot], cache.formats[run.slot]
+
+    def lay(at: int, idx: torch.Tensor) -> None:  # rows idx of this step into slot positions at, at + 1, ...
+        slot_keys[at:at + len(idx)] = k[idx]
+        slot_values[at:at + len(idx)] = v[idx]
+        if fmt:
+            cache.write_quantized(layer, fmt, run.slot * cache.max_len + at + torch.arange(len(idx), device=k.device),
+                                  k[idx], v[idx])
+
     base = run.start + run.n_plain - 1  # the root's position; nodes were written at base + node
     first = run.row + run.n_plain - 1  # the root's row
     laid = list(range(len(run.paths)))  # which node's entries sit at base, base + 1, ...
@@ -203,16 +229,14 @@ def _tree_rows(qg, k, v, slot_keys, slot_values, run: _Run, keys, values, live) 
         path = run.paths[node]
         d = next((j for j, (a, b) in enumerate(zip(laid, path)) if a != b), len(path))
         if d < len(path):
-            idx = torch.tensor(path[d:], device=k.device) + first
-            slot_keys[base + d:base + len(path)] = k[idx]
-            slot_values[base + d:base + len(path)] = v[idx]
+            lay(base + d, torch.tensor(path[d:], device=k.device) + first)
             laid[d:len(path)] = path[d:]
         n = base + len(path)
-        rows.append(F.scaled_dot_product_attention(qg[first + node], keys[:, :, :n], values[:, :, :n],
+        keys, values = cache.read(layer, run.slot, n, live)
+        rows.append(F.scaled_dot_product_attention(qg[first + node], keys, values,
                                                    attn_mask=None if live is None else live[..., :n]))
     if laid != list(range(len(run.paths))):  # leave the entries in node order for the caller to compact
-        slot_keys[base:base + len(laid)] = k[first:first + len(laid)]
-        slot_values[base:base + len(laid)] = v[first:first + len(laid)]
+        lay(base, torch.arange(first, first + len(laid), device=k.device))
     return rows
 
 
@@ -221,14 +245,14 @@ def batched(q: torch.Tensor, cache: KVCache, layer: int, batch: Batch) -> torch.
     already written), all its rows and query heads at once."""
     out = []
     for run, seg, mask in zip(batch.runs, batch.segments, batch.masks):
-        keys, values = cache.heads[layer][run.slot]  # [1, KVH, positions, D]
         n = len(seg.tokens)
         end = run.start + n
         qr = q[run.row:run.row + n].transpose(0, 1)[None]  # [1, H, n, D]
         live = holes_mask(cache, layer, run.slot)
+        keys, values = cache.read(layer, run.slot, end, live)  # (quantized: as the segment's last row sees them)
         if live is not None:  # per KV head, repeated for its query heads
             mask = mask & live[0, :, :, :end].repeat_interleave(q.shape[1] // keys.shape[1], dim=0)
-        y = F.scaled_dot_product_attention(qr, keys[:, :, :end], values[:, :, :end], attn_mask=mask,
+        y = F.scaled_dot_product_attention(qr, keys, values, attn_mask=mask,
                                            enable_gqa=q.shape[1] != keys.shape[1])
         out.append(y[0].transpose(0, 1))
     return torch.cat(out)

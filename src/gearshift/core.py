@@ -92,8 +92,8 @@ class EngineCore:
 
     def kv_held(self) -> tuple[int, int]:
         """Entries (every layer and KV head) and bytes the running sequences' caches hold."""
-        entries = sum(self.cache.held(seq.slot) for seq in list(self.scheduler.running) if seq.slot is not None)
-        return entries, entries * self.cache.entry_bytes
+        slots = [seq.slot for seq in list(self.scheduler.running) if seq.slot is not None]
+        return sum(map(self.cache.held, slots)), sum(map(self.cache.held_bytes, slots))
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
@@ -102,6 +102,8 @@ class EngineCore:
         now = time.perf_counter()
         for seq in self.scheduler.admit():
             seq.stats.timing.admitted = now
+            policy = seq.kv.policy if seq.kv is not None else None
+            self.cache.set_format(seq.slot, policy and policy.quant, policy.recent if policy else 0)
             seq.strategy = seq.request.strategy()
             seq.strategy.start(seq)
         tasks, alone = self.scheduler.plan()
@@ -207,7 +209,7 @@ class EngineCore:
         if seq.slot is not None:  # what its cache held at the end, before the slot is released
             c, st = self.cache, seq.stats
             st.kv_entries = c.held(seq.slot)
-            st.kv_bytes = st.kv_entries * c.entry_bytes
+            st.kv_bytes = c.held_bytes(seq.slot)
             st.kv_full_bytes = c.tokens(seq.slot) * c.bytes_per_token
         out.text += seq.text.flush()
         if seq.strategy is not None:

@@ -120,6 +120,11 @@ def attend():
     return torch.ops.gearshift.attend if _load() else None
 
 
+def attend_q():
+    """`attend` for batches with quantized slots (their quantized copies as extra arguments)."""
+    return torch.ops.gearshift.attend_q if _load() else None
+
+
 def linear() -> bool:
     """Whether the native quantized matrix products (`csrc/linear.cpp`: AVX2/FMA/F16C) are there."""
     if not _load():

@@ -6,7 +6,9 @@ front of the slot (`KVCache.compact`). It runs at the end of the prompt (prefill
 policies that keep going, during decoding, each time the slot has grown `slack` entries over its
 budget (so compaction, a gather of the slot, is paid once per `slack` tokens, not per token).
 
-- `streaming` (StreamingLLM): the first `sinks` entries and the most recent ones.
+- `streaming` (StreamingLLM): the first `sinks` entries and the most recent ones, re-rotated to
+  their places in the cache as StreamingLLM does (`KVCache.compact`), so a stream can go on past
+  the positions the model was trained on.
 - `snapkv` (SnapKV): at prefill end, the last `window` prompt tokens' queries vote (softmax
   attention, summed over the window and over the query heads sharing the KV head, pooled over
   neighbouring positions); the window itself is kept. Nothing is dropped while decoding.
@@ -15,17 +17,27 @@ budget (so compaction, a gather of the slot, is paid once per `slack` tokens, no
   kept, at prefill end and while decoding.
 - `pyramid` (PyramidKV): SnapKV's scores with budgets that shrink linearly from the first layer
   (1.5x the budget) to the last (0.5x): the same total, more where attention is broad.
+- `duo` (DuoAttention): retrieval heads keep every entry, the other (streaming) heads the first
+  `sinks` and the most recent ones within the budget, at prefill end and while decoding. Which KV
+  heads retrieve is measured once per model by `gearshift calibrate-duo` (a head file, `heads`);
+  the `retrieval` fraction of heads with the highest scores keep everything.
+- `int8`, `int4` (KIVI-style; `kv_cache.quantize`): a quantized copy of every entry, which attention
+  reads except for the `residual` most recent (int4; int8 has none). Composes with any of the above:
+  `snapkv+int4` drops with SnapKV and quantizes what is kept.
 
-Every policy keeps the first `sinks` entries and the last `window`. Kept keys keep the rotation
-of their original positions, and new tokens continue at their true positions (`KVCache.shift`),
-as kvpress does. With a budget at least the sequence's length nothing is dropped, and the output
+Every policy keeps the first `sinks` entries and the last `window`. Apart from `streaming`, kept
+keys keep the rotation of their original positions, and new tokens continue at their true
+positions (`KVCache.shift`), as kvpress does. With a budget at least the sequence's length
+nothing is dropped, and the output
 is the full cache's, token for token.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +46,9 @@ from .attention import holes_mask
 from .errors import GearshiftError
 from .kv_cache import KVCache
 
-POLICIES = ("full", "streaming", "snapkv", "h2o", "pyramid")
+EVICTIONS = ("full", "streaming", "snapkv", "h2o", "pyramid", "duo")
+QUANTIZED = ("int8", "int4")
+POLICIES = EVICTIONS + QUANTIZED  # and EVICTION+QUANTIZED, e.g. snapkv+int4
 
 
 @dataclass
@@ -46,10 +60,23 @@ class KVPolicy:
     window: int = 32  # recent entries always kept; SnapKV's observation window
     slack: int = 64  # decoding: compact when this many entries over the budget
     pool: int = 7  # SnapKV's pooling kernel over neighbouring positions
+    quant: str | None = None  # int8 / int4: also quantize what is kept (a name like "snapkv+int4" sets it)
+    residual: int = 128  # int4: the most recent entries read in float32 (KIVI's residual window)
+    heads: str | None = None  # duo: the head file of `gearshift calibrate-duo`
+    retrieval: float = 0.25  # duo: the fraction of KV heads that keep every entry (DuoAttention: 25% for GQA)
 
     def __post_init__(self):
-        if self.name not in POLICIES:
-            raise GearshiftError(f"unknown kv_policy {self.name!r}; choose {', '.join(POLICIES)}")
+        name, _, quant = self.name.partition("+")
+        if name in QUANTIZED and not quant:
+            name, quant = "full", name
+        if name not in EVICTIONS or (quant and quant not in QUANTIZED) or (quant and self.quant not in (None, quant)):
+            raise GearshiftError(f"unknown kv_policy {self.name!r}; choose {', '.join(POLICIES)}, "
+                                 f"or a policy and a quantization, e.g. snapkv+int4")
+        self.name, self.quant = name, quant or self.quant
+        if not 0 <= self.retrieval <= 1:
+            raise GearshiftError(f"kv retrieval fraction must be in [0, 1], got {self.retrieval!r}")
+        if not isinstance(self.residual, int) or self.residual < 0:
+            raise GearshiftError(f"kv residual must be an integer >= 0, got {self.residual!r}")
         for f in ("budget", "window", "slack", "pool"):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -67,13 +94,26 @@ class KVPolicy:
         return cls(name or "snapkv", **({"budget": budget} if budget is not None else {}))
 
     @property
+    def label(self) -> str:
+        return f"{self.name}+{self.quant}" if self.quant and self.name != "full" else self.quant or self.name
+
+    @property
     def active(self) -> bool:
+        return self.name != "full" or self.quant is not None
+
+    @property
+    def evicts(self) -> bool:
         return self.name != "full"
+
+    @property
+    def recent(self) -> int:
+        """Entries each row reads in float32 from a quantized slot."""
+        return self.residual if self.quant == "int4" else 0
 
     @property
     def in_decode(self) -> bool:
         """Whether the policy drops entries while decoding (not only at the end of the prompt)."""
-        return self.name in ("streaming", "h2o")
+        return self.name in ("streaming", "h2o", "duo")
 
     @property
     def needs_queries(self) -> bool:
@@ -84,6 +124,43 @@ class KVPolicy:
             return [self.budget] * n_layers
         lo = self.sinks + self.window
         return [max(lo, round(self.budget * (1.5 - layer / (n_layers - 1)))) for layer in range(n_layers)]
+
+    def head_budgets(self, n_layers: int, n_kv_heads: int) -> torch.Tensor:
+        """[layers, KV heads] entries each head may keep (duo: a retrieval head, without limit)."""
+        budgets = torch.tensor(self.layer_budgets(n_layers), dtype=torch.float64)[:, None].repeat(1, n_kv_heads)
+        if self.name == "duo":
+            budgets[retrieval_heads(self, n_layers, n_kv_heads)] = math.inf
+        return budgets
+
+
+def duo_path(model_path: str | Path) -> Path:
+    """Where `gearshift calibrate-duo` writes a model's head file by default."""
+    from .hub import home
+
+    return home() / "duo" / f"{Path(model_path).name}.json"
+
+
+_HEADS: dict[str, torch.Tensor] = {}
+
+
+def retrieval_heads(p: KVPolicy, n_layers: int, n_kv_heads: int) -> torch.Tensor:
+    """[layers, KV heads] bool: the heads a duo policy keeps whole (the highest-scoring `retrieval` fraction)."""
+    if p.heads is None:
+        raise GearshiftError("kv_policy duo needs a head file: run `gearshift calibrate-duo` first")
+    if p.heads not in _HEADS:
+        try:
+            scores = torch.tensor(json.loads(Path(p.heads).read_text())["scores"], dtype=torch.float64)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise GearshiftError(f"cannot read the duo head file {p.heads}: {e}") from None
+        _HEADS[p.heads] = scores
+    scores = _HEADS[p.heads]
+    if tuple(scores.shape) != (n_layers, n_kv_heads):
+        raise GearshiftError(f"duo head file {p.heads} is for {tuple(scores.shape)} layers x KV heads, "
+                             f"this model has ({n_layers}, {n_kv_heads})")
+    k = round(p.retrieval * scores.numel())
+    mask = torch.zeros(scores.numel(), dtype=torch.bool)
+    mask[scores.flatten().topk(k).indices] = True
+    return mask.view(n_layers, n_kv_heads)
 
 
 @dataclass
@@ -139,8 +216,8 @@ def _live(cache: KVCache, layer: int, slot: int, n: int) -> torch.Tensor:
     return mask[0, :, 0, :n]
 
 
-def _select(scores: torch.Tensor, live: torch.Tensor, budget: int, p: KVPolicy) -> list[torch.Tensor]:
-    """Per KV head: the `budget` best live positions, sinks and the recent window always in, ascending."""
+def _select(scores: torch.Tensor, live: torch.Tensor, budgets: torch.Tensor, p: KVPolicy) -> list[torch.Tensor]:
+    """Per KV head: its budget's best live positions, sinks and the recent window always in, ascending."""
     n = scores.shape[1]
     s = scores.clone()
     protect = torch.zeros(n, dtype=torch.bool, device=s.device)
@@ -150,7 +227,7 @@ def _select(scores: torch.Tensor, live: torch.Tensor, budget: int, p: KVPolicy) 
     s = s.masked_fill(~live, -math.inf)
     out = []
     for head in range(s.shape[0]):
-        k = min(budget, int(live[head].sum()))
+        k = int(min(budgets[head].item(), live[head].sum().item()))
         out.append(s[head].topk(k).indices.sort().values)
     return out
 
@@ -159,16 +236,20 @@ def compress(seq_slot: int, state: KVState, cache: KVCache, decoding: bool) -> b
     """Apply the policy to the slot now if it is due; returns whether entries were dropped."""
     p = state.policy
     n = cache.lengths[seq_slot]
-    budgets = p.layer_budgets(cache.k.shape[0])
+    if not p.evicts:
+        return False
+    budgets = p.head_budgets(cache.k.shape[0], cache.k.shape[3])
+    h = cache.holes[:, seq_slot].cpu()
+    held = n - (h[..., 1].clamp(max=n) - h[..., 0]).clamp(min=0)  # [layers, KVH] entries each head holds
     if decoding:
-        if not p.in_decode or n <= max(budgets) + p.slack:
+        if not p.in_decode or not bool((held > budgets + p.slack).any()):
             return False
-    elif n <= min(budgets):
+    elif bool((held <= budgets).all()):
         return False  # the whole prompt fits: keep everything (h2o's scores still start from the window)
     keep = []
-    for layer, budget in enumerate(budgets):
+    for layer in range(len(budgets)):
         live = _live(cache, layer, seq_slot, n)
-        if p.name == "streaming":  # recency: the newest entries, sinks aside
+        if p.name in ("streaming", "duo"):  # recency: the newest entries, sinks aside
             scores = torch.arange(n, device=live.device, dtype=torch.float32).expand_as(live)
         elif p.name == "h2o":
             scores = state.acc[layer, :, :n]
@@ -176,14 +257,14 @@ def compress(seq_slot: int, state: KVState, cache: KVCache, decoding: bool) -> b
             q = torch.cat(state.window[layer])
             scores = attention_scores(q, cache.k[layer, seq_slot, :n], live, state.window_first - cache.shift[seq_slot])
             scores = F.avg_pool1d(scores[:, None], p.pool, stride=1, padding=p.pool // 2, count_include_pad=False)[:, 0]
-        keep.append(_select(scores, live, budget, p))
+        keep.append(_select(scores, live, budgets[layer], p))
     if state.acc is not None:  # the accumulated scores follow their entries
         acc = torch.zeros_like(state.acc)
         for layer, per_layer in enumerate(keep):
             for head, idx in enumerate(per_layer):
                 acc[layer, head, :len(idx)] = state.acc[layer, head, idx]
         state.acc = acc
-    cache.compact(seq_slot, keep)
+    cache.compact(seq_slot, keep, rerotate=p.name == "streaming")
     state.compactions += 1
     return True
 

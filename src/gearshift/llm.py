@@ -15,7 +15,7 @@ from .core import EngineCore
 from .drafters import Drafter, ModelDrafter
 from .ead import EAD
 from .errors import GearshiftError
-from .kv_policy import KVPolicy
+from .kv_policy import KVPolicy, duo_path
 from .loading import Loaded, load as load_weights
 from .model import Transformer
 from .sampling import SamplingParams
@@ -114,6 +114,12 @@ class LLM:
         if not isinstance(n, int) or n < 1:
             raise GearshiftError(f"n must be a positive integer, got {n!r}")
         kv = kv_policy if isinstance(kv_policy, KVPolicy) else KVPolicy.of(kv_policy, kv_budget)
+        if kv is not None and kv.name == "duo" and kv.heads is None:  # this model's calibrated head file
+            heads = duo_path(self.loaded.path)
+            if not heads.exists():
+                raise GearshiftError(f"kv_policy duo needs this model's retrieval heads: run `gearshift "
+                                     f"calibrate-duo` first (writes {heads})")
+            kv = replace(kv, heads=str(heads))
         make = self.strategy(drafter, ead)
         ids = self.encode(prompt)
         return [Request(ids, p if p.seed is None or j == 0 else SamplingParams(**{**vars(p), "seed": p.seed + j}), make,

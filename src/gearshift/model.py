@@ -317,8 +317,10 @@ class Transformer(nn.Module):
 
     def new_cache(self, slots: int = 1, max_len: int | None = None, n_layers: int | None = None) -> KVCache:
         c = self.cfg
-        return KVCache(n_layers or c.n_layers, slots, c.n_kv_heads, max_len or c.max_seq_len, c.head_dim,
-                       self.dtype, self.device)
+        cache = KVCache(n_layers or c.n_layers, slots, c.n_kv_heads, max_len or c.max_seq_len, c.head_dim,
+                        self.dtype, self.device)
+        cache.inv_freq = self.inv_freq.to(self.device)
+        return cache
 
     def _rotation(self, positions: torch.Tensor) -> torch.Tensor:
         freqs = positions[:, None].float() * self.inv_freq  # [tokens, D/2]
@@ -341,8 +343,9 @@ class Transformer(nn.Module):
             heads, eps = (self.cfg.n_heads, self.cfg.n_kv_heads), self.cfg.norm_eps
             for i, layer in enumerate(self.layers[:n_layers]):
                 holes = batch.holes[i] if batch.holes is not None else attention.NO_HOLES
+                quant = cache.quantized_layer(i) if batch.quantized else attention.NO_QUANT
                 x = torch.ops.gearshift.block(x, *layer.fused_weights(), cos_sin, cache.k[i], cache.v[i], batch.write,
-                                              batch.native_rows, batch.native_extra, holes, *heads, eps)
+                                              batch.native_rows, batch.native_extra, holes, *quant, *heads, eps)
         else:
             for i, layer in enumerate(self.layers[:n_layers]):
                 x = layer(x, rot, partial(attention.cached, cache=cache, layer=i, batch=batch))

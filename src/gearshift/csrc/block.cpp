@@ -21,8 +21,11 @@
 
 #include "simd.h"
 
-at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& rows,
-                  const at::Tensor& extra, const at::Tensor& holes);
+at::Tensor attend_q(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& rows,
+                    const at::Tensor& extra, const at::Tensor& holes, const at::Tensor& kq, const at::Tensor& vq,
+                    const at::Tensor& ks, const at::Tensor& vs, const at::Tensor& qfmt);
+void quantize_into(const at::Tensor& k, const at::Tensor& v, const at::Tensor& write, const at::Tensor& kq,
+                   const at::Tensor& vq, const at::Tensor& ks, const at::Tensor& vs, const at::Tensor& qfmt);
 at::Tensor linear_q4(const at::Tensor& x, const at::Tensor& blocks);
 
 namespace {
@@ -51,14 +54,16 @@ void add_bias(at::Tensor& y, const std::optional<at::Tensor>& b) {
 }  // namespace
 
 // x [T, dim]; rot [T, D]: (cos, sin) pairs per row; cache k/v [slots, L, KVH, D] of this layer;
-// write [T] flat positions (slot * L + position); rows/extra/holes as for `attend`. Returns the new x.
+// write [T] flat positions (slot * L + position); rows/extra/holes and the quantized copies
+// (kq, vq, ks, vs, qfmt; qfmt empty: none) as for `attend_q`. Returns the new x.
 at::Tensor block(const at::Tensor& x, const at::Tensor& attn_norm, const at::Tensor& qkv,
                  const std::optional<at::Tensor>& qkv_bias, const at::Tensor& o, const std::optional<at::Tensor>& o_bias,
                  const at::Tensor& mlp_norm, const at::Tensor& gate_up, const std::optional<at::Tensor>& gate_up_bias,
                  const at::Tensor& down, const std::optional<at::Tensor>& down_bias, const at::Tensor& rot,
                  const at::Tensor& cache_k, const at::Tensor& cache_v, const at::Tensor& write,
-                 const at::Tensor& rows, const at::Tensor& extra, const at::Tensor& holes, int64_t n_heads,
-                 int64_t n_kv_heads, double eps) {
+                 const at::Tensor& rows, const at::Tensor& extra, const at::Tensor& holes, const at::Tensor& kq,
+                 const at::Tensor& vq, const at::Tensor& ks, const at::Tensor& vs, const at::Tensor& qfmt,
+                 int64_t n_heads, int64_t n_kv_heads, double eps) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2, "gearshift::block: x");
   TORCH_CHECK(cache_k.is_contiguous() && cache_v.is_contiguous() && write.is_contiguous() && rot.is_contiguous(),
               "gearshift::block: contiguous cache, write and rot");
@@ -92,7 +97,10 @@ at::Tensor block(const at::Tensor& x, const at::Tensor& attn_norm, const at::Ten
     std::memcpy(vp + wp[t] * entry, hp + t * width + (H + KVH) * D, entry * sizeof(float));
   }
   const at::Tensor q = h.narrow(1, 0, H * D).view({T, H, D});
-  at::Tensor y = attend(q, cache_k, cache_v, rows, extra, holes).view({T, H * D});
+  if (qfmt.numel() > 0)
+    quantize_into(h.narrow(1, H * D, KVH * D).view({T, KVH, D}), h.narrow(1, (H + KVH) * D, KVH * D).view({T, KVH, D}),
+                  write, kq, vq, ks, vs, qfmt);
+  at::Tensor y = attend_q(q, cache_k, cache_v, rows, extra, holes, kq, vq, ks, vs, qfmt).view({T, H * D});
   at::Tensor out = linear_q4(y, o);
   add_bias(out, o_bias);
   out.add_(x);
@@ -128,7 +136,7 @@ TORCH_LIBRARY_FRAGMENT(gearshift, m) {
   m.def(
       "block(Tensor x, Tensor attn_norm, Tensor qkv, Tensor? qkv_bias, Tensor o, Tensor? o_bias, Tensor mlp_norm, "
       "Tensor gate_up, Tensor? gate_up_bias, Tensor down, Tensor? down_bias, Tensor rot, Tensor cache_k, "
-      "Tensor cache_v, Tensor write, Tensor rows, Tensor extra, Tensor holes, int n_heads, int n_kv_heads, "
-      "float eps) -> Tensor",
+      "Tensor cache_v, Tensor write, Tensor rows, Tensor extra, Tensor holes, Tensor kq, Tensor vq, Tensor ks, "
+      "Tensor vs, Tensor qfmt, int n_heads, int n_kv_heads, float eps) -> Tensor",
       &block);
 }

@@ -10,6 +10,9 @@ scored), with ordinary text (Spec-Bench's questions, shuffled) as the haystack:
 - `multihop`: variable tracing: VAR A = 48213, VAR B = VAR A, ... spread through the text;
 - `manyshot`: in-context learning: many examples of a made-up word -> label mapping, as a plain
   completion prompt (the default model does not follow the pattern through its chat template).
+- `needle`: one named pass key alone in its own haystack (an item per question, at depths
+  10%..50%): the retrieval the default model can do at 8k, where four keys of one form in one
+  haystack confuse it.
 
 The first four share one haystack per length (so the context is read once for all of them, as
 SCBench's shared-context design intends); `manyshot` has its own. Scoring is SCBench's: the
@@ -36,10 +39,10 @@ import time
 from pathlib import Path
 
 from ..errors import GearshiftError
-from ..kv_policy import POLICIES
+from ..kv_policy import KVPolicy, duo_path
 from .data import spec_bench_questions
 
-TASKS = ("passkey", "kv", "prefix_suffix", "multihop", "manyshot")
+TASKS = ("passkey", "kv", "prefix_suffix", "multihop", "manyshot", "needle")
 _NAMES = ["red", "blue", "green", "yellow", "purple", "orange", "silver", "golden", "black", "white"]
 _WORDS = {"zorb": ["apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "plum", "melon", "kiwi"],
           "plim": ["horse", "tiger", "eagle", "otter", "zebra", "camel", "sheep", "whale", "mouse", "llama"],
@@ -48,6 +51,7 @@ _WORDS = {"zorb": ["apple", "banana", "cherry", "grape", "lemon", "mango", "peac
 
 def _haystack(rng: random.Random) -> list[str]:
     sentences = [q["turns"][0].strip().replace("\n", " ") for q in spec_bench_questions()]
+    sentences = [x for x in sentences if len(x) <= 300]  # (long articles would leave no room to trim to a length)
     rng.shuffle(sentences)
     return sentences
 
@@ -126,6 +130,13 @@ def generate(tokenizer, length: int, seed: int = 0, turns: int = 4) -> list[dict
     items.append({"id": f"manyshot-{length}", "task": "manyshot", "score": "first_word", "format": "raw",
                   "context": "\n".join(examples),
                   "multi_turns": [{"input": f"Input: {w}\nOutput:", "answer": label} for w, label in queries]})
+    for j, door in enumerate(rng.sample(_NAMES, turns)):  # needle: one key per haystack
+        own = random.Random(f"{seed}-{length}-needle-{j}")
+        key = own.randint(10000, 99999)
+        context = _fill(tokenizer, _haystack(own), [f"The pass key for the {door} door is {key}. Remember it."],
+                        budget, own)
+        items.append({"id": f"needle-{length}-{j}", "task": "needle", "score": "substring", "context": context,
+                      "multi_turns": [{"input": f"What is the pass key for the {door} door?", "answer": str(key)}]})
     return items
 
 
@@ -173,21 +184,27 @@ def run_kv(model: str | None, lengths: list[int], policies: list[str], budgets: 
 
     from ..llm import load
     from .bench import _emit
-    bad = [p for p in policies if p not in POLICIES or p == "full"]
-    if bad:
-        raise GearshiftError(f"unknown policy {bad[0]!r}; choose from {', '.join(POLICIES[1:])}")
+    parsed = {p: KVPolicy(p) for p in policies}  # (a bad name is a one-line error before anything loads)
+    if any(not x.active for x in parsed.values()):
+        raise GearshiftError("the full cache is always measured: leave it out of --policies")
     llm = load(model, device=device, max_num_seqs=4)
+    if any(x.name == "duo" for x in parsed.values()) and not duo_path(llm.loaded.path).exists():
+        raise GearshiftError(f"the duo policy needs this model's head file: run `gearshift calibrate-duo` first")
     if max(lengths) + max_tokens > llm.core.window:
         raise GearshiftError(f"a {max(lengths)}-token context does not fit the model's {llm.core.window}-token window")
     rows, data = [], []
-    configs = [("full", None)] + [(p, b) for p in policies for b in budgets]
-    total = len(lengths) * len(tasks) * len(modes) * len(configs)
+    configs = [("full", None)] + [(p, b if parsed[p].evicts else None) for p in policies
+                                  for b in (budgets if parsed[p].evicts else budgets[:1])]  # (quantizing alone: no budget)
+    total = len(lengths) * (len(tasks) + 3 * ("needle" in tasks)) * len(modes) * len(configs)
     with tqdm(total=total, desc="bench kv", unit="run", file=sys.stderr) as bar:
         for length in lengths:
             items = [i for i in generate(llm.tokenizer, length, seed) if i["task"] in tasks]
             data += items
             for item in items:
                 for mode in modes:
+                    if mode == "multi-turn" and len(item["multi_turns"]) == 1:
+                        bar.update(len(configs))
+                        continue  # one question: multi-turn is multi-request
                     full = None
                     for policy, budget in configs:
                         bar.set_postfix_str(f"{length} {item['task']} {mode} {policy} {budget or ''}")
@@ -275,7 +292,7 @@ def print_kv(r: dict) -> None:
     print("\nover tasks the full cache solves:")
     for s in r["summary"]:
         later = f"{s['later_turns_relative']:.2f}" if s["later_turns_relative"] is not None else "-"
-        print(f"{s['mode']:<14} {s['length']:>5} {s['policy']:<10} {s['budget']:>6}: accuracy "
+        print(f"{s['mode']:<14} {s['length']:>5} {s['policy']:<10} {s['budget'] or '-':>6}: accuracy "
               f"{s['relative_accuracy']:.2f} of full (later turns: {later}), decode {s['decode_speedup']:.2f}x, "
               f"KV {s['kv_reduction']:.1f}x smaller ({s['tasks']} tasks)")
 
@@ -287,17 +304,19 @@ def plot_kv(r: dict, path: str) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     done = [x for x in r["results"] if "error" not in x]
     longest = max(x["length"] for x in done)
-    for policy in sorted({x["policy"] for x in r["summary"]}):
-        pts = sorted((s["budget"], s["relative_accuracy"]) for s in r["summary"]
+    for i, policy in enumerate(sorted({x["policy"] for x in r["summary"]})):
+        pts = sorted((s["budget"] or 0, s["relative_accuracy"]) for s in r["summary"]
                      if s["policy"] == policy and s["length"] == longest and s["mode"] == "multi-request")
-        if pts:
-            a.plot(*zip(*pts), marker="o", label=policy)
+        if pts and pts[0][0] == 0:  # quantized alone: no budget, a level
+            a.axhline(pts[0][1], ls=":", lw=1.5, color=f"C{i % 10}", label=f"{policy} (keeps all)")
+        elif pts:
+            a.plot(*zip(*pts), marker="o", color=f"C{i % 10}", label=policy)
     a.axhline(1.0, color="gray", lw=0.8, ls="--")
     a.set(xscale="log", xlabel="KV budget (entries per layer and head)", ylabel="accuracy / full cache's",
           title=f"accuracy vs budget ({longest} tokens, multi-request)")
     speeds: dict[str, dict[int, list[float]]] = {}
     for x in done:
-        label = x["policy"] if x["policy"] == "full" else f"{x['policy']} {x['budget']}"
+        label = x["policy"] if x["budget"] is None else f"{x['policy']} {x['budget']}"
         speeds.setdefault(label, {}).setdefault(x["length"], []).append(x["decode_tok_per_s"])
     for label, by_len in sorted(speeds.items()):
         ls = sorted(by_len)
