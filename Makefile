@@ -1,4 +1,5 @@
-# Everything a fresh machine needs: `make demo` and `make test` create .venv, install, fetch the model.
+# Everything a fresh machine needs: `make demo` and `make test` create .venv, install (with Ray Serve, the
+# cluster extra, so the replica tests run), fetch the model.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -8,7 +9,7 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	# the CPU wheel of torch 2.13.0 is on local disk; pinning it first keeps pip from resolving a CUDA build
 	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test,cluster]"
 	touch $(STAMP)
 
 .PHONY: install demo test bench gpu-check llama-cpp browser serve

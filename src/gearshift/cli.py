@@ -35,8 +35,10 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tau", type=float, default=2.0, help="ead entropy threshold, nats")
     p.add_argument("--window", type=int, default=5, help="ead rolling window, tokens")
     p.add_argument("--min-run", type=int, default=4, help="ead: tokens before the schedule may switch again")
-    p.add_argument("--kv-policy", default=None, choices=["full", "streaming", "snapkv", "h2o", "pyramid"],
-                   help="which KV cache entries to keep past --kv-budget (default: all)")
+    p.add_argument("--kv-policy", default=None,
+                   help="which KV cache entries to keep past --kv-budget: streaming, snapkv, h2o, pyramid, duo "
+                        "(after calibrate-duo); int8 / int4 quantize, alone or composed, e.g. snapkv+int4 "
+                        "(default: all, float32)")
     p.add_argument("--kv-budget", type=int, default=None, help="KV entries kept per layer and head (default 1024)")
 
 
@@ -253,8 +255,31 @@ def cmd_bench_serve(a) -> None:
             raise GearshiftError("--compare-llama-cpp needs llama-server: run `gearshift build-llama-cpp` first")
     if a.url and not a.url.startswith(("http://", "https://")):
         raise GearshiftError(f"--url must start with http:// or https://, got {a.url!r}")
+    if a.sessions is not None or a.replicas is not None:
+        return _bench_sessions(a)
     bench_serve.run_serve(a.url, levels, a.requests_given, a.max_tokens, a.api_key, a.compare_llama_cpp, a.model,
                           a.max_num_seqs, a.llama_cpp, json_path=a.json, plot_path=a.plot)
+
+
+def _bench_sessions(a) -> None:
+    """bench serve --sessions: multi-turn chats, per routing policy on --replicas N and on one replica."""
+    from .tools import bench_serve
+    sessions = a.sessions if a.sessions is not None else 8
+    if sessions < 1 or a.turns < 1:
+        raise GearshiftError("--sessions and --turns must be positive")
+    policies = (a.routing or "cache-aware,round-robin").split(",")
+    if any(p not in ("cache-aware", "round-robin") for p in policies):
+        raise GearshiftError(f"--routing takes cache-aware and/or round-robin, got {a.routing!r}")
+    if a.threads is not None and a.threads < 1:
+        raise GearshiftError("--threads must be positive")
+    if a.replicas is not None:
+        if a.replicas < 1:
+            raise GearshiftError(f"--replicas must be at least 1, got {a.replicas}")
+        _need_ray()
+    elif not a.url:
+        raise GearshiftError("bench serve --sessions needs --url URL or --replicas N")
+    bench_serve.run_sessions(a.url, sessions, a.turns, a.max_tokens, a.api_key, a.model, a.max_num_seqs, a.replicas,
+                             policies, a.threads, json_path=a.json, plot_path=a.plot)
 
 
 def cmd_serve(a) -> None:
@@ -272,12 +297,15 @@ def cmd_serve(a) -> None:
         raise GearshiftError("--max-queue must be >= 0")
     if a.threads is not None and a.threads < 1:
         raise GearshiftError("--threads must be positive")
+    routing = _routing(a)  # refuses cluster flags without --replicas, and bad values, before anything starts
     import os
     api_key = a.api_key or os.environ.get("GEARSHIFT_API_KEY") or None
     config = ServerConfig(model_name=a.served_model_name or default_model_name(a.model or default_model_path()),
                           api_key=api_key, max_queue=a.max_queue,
                           speculative=parse_speculative_config(a.speculative_config, "--speculative-config"))
     logging.basicConfig(level=getattr(logging, a.log_level.upper(), logging.INFO), format="%(levelname)s: %(message)s")
+    if a.replicas is not None:
+        return _serve_replicas(a, config, engine, routing)
 
     def load():
         import torch
@@ -289,6 +317,56 @@ def cmd_serve(a) -> None:
 
     print(f"gearshift: serving {config.model_name} on http://{a.host}:{a.port} (the chat page is at /)", file=sys.stderr)
     serve(create_app(load, config), a.host, a.port, log_level=a.log_level)
+
+
+def _need_ray() -> None:
+    try:
+        import ray.serve  # noqa: F401
+    except ImportError:
+        raise GearshiftError("--replicas needs Ray Serve, which is not installed: pip install 'gearshift[cluster]'") \
+            from None
+
+
+def _routing(a):
+    """The cluster's routing settings (None without --replicas), checked before Ray is touched."""
+    cluster_flags = {"--ray-address": a.ray_address, "--routing": a.routing, "--cache-threshold": a.cache_threshold,
+                     "--balance-abs-threshold": a.balance_abs_threshold,
+                     "--balance-rel-threshold": a.balance_rel_threshold}
+    if a.replicas is None:
+        given = [flag for flag, value in cluster_flags.items() if value is not None]
+        if given:
+            raise GearshiftError(f"{given[0]} needs --replicas N (it configures the Ray Serve replicas)")
+        return None
+    if a.replicas < 1:
+        raise GearshiftError(f"--replicas must be at least 1, got {a.replicas}")
+    _need_ray()
+    from .server.routing import RoutingConfig
+    given = {k: v for k, v in (("cache_threshold", a.cache_threshold), ("balance_abs_threshold", a.balance_abs_threshold),
+                               ("balance_rel_threshold", a.balance_rel_threshold)) if v is not None}
+    # SGLang's 32 suits GPU servers batching hundreds of sequences; a quarter of a replica's slots here
+    given.setdefault("balance_abs_threshold", max(1, a.max_num_seqs // 4))
+    return RoutingConfig(policy=a.routing or "cache-aware", **given)
+
+
+def _serve_replicas(a, config, engine: dict, routing) -> None:
+    """`gearshift serve --replicas N`: the same API on N engine replicas behind Ray Serve."""
+    import os
+
+    from . import hub
+    from .server.cluster import ClusterConfig, serve_forever
+    threads = a.threads or max(1, (os.cpu_count() or 1) // a.replicas)
+    model = str(hub.resolve_model(a.model).resolve())  # fails here, once, if missing; replicas load this path
+    cluster = ClusterConfig(replicas=a.replicas, threads=threads, model=model, device=a.device, weights=a.weights,
+                            engine=engine, server=config, routing=routing, host=a.host, port=a.port,
+                            ray_address=a.ray_address, home=os.environ.get("GEARSHIFT_HOME"),
+                            log_level="warning" if a.log_level == "info" else a.log_level)
+    try:
+        serve_forever(cluster)
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # Ray's own errors (a cluster that cannot be reached, a replica that cannot start)
+        last = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        raise GearshiftError(f"the Ray Serve application did not start: {last}") from None
 
 
 def cmd_build_llama_cpp(a) -> None:
@@ -323,6 +401,17 @@ def cmd_distill(a) -> None:
     print(f"written to {a.out}: use it with --drafter {use}", file=sys.stderr)
 
 
+def cmd_calibrate_duo(a) -> None:
+    from .llm import load
+    from .tools.duo import calibrate
+    llm = load(a.model, device=a.device)
+    r = calibrate(llm, a.out, a.samples, a.length, a.seed, a.plot)
+    import torch
+    s = torch.tensor(r["scores"])
+    print(f"head scores written to {r['path']} (layers x KV heads {tuple(s.shape)}; top head {s.max():.3f}, "
+          f"median {s.median():.4f}): use it with --kv-policy duo")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="gearshift", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -355,7 +444,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help='server-wide strategy, as JSON shaped like vLLM\'s: {"method": "ngram"}, {"method": "suffix"}, '
                         '{"method": "early-exit", "num_layers": 4}, {"model": PATH, "num_speculative_tokens": 4}, '
                         '{"method": "ead+verify", "tau": 2.0}; a request may send its own `speculative_config`')
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: PyTorch's); with --replicas, per replica (default: cores / replicas)")
+    p.add_argument("--replicas", type=int, default=None,
+                   help="run N engine replicas as Ray Serve deployments behind this one API (needs gearshift[cluster])")
+    p.add_argument("--ray-address", default=None,
+                   help="--replicas: join this Ray cluster (e.g. auto, or HEAD_IP:6379) instead of starting a local one")
+    p.add_argument("--routing", default=None, choices=["cache-aware", "round-robin"],
+                   help="--replicas: cache-aware (default: to the replica holding the longest prefix, else the least "
+                        "loaded) or round-robin")
+    p.add_argument("--cache-threshold", type=float, default=None,
+                   help="cache-aware: share of the prompt a replica must hold to get it (default 0.5, SGLang's)")
+    p.add_argument("--balance-abs-threshold", type=int, default=None,
+                   help="cache-aware: go to the least loaded replica when max - min load exceeds this "
+                        "(and the relative threshold): default --max-num-seqs / 4")
+    p.add_argument("--balance-rel-threshold", type=float, default=None,
+                   help="cache-aware: ... and max load exceeds min load times this (default 1.0001, SGLang's)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--weights", default="auto", help="weight format, as for generate")
@@ -379,18 +483,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-llama-cpp", action="store_true",
                    help="serve: start gearshift serve and llama-server on loopback and load each in turn")
     p.add_argument("--max-num-seqs", type=int, default=8, help="serve: slots of both servers (llama-server -np)")
+    p.add_argument("--sessions", type=int, default=None,
+                   help="serve: multi-turn chats at once instead of single questions (default 8 with --replicas)")
+    p.add_argument("--replicas", type=int, default=None,
+                   help="serve: start gearshift serve --replicas N per --routing policy, and one replica, in turn")
+    p.add_argument("--routing", default=None,
+                   help="serve --replicas: policies to compare (default cache-aware,round-robin)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="serve --replicas: CPU threads in all, split over the replicas (default: all cores)")
     p.add_argument("--lengths", default="1k,2k,4k,8k", help="kv: context lengths (k = 1000 tokens)")
-    p.add_argument("--policies", default="streaming,snapkv,h2o,pyramid", help="kv: policies against the full cache")
+    p.add_argument("--policies", default="streaming,snapkv,h2o,pyramid,int8,int4",
+                   help="kv: policies against the full cache (also duo, after calibrate-duo, and compositions "
+                        "such as snapkv+int4)")
     p.add_argument("--budgets", default="256,1024", help="kv: budgets (entries per layer and KV head)")
     p.add_argument("--modes", default="multi-request,multi-turn", help="kv: SCBench's modes")
-    p.add_argument("--tasks", default="passkey,kv,prefix_suffix,multihop,manyshot", help="kv: tasks")
+    p.add_argument("--tasks", default="passkey,kv,prefix_suffix,multihop,manyshot,needle", help="kv: tasks")
     p.add_argument("--seed", type=int, default=0, help="kv: data seed")
     p.add_argument("--data-out", default=None, help="kv: also write the generated items (SCBench's JSONL format)")
     p.add_argument("--rate", type=float, default=None, help="batch: also an open-loop run at this many requests/s")
     p.add_argument("--no-prefix-cache", action="store_true", help="batch: every request reads its whole prompt")
     p.add_argument("--repeats", type=int, default=1, help="batch: runs per level, levels up then down (pooled)")
     p.add_argument("--chats", type=int, default=4, help="multiturn: chats")
-    p.add_argument("--turns", type=int, default=5, help="multiturn: turns per chat")
+    p.add_argument("--turns", type=int, default=5, help="multiturn, serve --sessions: turns per chat")
     p.add_argument("--quick", action="store_true", help="first 10 Spec-Bench questions, 128 new tokens")
     p.add_argument("--small", default="early-exit", help="ead: the small model (early-exit[:L] or model:PATH)")
     p.add_argument("--taus", default="0,0.5,1,1.5,2,2.5,3,4,100", help="ead: thresholds to sweep, nats")
@@ -435,6 +549,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", "-m", default=None, help="the target (default: SmolLM2-135M-Instruct Q4_1)")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_distill)
+    p = sub.add_parser("calibrate-duo", help="find the retrieval heads the duo KV policy keeps whole (once per model)")
+    p.add_argument("model", nargs="?", default=None, help="default: SmolLM2-135M-Instruct Q4_1")
+    p.add_argument("--out", default=None, help="head file (default: $GEARSHIFT_HOME/duo/MODEL.json, where duo looks)")
+    p.add_argument("--samples", type=int, default=8, help="generated passkey prompts")
+    p.add_argument("--length", type=int, default=1500, help="tokens per prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", default=None, help="also draw the scores (PNG)")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_calibrate_duo)
     return ap
 
 

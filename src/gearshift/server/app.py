@@ -4,6 +4,10 @@ Endpoints: `/v1/chat/completions`, `/v1/completions` (streamed as server-sent ev
 OpenAI sends them), `/v1/models`, `/tokenize`, `/detokenize`, `/health` (503 until the model is
 loaded), `/metrics` (Prometheus) and the chat page at `/`. The model loads in a thread after the
 server starts listening, so `/health` answers from the first moment.
+
+The routes read a body into a `Job` and run it on a `Backend` (`backend.py`): the engine in this
+process (`create_app`), or engine replicas behind Ray Serve (`cluster.py`, which builds the same
+app with `create_backend_app`), so both speak exactly the same API.
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import GearshiftError
 from ..kv_policy import POLICIES, KVPolicy
 from ..llm import LLM
-from ..sequence import Completion, Request
-from .engine import AsyncEngine, Handle, QueueFull
+from ..sequence import Completion
+from .backend import Backend, Job, LocalBackend, Run
 from .metrics import Metrics
 from .protocol import (APIError, ChatRequest, CompletionRequest, DetokenizeRequest, Strategy, TokenizeRequest,
                        chat_logprobs, check_supported, completion_logprobs, engine_report, envelope,
@@ -46,35 +50,36 @@ class ServerConfig:
 
 
 class State:
-    """What the routes share: the engine once loaded (None while loading), or why loading failed."""
+    """What the routes share: the backend once started (None while loading), or why starting failed."""
 
     def __init__(self, config: ServerConfig):
         self.config = config
         self.metrics = Metrics(config.model_name)
-        self.llm: LLM | None = None
-        self.engine: AsyncEngine | None = None
+        self.backend: Backend | None = None
         self.error: str | None = None
-        self.drafter_lock = threading.Lock()
 
-    def ready(self) -> tuple[LLM, AsyncEngine]:
-        if self.engine is None:
+    def ready(self) -> Backend:
+        if self.backend is None:
             raise APIError(503, f"the model is not available: {self.error}" if self.error else "the model is loading",
                            type="service_unavailable", headers={"Retry-After": "1"})
-        return self.llm, self.engine
+        return self.backend
 
 
 def create_app(load: Callable[[], LLM], config: ServerConfig | None = None) -> FastAPI:
-    """The app; `load` builds the LLM (called in a thread once the server is up)."""
+    """The app on one engine in this process; `load` builds the LLM (called in a thread once the server is up)."""
     config = config or ServerConfig()
+    return create_backend_app(lambda metrics: LocalBackend(load(), metrics, config.max_queue, config.speculative),
+                              config)
+
+
+def create_backend_app(start: Callable[[Metrics], Backend], config: ServerConfig) -> FastAPI:
+    """The app on any backend; `start` builds it (in a thread once the server is up), given the
+    metrics it reports to."""
     state = State(config)
 
     def loader() -> None:
         try:
-            llm = load()
-            if config.speculative.drafter or config.speculative.ead:
-                _strategy(state, llm, config.speculative)  # a bad server-wide drafter fails now, not per request
-            state.llm = llm
-            state.engine = AsyncEngine(llm.core, state.metrics, config.max_queue)
+            state.backend = start(state.metrics)
             log.info("model ready")
         except Exception as e:
             state.error = str(e)
@@ -83,8 +88,8 @@ def create_app(load: Callable[[], LLM], config: ServerConfig | None = None) -> F
     async def lifespan(app: FastAPI):
         threading.Thread(target=loader, name="gearshift-load", daemon=True).start()
         yield
-        if state.engine is not None:
-            state.engine.stop()
+        if state.backend is not None:
+            state.backend.stop()
 
     app = FastAPI(title="gearshift", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.gearshift = state
@@ -140,7 +145,7 @@ def create_app(load: Callable[[], LLM], config: ServerConfig | None = None) -> F
 
     @app.get("/health")
     async def health():
-        if state.engine is None:
+        if state.backend is None:
             return JSONResponse({"status": "error", "error": state.error} if state.error else {"status": "loading"},
                                 status_code=503)
         return {"status": "ok"}
@@ -156,47 +161,47 @@ def create_app(load: Callable[[], LLM], config: ServerConfig | None = None) -> F
     @app.get("/v1/models")
     async def models(request: HTTPRequest):
         authorize(request)
-        llm, engine = state.ready()
+        backend = state.ready()
         return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "gearshift", "max_model_len": engine.core.window}]}
+                                            "owned_by": "gearshift", "max_model_len": backend.window}]}
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest, request: HTTPRequest):
         authorize(request)
         check_model(body.model)
-        llm, engine = state.ready()
+        backend = state.ready()
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give either prompt or messages", param="prompt")
         if body.messages is not None:
-            ids = llm.tokenizer.encode_chat(messages_as_dicts(body.messages), body.add_generation_prompt)
+            ids = backend.tokenizer.encode_chat(messages_as_dicts(body.messages), body.add_generation_prompt)
         else:
-            ids = llm.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
-        return {"count": len(ids), "max_model_len": engine.core.window, "tokens": ids}
+            ids = backend.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return {"count": len(ids), "max_model_len": backend.window, "tokens": ids}
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest, request: HTTPRequest):
         authorize(request)
         check_model(body.model)
-        llm, _ = state.ready()
-        vocab = llm.model.cfg.vocab_size
+        backend = state.ready()
+        vocab = backend.vocab_size
         if any(not 0 <= t < vocab for t in body.tokens):
             raise APIError(400, f"token ids must be in [0, {vocab})", param="tokens")
-        return {"prompt": llm.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+        return {"prompt": backend.tokenizer.decode(body.tokens, skip_special_tokens=False)}
 
     # -------------------------------------------------------------- completions
 
-    def accept(body, request: HTTPRequest) -> LLM:
+    def accept(body, request: HTTPRequest) -> Backend:
         """The checks every completion request passes before its prompt is read."""
         authorize(request)
         check_model(body.model)
         check_supported(body)
-        return state.ready()[0]
+        return state.ready()
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: HTTPRequest):
-        llm = accept(body, request)
+        backend = accept(body, request)
         try:
-            ids = llm.tokenizer.encode_chat(messages_as_dicts(body.messages), body.add_generation_prompt)
+            ids = backend.tokenizer.encode_chat(messages_as_dicts(body.messages), body.add_generation_prompt)
         except GearshiftError as e:
             raise APIError(400, str(e), param="messages") from None
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -207,11 +212,11 @@ def create_app(load: Callable[[], LLM], config: ServerConfig | None = None) -> F
 
     @app.post("/v1/completions")
     async def complete(body: CompletionRequest, request: HTTPRequest):
-        llm = accept(body, request)
+        backend = accept(body, request)
         p = body.prompt
         many = bool(p) and not isinstance(p, str) and not isinstance(p[0], int)  # a list of prompts
         try:  # text is tokenized, ids are range-checked, as LLM.generate does
-            prompts = [llm.encode(x) for x in (p if many else [p])]
+            prompts = [backend.encode(x) for x in (p if many else [p])]
         except GearshiftError as e:
             raise APIError(400, str(e), param="prompt") from None
         return await _run(state, request, body, prompts, body.max_tokens, body.logprobs, chat=False)
@@ -221,18 +226,10 @@ def create_app(load: Callable[[], LLM], config: ServerConfig | None = None) -> F
 
 # ------------------------------------------------------------------ one request, start to end
 
-def _strategy(state: State, llm: LLM, s: Strategy):
-    """The drafter (None: plain) and EAD settings of a strategy, each drafter built once per name and
-    cap under a lock (requests arrive concurrently), and checked by building its factory once."""
-    with state.drafter_lock:
-        drafter = llm.drafter(s.drafter, s.k) if s.drafter else None
-        llm.strategy(drafter, s.ead)  # builds EAD's small model too, and refuses bad combinations
-    return drafter, s.ead
-
-
-def _requests(state: State, llm: LLM, body, prompts: list[list[int]], max_tokens: int | None,
-              logprobs: int | None) -> tuple[list[Request], str]:
-    window = llm.core.window
+def _job(state: State, body, prompts: list[list[int]], max_tokens: int | None, logprobs: int | None) -> Job:
+    """The body's settings, checked as far as the tokenizer and the window allow (the engine side
+    checks the rest: drafters, sampling values)."""
+    window = state.ready().window
     param = "messages" if isinstance(body, ChatRequest) else "prompt"
     for ids in prompts:
         asked = max_tokens if max_tokens is not None else 0
@@ -247,46 +244,31 @@ def _requests(state: State, llm: LLM, body, prompts: list[list[int]], max_tokens
         except GearshiftError as e:
             raise APIError(400, str(e), param="speculative_config") from None
     try:
-        drafter, ead = _strategy(state, llm, strategy)
-    except GearshiftError as e:
-        raise APIError(400, str(e), param="speculative_config") from None
-    try:
         kv = KVPolicy.of(body.kv_policy, body.kv_budget)
     except GearshiftError as e:
         raise APIError(400, str(e), param="kv_budget" if body.kv_policy in POLICIES else "kv_policy") from None
     stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
     top_k = body.top_k if body.top_k is not None and body.top_k > 0 else 0
-    requests = []
-    for ids in prompts:
-        params = dict(max_tokens=max_tokens or window - len(ids), temperature=body.temperature if body.temperature
-                      is not None else 1.0, top_p=body.top_p if body.top_p is not None else 1.0, top_k=top_k,
-                      stop=stop, ignore_eos=body.ignore_eos, logprobs=logprobs)
-        try:
-            requests += llm.requests(ids, drafter, ead, n=body.n, seed=body.seed, kv_policy=kv, **params)
-        except GearshiftError as e:
-            raise APIError(400, str(e)) from None
-    return requests, strategy.label
+    params = dict(temperature=body.temperature if body.temperature is not None else 1.0,
+                  top_p=body.top_p if body.top_p is not None else 1.0, top_k=top_k, stop=stop,
+                  ignore_eos=body.ignore_eos, logprobs=logprobs, seed=body.seed)
+    return Job(prompts, params, max_tokens, body.n, strategy, kv, stream=body.stream)
 
 
 async def _run(state: State, http: HTTPRequest, body, prompts: list[list[int]], max_tokens: int | None,
                logprobs: int | None, chat: bool):
-    llm, engine = state.ready()
-    requests, label = _requests(state, llm, body, prompts, max_tokens, logprobs)
-    try:
-        handles = engine.submit(requests)
-    except QueueFull:
-        raise APIError(503, "the server is at capacity: too many requests are waiting; retry shortly",
-                       type="service_unavailable", code="queue_full", headers={"Retry-After": "1"}) from None
+    backend = state.ready()
+    run = await backend.start(_job(state, body, prompts, max_tokens, logprobs))
     kind = "chat.completion" if chat else "text_completion"
     rid = new_id("chatcmpl" if chat else "cmpl")
     model = state.config.model_name
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        gen = _stream(engine, handles, body.n, kind + ".chunk" if chat else kind, rid, model, label, include_usage,
-                      chat, logprobs is not None)
+        gen = _stream(run, len(prompts) * body.n, body.n, kind + ".chunk" if chat else kind, rid, model,
+                      include_usage, chat, logprobs is not None)
         return StreamingResponse(gen, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    completions = await _collect(engine, handles, http)
+    completions = await _collect(run, len(prompts) * body.n, http)
     if completions is None:
         return Response(status_code=499)  # the client is gone: nobody reads this
     choices = []
@@ -300,40 +282,54 @@ async def _run(state: State, http: HTTPRequest, body, prompts: list[list[int]], 
                             "logprobs": completion_logprobs(c.logprobs) if logprobs is not None else None})
     groups = [completions[i:i + body.n] for i in range(0, len(completions), body.n)]
     return envelope(kind, rid, model, choices, usage=usage(groups), system_fingerprint=None,
-                    gearshift=engine_report(completions, label))
+                    gearshift=_report(completions, run))
 
 
-async def _collect(engine: AsyncEngine, handles: list[Handle], http: HTTPRequest) -> list[Completion] | None:
+def _report(completions: list[Completion], run: Run) -> dict:
+    return {**engine_report(completions, run.label), **run.extra}
+
+
+async def _collect(run: Run, choices: int, http: HTTPRequest) -> list[Completion] | None:
     """Wait for every completion; a client that disconnects meanwhile aborts them all (None)."""
-    async def one(h: Handle) -> Completion:
-        async for out in h.outputs():
-            if out.completion is not None:
-                return out.completion
-        raise RuntimeError("no completion")
+    async def gather() -> list[Completion]:
+        done: dict[int, Completion] = {}
+        events = run.events()
+        try:
+            async for i, out in events:
+                if out.completion is not None:
+                    done[i] = out.completion
+        finally:
+            await events.aclose()
+        if len(done) < choices:
+            raise RuntimeError("no completion")
+        return [done[i] for i in range(choices)]
 
-    task = asyncio.gather(*(one(h) for h in handles))
+    task = asyncio.ensure_future(gather())
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=0.5)
             if done:
                 return task.result()
             if await http.is_disconnected():
-                engine.abort(handles)
+                run.abort()
                 task.cancel()
                 return None
     except asyncio.CancelledError:
-        engine.abort(handles)
+        run.abort()
         task.cancel()
+        raise
+    except APIError:
         raise
     except Exception as e:
         raise APIError(500, f"generation failed: {e}", type="server_error") from None
 
 
-async def _stream(engine: AsyncEngine, handles: list[Handle], n: int, kind: str, rid: str, model: str, label: str,
-                  include_usage: bool, chat: bool, with_logprobs: bool) -> AsyncIterator[str]:
+async def _stream(run: Run, choices: int, n: int, kind: str, rid: str, model: str, include_usage: bool, chat: bool,
+                  with_logprobs: bool) -> AsyncIterator[str]:
     """OpenAI's chunks: (chat) a role delta per choice first, content deltas, a chunk with the
-    finish_reason per choice, the usage chunk when asked, then `[DONE]`. Leaving early (the client
-    went away) aborts every sequence of the request."""
+    finish_reason per choice, the usage chunk when asked, then `[DONE]`. An engine failure (or a
+    replica lost mid-stream) ends the stream with an error event, then `[DONE]`. Leaving early (the
+    client went away) aborts every sequence of the request."""
     extra = {"usage": None} if include_usage else {}
 
     def chunk(i: int, delta: dict | str, finish: str | None = None, lp: dict | None = None, **more) -> str:
@@ -343,49 +339,38 @@ async def _stream(engine: AsyncEngine, handles: list[Handle], n: int, kind: str,
             choice = {"index": i, "text": delta, "logprobs": lp, "finish_reason": finish}
         return sse(envelope(kind, rid, model, [choice], system_fingerprint=None, **extra, **more))
 
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i: int, h: Handle) -> None:
-        try:
-            async for out in h.outputs():
-                await queue.put((i, out))
-        except Exception as e:
-            await queue.put((i, e))
-
-    tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
     completions: dict[int, Completion] = {}
-    offsets = [0] * len(handles)
+    offsets = [0] * choices
+    events = run.events()
     try:
         if chat:
-            for i in range(len(handles)):
+            for i in range(choices):
                 yield chunk(i, {"role": "assistant", "content": ""})
-        while len(completions) < len(handles):
-            i, out = await queue.get()
-            if isinstance(out, Exception):
-                yield sse({"error": APIError(500, f"generation failed: {out}", type="server_error").body()["error"]})
-                break
-            lp = None
-            if with_logprobs and out.logprobs:
-                lp = chat_logprobs(out.logprobs) if chat else completion_logprobs(out.logprobs, offsets[i])
-            if out.text or lp:
-                yield chunk(i, {"content": out.text} if chat else out.text, None, lp)
-                offsets[i] += len(out.text)
-            if out.completion is not None:
-                completions[i] = out.completion
-                yield chunk(i, {} if chat else "", out.completion.finish_reason,
-                            gearshift=engine_report([out.completion], label))
+        try:
+            async for i, out in events:
+                lp = None
+                if with_logprobs and out.logprobs:
+                    lp = chat_logprobs(out.logprobs) if chat else completion_logprobs(out.logprobs, offsets[i])
+                if out.text or lp:
+                    yield chunk(i, {"content": out.text} if chat else out.text, None, lp)
+                    offsets[i] += len(out.text)
+                if out.completion is not None:
+                    completions[i] = out.completion
+                    yield chunk(i, {} if chat else "", out.completion.finish_reason,
+                                gearshift=_report([out.completion], run))
+        except Exception as e:
+            yield sse({"error": APIError(500, f"generation failed: {e}", type="server_error").body()["error"]})
         else:
-            if include_usage:
-                done = [completions[i] for i in range(len(handles))]
+            if include_usage and len(completions) == choices:
+                done = [completions[i] for i in range(choices)]
                 groups = [done[j:j + n] for j in range(0, len(done), n)]
                 yield sse({**envelope(kind, rid, model, [], system_fingerprint=None), "usage": usage(groups),
-                           "gearshift": engine_report(done, label)})
+                           "gearshift": _report(done, run)})
         yield sse("[DONE]")
     finally:
-        if len(completions) < len(handles):
-            engine.abort(handles)
-        for t in tasks:
-            t.cancel()
+        if len(completions) < choices:
+            run.abort()
+        await events.aclose()
 
 
 def default_model_name(path: str | Path) -> str:

@@ -84,6 +84,11 @@ class AsyncEngine:
                     self._aborts.append(h)
             self._cv.notify()
 
+    @property
+    def alive(self) -> bool:
+        """Whether the engine thread still steps (a replica's health check)."""
+        return self._thread.is_alive() and not self._stopping
+
     def stop(self) -> None:
         with self._cv:
             self._stopping = True

@@ -3,7 +3,10 @@
 
 Each app has its own registry (several servers in one process, as in the tests, do not collide).
 Counters are fed by the engine thread as outputs and completions arrive; the running and waiting
-gauges read the engine when scraped.
+gauges read the engine when scraped. Every sample carries an `engine` label, as vLLM's data-parallel
+engines do: "0" for `gearshift serve`, the Ray Serve replica's id behind `gearshift serve
+--replicas` (there the front counts what each replica streams back, so per-replica prefix-cache
+hit rates are `prefix_cache_hits / prefix_cache_queries` by label; see `cluster.py` for the gauges).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ _LATENCY = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.
 class Metrics:
     def __init__(self, model_name: str):
         self.registry = CollectorRegistry()
-        r, label = self.registry, ["model_name"]
+        r, label = self.registry, ["model_name", "engine"]
         self.model_name = model_name
         self.running = Gauge(P + "num_requests_running", "Requests in KV cache slots, decoding or prefilling.",
                              label, registry=r)
@@ -51,31 +54,33 @@ class Metrics:
         self.kv_dropped = Counter(P + "kv_cache_dropped_bytes", "Bytes of entries KV policies dropped, by the "
                                   "end of each request.", label, registry=r)
 
-    def watch(self, running: Callable[[], int], waiting: Callable[[], int], kv: Callable[[], tuple[int, int]]) -> None:
-        self.running.labels(self.model_name).set_function(running)
-        self.waiting.labels(self.model_name).set_function(waiting)
-        self.kv_entries.labels(self.model_name).set_function(lambda: kv()[0])
-        self.kv_bytes.labels(self.model_name).set_function(lambda: kv()[1])
+    def watch(self, running: Callable[[], int], waiting: Callable[[], int],
+              kv: Callable[[], tuple[int, int]] | None = None, engine: str = "0") -> None:
+        self.running.labels(self.model_name, engine).set_function(running)
+        self.waiting.labels(self.model_name, engine).set_function(waiting)
+        if kv is not None:
+            self.kv_entries.labels(self.model_name, engine).set_function(lambda: kv()[0])
+            self.kv_bytes.labels(self.model_name, engine).set_function(lambda: kv()[1])
 
-    def first_token(self, seconds: float, prompt_tokens: int) -> None:
-        self.ttft.labels(self.model_name).observe(seconds)
-        self.prompt_tokens.labels(self.model_name).inc(prompt_tokens)
+    def first_token(self, seconds: float, prompt_tokens: int, engine: str = "0") -> None:
+        self.ttft.labels(self.model_name, engine).observe(seconds)
+        self.prompt_tokens.labels(self.model_name, engine).inc(prompt_tokens)
 
-    def tokens(self, n: int, gap_s: float | None) -> None:
-        self.generation_tokens.labels(self.model_name).inc(n)
+    def tokens(self, n: int, gap_s: float | None, engine: str = "0") -> None:
+        self.generation_tokens.labels(self.model_name, engine).inc(n)
         if gap_s is not None:
-            self.itl.labels(self.model_name).observe(gap_s)
+            self.itl.labels(self.model_name, engine).observe(gap_s)
 
-    def finished(self, c: Completion, e2e_s: float) -> None:
+    def finished(self, c: Completion, e2e_s: float, engine: str = "0") -> None:
         name, m = self.model_name, c.metrics
-        self.e2e.labels(name).observe(e2e_s)
-        self.success.labels(name, c.finish_reason).inc()
-        self.drafts.labels(name).inc(m.get("drafts", 0))
-        self.draft_tokens.labels(name).inc(m.get("proposed", 0))
-        self.accepted_tokens.labels(name).inc(m.get("accepted", 0))
-        self.prefix_queries.labels(name).inc(c.prompt_tokens)
-        self.prefix_hits.labels(name).inc(c.cached_tokens)
-        self.kv_dropped.labels(name).inc(max(0, m.get("kv_full_bytes", 0) - m.get("kv_bytes", 0)))
+        self.e2e.labels(name, engine).observe(e2e_s)
+        self.success.labels(name, engine, c.finish_reason).inc()
+        self.drafts.labels(name, engine).inc(m.get("drafts", 0))
+        self.draft_tokens.labels(name, engine).inc(m.get("proposed", 0))
+        self.accepted_tokens.labels(name, engine).inc(m.get("accepted", 0))
+        self.prefix_queries.labels(name, engine).inc(c.prompt_tokens)
+        self.prefix_hits.labels(name, engine).inc(c.cached_tokens)
+        self.kv_dropped.labels(name, engine).inc(max(0, m.get("kv_full_bytes", 0) - m.get("kv_bytes", 0)))
 
     def text(self) -> bytes:
         return generate_latest(self.registry)
