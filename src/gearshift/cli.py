@@ -404,6 +404,8 @@ def cmd_distill(a) -> None:
 def cmd_calibrate_duo(a) -> None:
     from .llm import load
     from .tools.duo import calibrate
+    if a.samples < 1 or a.length < 64:
+        raise GearshiftError("--samples must be >= 1 and --length >= 64")
     llm = load(a.model, device=a.device)
     r = calibrate(llm, a.out, a.samples, a.length, a.seed, a.plot)
     import torch

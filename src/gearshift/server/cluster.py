@@ -469,6 +469,14 @@ def replica_ids() -> list[str]:
                   if a["name"].startswith(prefix))
 
 
+def running_replicas() -> int:
+    """EngineReplica replicas Ray Serve reports RUNNING (started and past their health check; a
+    replacement is listed by `replica_ids` as soon as it exists, while it still loads the model)."""
+    app = serve.status().applications.get(APP)
+    dep = app.deployments.get("EngineReplica") if app is not None else None
+    return 0 if dep is None else sum(n for state, n in dep.replica_states.items() if str(state).endswith("RUNNING"))
+
+
 def kill_replica(replica: str) -> None:
     """Kill one replica's process as a crash would (Ray Serve then starts a new one): for tests."""
     name = f"SERVE_REPLICA::{APP}#EngineReplica#{replica}"
