@@ -22,7 +22,7 @@ from .sampling import SamplingParams
 from .scheduler import EngineConfig
 from .sequence import Completion, Request
 from .strategies import make_drafter, strategy_factory
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, encode_prompt
 
 Prompt = str | list[dict] | list[int]
 
@@ -76,19 +76,7 @@ class LLM:
 
     def encode(self, prompt: Prompt) -> list[int]:
         """Chat messages go through the chat template; a string is tokenized as is; ids pass through."""
-        if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
-            ids = self.tokenizer.encode_chat(prompt)
-        elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            ids = list(prompt)
-            if any(not 0 <= t < self.model.cfg.vocab_size for t in ids):
-                raise GearshiftError(f"token ids must be in [0, {self.model.cfg.vocab_size})")
-        else:
-            raise GearshiftError("a prompt is a string, a list of {'role', 'content'} messages, or a list of token ids")
-        if not ids:
-            raise GearshiftError("the prompt is empty")
-        return ids
+        return encode_prompt(self.tokenizer, self.model.cfg.vocab_size, prompt)
 
     def drafter(self, spec: str | Drafter | None, k: int | None = None) -> Drafter | None:
         """A drafter by name ("lookup", "early-exit:L", "model:PATH", "auto", ...), built once and

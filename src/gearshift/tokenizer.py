@@ -133,6 +133,24 @@ class Tokenizer:
         return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
 
 
+def encode_prompt(tokenizer: Tokenizer, vocab_size: int, prompt: str | list) -> list[int]:
+    """A prompt as token ids: chat messages through the chat template, a string tokenized as is, ids
+    checked against the vocabulary (`LLM.encode`, and the cluster's front, which has no model)."""
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt)
+    elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+        ids = tokenizer.encode_chat(prompt)
+    elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+        ids = list(prompt)
+        if any(not 0 <= t < vocab_size for t in ids):
+            raise GearshiftError(f"token ids must be in [0, {vocab_size})")
+    else:
+        raise GearshiftError("a prompt is a string, a list of {'role', 'content'} messages, or a list of token ids")
+    if not ids:
+        raise GearshiftError("the prompt is empty")
+    return ids
+
+
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas without re-decoding everything.
 

@@ -202,18 +202,3 @@ class LocalBackend:
 
     def stop(self) -> None:
         self.host.stop()
-
-
-def encode(tokenizer: Tokenizer, vocab_size: int, prompt: str | list[int]) -> list[int]:
-    """`LLM.encode` for a process that has the tokenizer but not the model (the cluster's front)."""
-    if isinstance(prompt, str):
-        ids = tokenizer.encode(prompt)
-    elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-        ids = list(prompt)
-        if any(not 0 <= t < vocab_size for t in ids):
-            raise GearshiftError(f"token ids must be in [0, {vocab_size})")
-    else:
-        raise GearshiftError("a prompt is a string or a list of token ids")
-    if not ids:
-        raise GearshiftError("the prompt is empty")
-    return ids

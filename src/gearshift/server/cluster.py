@@ -50,7 +50,8 @@ from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, R
 
 from ..sequence import Completion, StepOutput
 from .app import ServerConfig, create_backend_app
-from .backend import Accepted, EngineHost, Job, Refused, encode, merged
+from ..tokenizer import encode_prompt
+from .backend import Accepted, EngineHost, Job, Refused, merged
 from .metrics import Metrics
 from .protocol import APIError
 from .routing import Decision, Router, RoutingConfig, shared_router
@@ -286,7 +287,7 @@ class RayBackend:
         metrics.registry.register(_Decisions(self.router, metrics.model_name))
 
     def encode(self, prompt: str | list[int]) -> list[int]:
-        return encode(self.tokenizer, self.vocab_size, prompt)
+        return encode_prompt(self.tokenizer, self.vocab_size, prompt)
 
     async def start(self, job: Job) -> "RayRun":
         if sum(self.in_flight.values()) + self.unplaced >= self.capacity:
