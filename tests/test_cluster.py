@@ -20,7 +20,7 @@ from gearshift import LLM  # noqa: E402
 from gearshift.server import ServerConfig, create_app  # noqa: E402
 from gearshift.server.routing import RoutingConfig  # noqa: E402
 from gearshift.tools.llama_cpp import free_port  # noqa: E402
-from test_server import running, wait_ready  # noqa: E402
+from test_server import serving, wait_ready  # noqa: E402
 
 NAME = "smollm2"
 ENGINE = dict(max_num_seqs=4, max_model_len=2048)
@@ -44,8 +44,7 @@ def cluster(llm, gearshift_home):
 @pytest.fixture(scope="module")
 def single(llm):
     """The reference: one `gearshift serve` with the same engine settings."""
-    with running(create_app(lambda: LLM(llm.loaded, **ENGINE), ServerConfig(model_name=NAME))) as url:
-        wait_ready(url)
+    with serving(create_app(lambda: LLM(llm.loaded, **ENGINE), ServerConfig(model_name=NAME))) as url:
         yield url
 
 
@@ -186,7 +185,8 @@ def test_a_killed_replica_loses_no_request_that_had_not_started(cluster, llm):
     assert len(before) == 2
     prompts = [[{"role": "user", "content": f"Write one sentence about the city number {i}."}] for i in range(6)]
     refs = [llm.generate(p, max_tokens=12).text for p in prompts]
-    long = {"model": NAME, "messages": QUESTION, "max_tokens": 400, "temperature": 0, "ignore_eos": True}
+    # long enough to outlive the wait below (at 400 tokens it was once over before the kill)
+    long = {"model": NAME, "messages": QUESTION, "max_tokens": 1800, "temperature": 0, "ignore_eos": True}
     with futures.ThreadPoolExecutor(8) as pool:
         started: futures.Future = futures.Future()
         victim_stream = pool.submit(read_stream, cluster, long, started)

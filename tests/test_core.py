@@ -10,7 +10,7 @@ import torch
 
 from gearshift import LLM, EngineCore, Request, SamplingParams, kernels
 from gearshift.attention import Batch, Segment
-from gearshift.drafters import Recycling, TreeDrafter
+from gearshift.drafters import LookupDrafter, Proposal, Recycling, TreeDrafter
 from gearshift.ead import EAD
 from gearshift.strategies import strategy_factory
 
@@ -274,15 +274,69 @@ def test_long_prompt_is_read_in_chunks_while_others_decode(llm, cold):
     assert done[a].token_ids == cold.generate(chat(CHATS[0]), max_tokens=64, ignore_eos=True).token_ids
 
 
-def test_a_stream_left_early_frees_its_slot(llm):
+def test_a_stream_left_early_frees_its_slot_and_the_next_call_gets_only_its_own(llm, alone):
     stream = llm.stream(chat(CHATS[1]), max_tokens=40)
     for i, _ in enumerate(stream):
         if i == 2:
             break
     assert llm.core.running == 0 and not llm.core.prefix.busy
     assert stream.completion is None
-    llm.core.step()  # the abort is reported, then nothing is left
-    assert not llm.core.has_work()
+    # the abort's last output comes with the next step: `generate` must not take it for its own
+    assert llm.generate(chat(CHATS[2]), max_tokens=N).token_ids == alone[2]
+    assert not llm.core.has_work() and not llm._outbox
+
+
+def test_interleaved_streams_and_a_generate_between_them_each_get_their_own(llm, alone):
+    a, b = llm.stream(chat(CHATS[3]), max_tokens=N), llm.stream(chat(CHATS[4]), max_tokens=N)
+    ia, ib = iter(a), iter(b)
+    text = {"a": next(ia), "b": next(ib)}
+    middle = llm.generate(chat(CHATS[5]), max_tokens=N)  # steps a and b too: their outputs wait for them
+    for delta in ia:
+        text["a"] += delta
+        text["b"] += next(ib, "")
+    text["b"] += "".join(ib)
+    assert a.completion.token_ids == alone[3] and b.completion.token_ids == alone[4]
+    assert middle.token_ids == alone[5]
+    assert text["a"] == a.completion.text and text["b"] == b.completion.text
+    assert not llm.core.has_work() and not llm._outbox
+
+
+class Faulty(LookupDrafter):
+    """A real drafter with a fault injected on its third proposal: it raises, or proposes a token
+    id outside the vocabulary (which, unchecked, would fail the shared forward of every sequence)."""
+
+    def __init__(self, fault: str):
+        super().__init__()
+        self.fault, self.calls = fault, 0
+
+    def fork(self):
+        return Faulty(self.fault)
+
+    def propose(self, context, k, params, gen):
+        self.calls += 1
+        if self.calls < 3:
+            return super().propose(context, k, params, gen)
+        if self.fault == "raise":
+            raise RuntimeError("injected drafter fault")
+        return Proposal([10 ** 9])
+
+
+@pytest.mark.parametrize("fault", ["raise", "bad-token"])
+def test_a_failing_sequence_ends_alone(llm, alone, fault):
+    """One sequence's drafter fails mid-decode: that sequence ends with finish reason "error" (its
+    slot emptied), while the sequence beside it in the same steps finishes exactly as alone."""
+    engine = LLM(llm.loaded, max_num_seqs=2)
+    core = engine.core
+    good = core.add(request(engine, CHATS[6]))
+    bad = core.add(request(engine, CHATS[7], drafter=Faulty(fault)))
+    done = run_all(core)
+    assert done[good].token_ids == alone[6]
+    assert done[bad].finish_reason == "error" and done[bad].error
+    assert core.running == 0 and not core.prefix.busy and not core.seqs
+    from gearshift import GearshiftError
+    with pytest.raises(GearshiftError, match="generation failed"):  # the Python API raises it, to its own caller
+        engine.generate(chat(CHATS[7]), drafter=Faulty(fault), max_tokens=N)
+    assert engine.generate(chat(CHATS[7]), max_tokens=N).token_ids == alone[7]  # and the slot serves again
 
 
 def test_requests_the_engine_cannot_run(llm):

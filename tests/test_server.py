@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gearshift import LLM
 from gearshift.server import ServerConfig, create_app, parse_speculative_config
+from gearshift.server.http import config as http_config
 from gearshift.tools.llama_cpp import free_port
 
 NAME = "smollm2"
@@ -26,7 +27,7 @@ QUESTION = [{"role": "user", "content": "Name three primary colors and say one t
 def running(app):
     """The app under uvicorn on a free loopback port, in a thread, until the block ends."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(http_config(app, "127.0.0.1", port, log_level="warning"))  # as `gearshift serve` runs
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
@@ -39,6 +40,14 @@ def running(app):
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+@contextlib.contextmanager
+def serving(app):
+    """`running`, then wait until the model has loaded."""
+    with running(app) as url:
+        wait_ready(url)
+        yield url
 
 
 def wait_ready(url: str, timeout: float = 60) -> None:
@@ -73,8 +82,7 @@ def wait_idle(url: str, timeout: float = 10) -> dict[str, float]:
 def server(llm):
     """One server for the module: the shared weights, its own engine core (4 slots, 2048 positions)."""
     app = create_app(lambda: LLM(llm.loaded, max_num_seqs=4, max_model_len=2048), ServerConfig(model_name=NAME))
-    with running(app) as url:
-        wait_ready(url)
+    with serving(app) as url:
         yield url
 
 
@@ -181,8 +189,7 @@ def test_server_wide_speculative_config(llm):
     config = ServerConfig(model_name=NAME, speculative=parse_speculative_config('{"method": "ngram", "num_speculative_tokens": 3}'))
     app = create_app(lambda: LLM(llm.loaded, max_num_seqs=2, max_model_len=1024), config)
     ref = llm.generate(QUESTION, max_tokens=30)
-    with running(app) as url:
-        wait_ready(url)
+    with serving(app) as url:
         c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         r = c.chat.completions.create(model=NAME, messages=QUESTION, max_tokens=30, temperature=0)
         assert r.choices[0].message.content == ref.text and r.model_extra["gearshift"]["strategy"] == "lookup"

@@ -272,6 +272,10 @@ def _bench_sessions(a) -> None:
         raise GearshiftError(f"--routing takes cache-aware and/or round-robin, got {a.routing!r}")
     if a.threads is not None and a.threads < 1:
         raise GearshiftError("--threads must be positive")
+    if a.max_body_bytes < 1024 or a.max_connections < 1 or min(a.timeout_headers, a.timeout_body,
+                                                               a.timeout_keep_alive) <= 0:
+        raise GearshiftError("--max-body-bytes must be at least 1024, --max-connections at least 1, and the "
+                             "timeouts positive")
     if a.replicas is not None:
         if a.replicas < 1:
             raise GearshiftError(f"--replicas must be at least 1, got {a.replicas}")
@@ -285,7 +289,7 @@ def _bench_sessions(a) -> None:
 def cmd_serve(a) -> None:
     import logging
 
-    from .server import ServerConfig, create_app, default_model_name, parse_speculative_config, serve
+    from .server import ServerConfig, create_app, default_model_name, parse_speculative_configs, serve
     from .hub import default_model_path
     from .scheduler import EngineConfig
     engine = dict(max_num_seqs=a.max_num_seqs, max_batched_tokens=max(a.max_batched_tokens, a.max_num_seqs),
@@ -297,12 +301,19 @@ def cmd_serve(a) -> None:
         raise GearshiftError("--max-queue must be >= 0")
     if a.threads is not None and a.threads < 1:
         raise GearshiftError("--threads must be positive")
+    if a.max_body_bytes < 1024 or a.max_connections < 1 or min(a.timeout_headers, a.timeout_body,
+                                                               a.timeout_keep_alive) <= 0:
+        raise GearshiftError("--max-body-bytes must be at least 1024, --max-connections at least 1, and the "
+                             "timeouts positive")
     routing = _routing(a)  # refuses cluster flags without --replicas, and bad values, before anything starts
     import os
     api_key = a.api_key or os.environ.get("GEARSHIFT_API_KEY") or None
+    strategies = parse_speculative_configs(a.speculative_config)
     config = ServerConfig(model_name=a.served_model_name or default_model_name(a.model or default_model_path()),
-                          api_key=api_key, max_queue=a.max_queue,
-                          speculative=parse_speculative_config(a.speculative_config, "--speculative-config"))
+                          api_key=api_key, max_queue=a.max_queue, speculative=strategies[0], offered=strategies[1:],
+                          max_body_bytes=a.max_body_bytes, timeout_headers=a.timeout_headers,
+                          timeout_body=a.timeout_body, timeout_keep_alive=a.timeout_keep_alive,
+                          max_connections=a.max_connections)
     logging.basicConfig(level=getattr(logging, a.log_level.upper(), logging.INFO), format="%(levelname)s: %(message)s")
     if a.replicas is not None:
         return _serve_replicas(a, config, engine, routing)
@@ -445,7 +456,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculative-config", default=None,
                    help='server-wide strategy, as JSON shaped like vLLM\'s: {"method": "ngram"}, {"method": "suffix"}, '
                         '{"method": "early-exit", "num_layers": 4}, {"model": PATH, "num_speculative_tokens": 4}, '
-                        '{"method": "ead+verify", "tau": 2.0}; a request may send its own `speculative_config`')
+                        '{"method": "ead+verify", "tau": 2.0}; or a JSON list of them: the first is the default, '
+                        'and a request may choose any of them (or a training-free one) as its `speculative_config`')
+    p.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024,
+                   help="larger request bodies get 413 (default 2 MiB)")
+    p.add_argument("--timeout-headers", type=float, default=10.0,
+                   help="seconds a connection has to send a request's headers (default 10)")
+    p.add_argument("--timeout-body", type=float, default=30.0,
+                   help="seconds a request has to send its body after its headers (default 30)")
+    p.add_argument("--timeout-keep-alive", type=float, default=5.0,
+                   help="seconds an idle keep-alive connection stays open (default 5)")
+    p.add_argument("--max-connections", type=int, default=512,
+                   help="open connections beyond this are closed at once (default 512)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: PyTorch's); with --replicas, per replica (default: cores / replicas)")
     p.add_argument("--replicas", type=int, default=None,

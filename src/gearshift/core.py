@@ -16,6 +16,11 @@ returns what each produced, `abort` ends one at once (its slot is free for the n
    turns) do so;
 5. new tokens go through stop rules and the detokenizer; finished sequences free their slot.
 
+A sequence's own work (starting its strategy, drafting, verifying, sampling, its KV policy,
+detokenizing) runs isolated: if it raises, that sequence alone ends, with finish reason "error"
+and the reason in `Completion.error`, its slot emptied; the step goes on for every other one. Only
+a failure of the shared forward fails the whole step.
+
 Speculative sequences share the step with plain ones: a plain sequence brings one row, a
 speculative one its last token and its draft (a chain, or a tree whose nodes attend their own
 ancestors), and each is verified on its own slice of the batch's logits.
@@ -24,7 +29,9 @@ ancestors), and each is verified on its own slice of the batch's logits.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -37,6 +44,9 @@ from .scheduler import EngineConfig, Scheduler, Task
 from .sequence import Logprob, Request, Sequence, StepOutput
 from .tokenizer import Tokenizer
 
+log = logging.getLogger("gearshift.core")
+FAILED = object()  # what `_isolated` returns when the sequence's own work raised
+
 
 class EngineCore:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, eos_ids: set[int],
@@ -46,7 +56,7 @@ class EngineCore:
         self.window = min(model.cfg.max_seq_len, self.config.max_model_len or model.cfg.max_seq_len)
         self.cache = model.new_cache(self.config.max_num_seqs, self.window)
         self.prefix = PrefixCache(self.cache, self.config.prefix_cache_bytes, self.config.prefix_cache)
-        self.scheduler = Scheduler(self.config, self.prefix, self.window)
+        self.scheduler = Scheduler(self.config, self.prefix, self.window, model.cfg.vocab_size)
         self.seqs: dict[int, Sequence] = {}
         self._ids = itertools.count()
         self._ended: list[StepOutput] = []  # aborted sequences, reported by the next step
@@ -102,11 +112,10 @@ class EngineCore:
         now = time.perf_counter()
         for seq in self.scheduler.admit():
             seq.stats.timing.admitted = now
-            policy = seq.kv.policy if seq.kv is not None else None
-            self.cache.set_format(seq.slot, policy and policy.quant, policy.recent if policy else 0)
-            seq.strategy = seq.request.strategy()
-            seq.strategy.start(seq)
-        tasks, alone = self.scheduler.plan()
+            self._isolated(seq, outputs, self._start, seq)
+        tasks, alone, failed = self.scheduler.plan()
+        for seq, error in failed:  # its strategy could not propose
+            outputs.append(self._fail(seq, error))
         if tasks:
             batch = Batch([t.segment for t in tasks], self.cache, exact=self.config.exact)
             t0 = time.perf_counter()
@@ -114,16 +123,54 @@ class EngineCore:
             forward_s = time.perf_counter() - t0
             captured = self._captured(batch)
             for i, (task, rows) in enumerate(zip(tasks, batch.out_slices)):
-                first = task.seq.computed + (task.segment_capture or 0)  # token position of its first captured row
-                out = self._accept(task, logits[rows], forward_s)
-                if task.seq.kv is not None and task.seq.finish_reason is None:
-                    self._kv_step(task.seq, captured.get(i), first)
-                if out is not None:
+                out = self._isolated(task.seq, outputs, self._after_forward, task, logits[rows], forward_s,
+                                     captured.get(i))
+                if out is not None and out is not FAILED:
                     outputs.append(out)
         for seq in alone:
-            tokens, logits = seq.strategy.decide(seq)
-            outputs.append(self._advance(seq, tokens, logits, list(range(len(tokens)))))
+            out = self._isolated(seq, outputs, self._decide, seq)
+            if out is not FAILED:
+                outputs.append(out)
         return outputs
+
+    # ------------------------------------------------------------------ one sequence's own work, isolated
+
+    def _isolated(self, seq: Sequence, outputs: list[StepOutput], work: Callable, *args):
+        """`work(*args)`, or, if it raises, the sequence's end with finish reason "error" (FAILED)."""
+        try:
+            return work(*args)
+        except Exception as e:
+            log.exception("sequence %d failed", seq.id)
+            outputs.append(self._fail(seq, e))
+            return FAILED
+
+    def _fail(self, seq: Sequence, error: Exception) -> StepOutput:
+        seq.finish_reason = "error"
+        seq.error = f"{type(error).__name__}: {error}"
+        out = StepOutput(seq.id, [], "")
+        if seq.id in self.seqs:  # (it may have failed after it finished: then it is already gone)
+            self._finish(seq, out, failed=True)
+        else:
+            out.finish_reason, out.completion = "error", seq.completion()
+        return out
+
+    def _start(self, seq: Sequence) -> None:
+        policy = seq.kv.policy if seq.kv is not None else None
+        self.cache.set_format(seq.slot, policy and policy.quant, policy.recent if policy else 0)
+        seq.strategy = seq.request.strategy()
+        seq.strategy.start(seq)
+
+    def _after_forward(self, task: Task, logits: torch.Tensor, forward_s: float,
+                       queries: list[torch.Tensor] | None) -> StepOutput | None:
+        first = task.seq.computed + (task.segment_capture or 0)  # token position of its first captured row
+        out = self._accept(task, logits, forward_s)
+        if task.seq.kv is not None and task.seq.finish_reason is None:
+            self._kv_step(task.seq, queries, first)
+        return out
+
+    def _decide(self, seq: Sequence) -> StepOutput:
+        tokens, logits = seq.strategy.decide(seq)
+        return self._advance(seq, tokens, logits, list(range(len(tokens))))
 
     # ------------------------------------------------------------------ KV policies
 
@@ -204,17 +251,20 @@ class EngineCore:
             self._finish(seq, out)
         return out
 
-    def _finish(self, seq: Sequence, out: StepOutput) -> None:
+    def _finish(self, seq: Sequence, out: StepOutput, failed: bool = False) -> None:
+        """End a sequence and free its slot; a failed one skips its own wrap-up (that may be what
+        failed) and leaves nothing in its slot for the prefix cache (its entries may be half-written)."""
         seq.stats.timing.finished = time.perf_counter()
-        if seq.slot is not None:  # what its cache held at the end, before the slot is released
-            c, st = self.cache, seq.stats
-            st.kv_entries = c.held(seq.slot)
-            st.kv_bytes = c.held_bytes(seq.slot)
-            st.kv_full_bytes = c.tokens(seq.slot) * c.bytes_per_token
-        out.text += seq.text.flush()
-        if seq.strategy is not None:
-            seq.strategy.finish(seq)
-        self.scheduler.remove(seq)
+        if not failed:
+            if seq.slot is not None:  # what its cache held at the end, before the slot is released
+                c, st = self.cache, seq.stats
+                st.kv_entries = c.held(seq.slot)
+                st.kv_bytes = c.held_bytes(seq.slot)
+                st.kv_full_bytes = c.tokens(seq.slot) * c.bytes_per_token
+            out.text += seq.text.flush()
+            if seq.strategy is not None:
+                seq.strategy.finish(seq)
+        self.scheduler.remove(seq, keep=not failed)
         del self.seqs[seq.id]
         out.finish_reason = seq.finish_reason
         out.completion = seq.completion()

@@ -14,11 +14,16 @@ import torch
 
 from .errors import GearshiftError
 
+# Below this a temperature is greedy decoding (vLLM's rule): dividing logits by 1e-40 overflows to
+# inf and the softmax to NaN, and anything this cold is argmax in all but float rounding anyway.
+GREEDY_BELOW = 1e-5
+SEED_RANGE = (-2 ** 63, 2 ** 64)  # what torch.Generator.manual_seed takes
+
 
 @dataclass
 class SamplingParams:
     max_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # 0 (or below GREEDY_BELOW) = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
     seed: int | None = None
@@ -35,7 +40,9 @@ class SamplingParams:
              f"temperature must be a finite number >= 0, got {self.temperature!r}"),
             (isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an integer >= 0, got {self.top_k!r}"),
             (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}"),
-            (self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}"),
+            (self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)
+                                   and SEED_RANGE[0] <= self.seed < SEED_RANGE[1]),
+             f"seed must be an integer from -2**63 to 2**64 - 1, got {self.seed!r}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
             (self.logprobs is None or (isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool)
                                        and self.logprobs >= 0), f"logprobs must be an integer >= 0, got {self.logprobs!r}"),
@@ -46,7 +53,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 def probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:

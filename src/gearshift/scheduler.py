@@ -68,8 +68,8 @@ class Task:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, prefix: PrefixCache, max_len: int):
-        self.config, self.prefix, self.max_len = config, prefix, max_len
+    def __init__(self, config: EngineConfig, prefix: PrefixCache, max_len: int, vocab: int):
+        self.config, self.prefix, self.max_len, self.vocab = config, prefix, max_len, vocab
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -84,10 +84,11 @@ class Scheduler:
             admitted.append(seq)
         return admitted
 
-    def plan(self) -> tuple[list[Task], list[Sequence]]:
-        """This step's tasks for the target forward, and the sequences that decode without it."""
+    def plan(self) -> tuple[list[Task], list[Sequence], list[tuple[Sequence, Exception]]]:
+        """This step's tasks for the target forward, the sequences that decode without it, and those
+        whose strategy failed to propose (the core ends them; the others go on)."""
         budget = self.config.max_batched_tokens
-        tasks, alone = [], []
+        tasks, alone, failed = [], [], []
         reach: dict[int, int] = {}  # tokens each sequence will hold after this step
         for seq in sorted(self.running, key=lambda s: (s.stats.timing.first_token is None, s.id)):
             if not seq.strategy.uses_target(seq):
@@ -103,11 +104,16 @@ class Scheduler:
             proposal = None
             if take == lag:
                 k_max = min(seq.remaining - 1, budget - take, self.max_len - len(seq.tokens))
-                proposal = seq.strategy.propose(seq, max(0, k_max))
+                try:
+                    proposal = seq.strategy.propose(seq, max(0, k_max))
+                    proposal.check(self.vocab)
+                except Exception as e:
+                    failed.append((seq, e))
+                    continue
             budget -= take + (len(proposal.tokens) if proposal is not None else 0)
             reach[seq.id] = seq.computed + take
             tasks.append(Task(seq, take, proposal))
-        return tasks, alone
+        return tasks, alone, failed
 
     def _share(self, seq: Sequence, reach: dict[int, int]) -> bool:
         """A prompt still being read may share its next tokens with another running sequence (a
@@ -127,12 +133,14 @@ class Scheduler:
             seq.computed = held
         return soon - seq.computed >= self.prefix.min_tokens
 
-    def remove(self, seq: Sequence) -> None:
+    def remove(self, seq: Sequence, keep: bool = True) -> None:
         """Take a sequence out (finished or aborted); a running one's slot keeps its entries for the
-        prefix cache: the tokens whose entries the slot really holds."""
+        prefix cache (the tokens whose entries the slot really holds), unless `keep` is False."""
         if seq in self.waiting:
             self.waiting.remove(seq)
         if seq not in self.running:
             return
         self.running.remove(seq)
-        self.prefix.release(seq.slot, seq.tokens[:min(seq.computed, len(seq.tokens))])
+        if not keep:
+            self.prefix.cache.reset(seq.slot)
+        self.prefix.release(seq.slot, seq.tokens[:min(seq.computed, len(seq.tokens))] if keep else [])

@@ -49,11 +49,12 @@ class Completion:
     text: str
     token_ids: list[int]
     prompt_tokens: int
-    finish_reason: str  # "stop" (EOS or stop string), "length" or "abort"
+    finish_reason: str  # "stop" (EOS or stop string), "length", "abort" or "error" (see `error`)
     metrics: dict = field(default_factory=dict)
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     logprobs: list[Logprob] | None = None  # per generated token, when asked for
     strategy: str = "plain"
+    error: str | None = None  # why the sequence failed (finish reason "error"); others are unaffected
 
 
 @dataclass
@@ -124,6 +125,7 @@ class Sequence:
         self.slot: int | None = None
         self.computed = 0  # leading tokens whose keys and values the slot holds
         self.finish_reason: str | None = None
+        self.error: str | None = None  # set when its own work raised (`EngineCore._fail`)
         self.stats = SequenceStats(Timing(request.arrival), prompt_tokens=self.prompt_len)
 
     @property
@@ -143,4 +145,4 @@ class Sequence:
     def completion(self) -> Completion:
         return Completion(self.text.text, self.generated, self.prompt_len, self.finish_reason or "length",
                           self.stats.as_dict(), self.stats.cached_tokens, self.logprobs,
-                          self.strategy.name if self.strategy is not None else "plain")
+                          self.strategy.name if self.strategy is not None else "plain", self.error)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -170,8 +171,9 @@ class VerifiedEAD(Speculative):
 
 
 def strategy_factory(target: Transformer, drafter: Drafter | None = None,
-                     ead: tuple[ModelDrafter, EAD] | None = None) -> Callable[[], Strategy]:
-    """What a request carries: a maker of per-sequence strategies, each with its own fork of the drafter."""
+                     ead: tuple[ModelDrafter, EAD] | None = None, k: int | None = None) -> Callable[[], Strategy]:
+    """What a request carries: a maker of per-sequence strategies, each with its own fork of the
+    drafter (forked when the sequence starts, on the engine's side), its draft length capped at `k`."""
     if ead is not None:
         small, cfg = ead
         if cfg.verify:
@@ -179,7 +181,14 @@ def strategy_factory(target: Transformer, drafter: Drafter | None = None,
         return lambda: EntropyAdaptive(small.fork(), cfg, forward_flops(target))
     if drafter is None:
         return lambda: Speculative(None)
-    return lambda: Speculative(drafter.fork())
+    return lambda: Speculative(_capped(drafter.fork(), k))
+
+
+def _capped(drafter: Drafter, k: int | None) -> Drafter:
+    if k is not None:
+        n = drafter.length
+        drafter.length = replace(n, k=min(n.k, k), k_min=min(n.k_min, k), k_max=k)
+    return drafter
 
 
 # ---------------------------------------------------------------- drafters by name

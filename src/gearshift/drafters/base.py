@@ -31,6 +31,15 @@ class Proposal:
             kids[par].append(i)
         return kids
 
+    def check(self, vocab: int) -> None:
+        """Refuse a malformed proposal before it joins the shared forward, where a token id out of
+        range would fail every sequence's step instead of only the drafting one's."""
+        if any(not 0 <= t < vocab for t in self.tokens):
+            raise ValueError(f"the drafter proposed a token id outside [0, {vocab})")
+        if self.parents is not None and (len(self.parents) != len(self.tokens)
+                                         or any(not 0 <= p <= i for i, p in enumerate(self.parents))):
+            raise ValueError("the drafter proposed a tree whose parents do not come before their children")
+
     def first(self, n: int) -> "Proposal":
         """The first n draft tokens: still a valid tree, since parents come before children."""
         return Proposal(self.tokens[:n], None if self.probs is None else self.probs[:n],

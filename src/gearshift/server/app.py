@@ -8,6 +8,14 @@ server starts listening, so `/health` answers from the first moment.
 The routes read a body into a `Job` and run it on a `Backend` (`backend.py`): the engine in this
 process (`create_app`), or engine replicas behind Ray Serve (`cluster.py`, which builds the same
 app with `create_backend_app`), so both speak exactly the same API.
+
+No request may hurt another. Each one is authenticated before its body is read; the body is read
+up to `max_body_bytes` (413 beyond), then parsed, validated and tokenized in worker threads, never
+on the event loop (the tokenizer releases the GIL), and a prompt longer in characters than the
+context window could hold in tokens is refused before it is tokenized. Every refusal is a 4xx in
+OpenAI's envelope, and anything unforeseen a 500 in it, never a traceback. Connections that stall
+(headers or body) are closed by the protocol in `http.py`. A model that fails to load stops the
+server (`on_failure`), so `gearshift serve` exits non-zero instead of answering 503 forever.
 """
 
 from __future__ import annotations
@@ -26,7 +34,9 @@ from pathlib import Path
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..errors import GearshiftError
 from ..kv_policy import POLICIES, KVPolicy
@@ -47,6 +57,14 @@ class ServerConfig:
     api_key: str | None = None
     max_queue: int = 256  # requests that may wait for a slot beyond max_num_seqs; more get 503
     speculative: Strategy = field(default_factory=Strategy)  # the server-wide default; a request may choose its own
+    offered: list[Strategy] = field(default_factory=list)  # more a request may choose (besides the training-free)
+    max_body_bytes: int = 2 * 1024 * 1024  # larger request bodies get 413
+    # connections (http.py): headers must arrive within, and then the body within, so many seconds;
+    # an idle keep-alive connection closes after timeout_keep_alive; more than max_connections are refused
+    timeout_headers: float = 10.0
+    timeout_body: float = 30.0
+    timeout_keep_alive: float = 5.0
+    max_connections: int = 512
 
 
 class State:
@@ -57,6 +75,7 @@ class State:
         self.metrics = Metrics(config.model_name)
         self.backend: Backend | None = None
         self.error: str | None = None
+        self.on_failure: Callable[[], None] | None = None  # `serve` sets it: stop the server
 
     def ready(self) -> Backend:
         if self.backend is None:
@@ -68,8 +87,8 @@ class State:
 def create_app(load: Callable[[], LLM], config: ServerConfig | None = None) -> FastAPI:
     """The app on one engine in this process; `load` builds the LLM (called in a thread once the server is up)."""
     config = config or ServerConfig()
-    return create_backend_app(lambda metrics: LocalBackend(load(), metrics, config.max_queue, config.speculative),
-                              config)
+    return create_backend_app(lambda metrics: LocalBackend(load(), metrics, config.max_queue, config.speculative,
+                                                           config.offered), config)
 
 
 def create_backend_app(start: Callable[[Metrics], Backend], config: ServerConfig) -> FastAPI:
@@ -82,8 +101,10 @@ def create_backend_app(start: Callable[[Metrics], Backend], config: ServerConfig
             state.backend = start(state.metrics)
             log.info("model ready")
         except Exception as e:
-            state.error = str(e)
-            log.error("loading failed: %s", e)
+            state.error = str(e) or type(e).__name__
+            log.error("loading failed: %s", state.error)
+            if state.on_failure is not None:
+                state.on_failure()
 
     async def lifespan(app: FastAPI):
         threading.Thread(target=loader, name="gearshift-load", daemon=True).start()
@@ -102,19 +123,8 @@ def create_backend_app(start: Callable[[Metrics], Backend], config: ServerConfig
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: HTTPRequest, e: RequestValidationError):
-        first = e.errors()[0] if e.errors() else {"msg": "invalid request", "loc": ()}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        if first.get("type") == "json_invalid":
-            message, param = f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}", None
-        elif first.get("type") == "missing" and not loc:
-            message, param = "the request needs a JSON body", None
-        else:
-            param = ".".join(x for x in loc if not x.isdigit() or len(loc) == 1) or None
-            where = ".".join(loc) or "body"
-            message = f"{where}: {first['msg']}"
-            if "input" in first and first.get("type") != "missing":
-                message += f" (got {json.dumps(first['input'], default=str)[:80]})"
-        return JSONResponse(APIError(400, message, param=param).body(), status_code=400)
+        error = invalid_body(e.errors())
+        return JSONResponse(error.body(), status_code=error.status)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: HTTPRequest, e: StarletteHTTPException):
@@ -124,6 +134,21 @@ def create_backend_app(start: Callable[[Metrics], Backend], config: ServerConfig
     @app.exception_handler(GearshiftError)
     async def bad_input(request: HTTPRequest, e: GearshiftError):
         return JSONResponse(APIError(400, str(e)).body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def bug(request: HTTPRequest, e: Exception):  # logged with its traceback; the client gets one line
+        log.exception("unexpected error on %s", request.url.path)
+        return JSONResponse(APIError(500, "internal server error", type="server_error").body(), status_code=500)
+
+    async def read(request: HTTPRequest, model: type[BaseModel]):
+        """Authenticate, then read the body (at most max_body_bytes), then parse and validate it in a
+        worker thread: an unauthenticated client learns nothing about the body, a large one does not
+        hold the event loop."""
+        authorize(request)
+        raw = await read_body(request, config.max_body_bytes)
+        if not raw.strip():
+            raise APIError(400, "the request needs a JSON body")
+        return await asyncio.to_thread(parse_body, model, raw)
 
     def authorize(request: HTTPRequest) -> None:
         if config.api_key is None:
@@ -166,62 +191,130 @@ def create_backend_app(start: Callable[[Metrics], Backend], config: ServerConfig
                                             "owned_by": "gearshift", "max_model_len": backend.window}]}
 
     @app.post("/tokenize")
-    async def tokenize(body: TokenizeRequest, request: HTTPRequest):
-        authorize(request)
+    async def tokenize(request: HTTPRequest):
+        body = await read(request, TokenizeRequest)
         check_model(body.model)
         backend = state.ready()
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give either prompt or messages", param="prompt")
+        tok = backend.tokenizer
         if body.messages is not None:
-            ids = backend.tokenizer.encode_chat(messages_as_dicts(body.messages), body.add_generation_prompt)
+            messages = messages_as_dicts(body.messages)
+            ids = await asyncio.to_thread(tok.encode_chat, messages, body.add_generation_prompt)
         else:
-            ids = backend.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            ids = await asyncio.to_thread(tok.encode, body.prompt, body.add_special_tokens)
         return {"count": len(ids), "max_model_len": backend.window, "tokens": ids}
 
     @app.post("/detokenize")
-    async def detokenize(body: DetokenizeRequest, request: HTTPRequest):
-        authorize(request)
+    async def detokenize(request: HTTPRequest):
+        body = await read(request, DetokenizeRequest)
         check_model(body.model)
         backend = state.ready()
         vocab = backend.vocab_size
         if any(not 0 <= t < vocab for t in body.tokens):
             raise APIError(400, f"token ids must be in [0, {vocab})", param="tokens")
-        return {"prompt": backend.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+        text = await asyncio.to_thread(backend.tokenizer.decode, body.tokens, False)
+        return {"prompt": text}
 
     # -------------------------------------------------------------- completions
 
-    def accept(body, request: HTTPRequest) -> Backend:
+    async def accept(request: HTTPRequest, model: type[BaseModel]):
         """The checks every completion request passes before its prompt is read."""
-        authorize(request)
+        body = await read(request, model)
         check_model(body.model)
         check_supported(body)
-        return state.ready()
+        return body, state.ready()
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest, request: HTTPRequest):
-        backend = accept(body, request)
-        try:
-            ids = backend.tokenizer.encode_chat(messages_as_dicts(body.messages), body.add_generation_prompt)
-        except GearshiftError as e:
-            raise APIError(400, str(e), param="messages") from None
+    async def chat(request: HTTPRequest):
+        body, backend = await accept(request, ChatRequest)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        messages = messages_as_dicts(body.messages)
+        check_chars(backend, sum(len(m["content"]) for m in messages), "messages")
+        try:
+            ids = await asyncio.to_thread(backend.tokenizer.encode_chat, messages, body.add_generation_prompt)
+        except GearshiftError as e:
+            raise APIError(400, str(e), param="messages") from None
         max_tokens = body.max_completion_tokens or body.max_tokens
         return await _run(state, request, body, [ids], max_tokens, logprobs, chat=True)
 
     @app.post("/v1/completions")
-    async def complete(body: CompletionRequest, request: HTTPRequest):
-        backend = accept(body, request)
+    async def complete(request: HTTPRequest):
+        body, backend = await accept(request, CompletionRequest)
         p = body.prompt
         many = bool(p) and not isinstance(p, str) and not isinstance(p[0], int)  # a list of prompts
+        prompts = p if many else [p]
+        for x in prompts:
+            check_chars(backend, len(x) if isinstance(x, str) else 0, "prompt")
         try:  # text is tokenized, ids are range-checked, as LLM.generate does
-            prompts = [backend.encode(x) for x in (p if many else [p])]
+            ids = await asyncio.to_thread(lambda: [backend.encode(x) for x in prompts])
         except GearshiftError as e:
             raise APIError(400, str(e), param="prompt") from None
-        return await _run(state, request, body, prompts, body.max_tokens, body.logprobs, chat=False)
+        return await _run(state, request, body, ids, body.max_tokens, body.logprobs, chat=False)
 
     return app
+
+
+# ------------------------------------------------------------------ reading a request
+
+async def read_body(request: HTTPRequest, limit: int) -> bytes:
+    """The body, refused with a 413 as soon as it is known to exceed `limit` bytes (its
+    Content-Length, or what has arrived)."""
+    too_large = APIError(413, f"the request body is larger than this server's limit of {limit} bytes",
+                         code="request_too_large")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_large
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise APIError(400, "the client went away before its body arrived") from None
+    return b"".join(chunks)
+
+
+def parse_body(model: type[BaseModel], raw: bytes):
+    """The body as `model` (strict JSON: a lone surrogate or invalid UTF-8 is a 400 too), or the
+    APIError saying what is wrong with it (formatting it can cost as much as parsing: one thread)."""
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as e:
+        raise invalid_body(e.errors()) from None
+
+
+def invalid_body(errors: list) -> APIError:
+    """A pydantic validation failure as OpenAI's 400: the first problem, and where."""
+    # a value that fits none of a union's members fails each; the member whose type it had (a list
+    # too long, rather than "not a string") says what is wrong with it
+    first = next((e for e in errors if not e.get("type", "").endswith("_type")), errors[0]) if errors else \
+        {"msg": "invalid request", "loc": ()}
+    # fields and list indexes; not the union members pydantic names on the way ("list[constrained-str]")
+    loc = [str(x) for x in first.get("loc", ()) if x != "body" and (isinstance(x, int) or (
+        str(x).isidentifier() and x not in ("str", "int", "float", "bool", "list", "dict", "none")))]
+    if first.get("type") == "json_invalid":
+        return APIError(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}")
+    if first.get("type") == "missing" and not loc:
+        return APIError(400, "the request needs a JSON body")
+    param = loc[0] if loc else None  # the body's field (deeper places, and union members, are in the message)
+    message = f"{'.'.join(loc) or 'body'}: {first['msg']}"
+    if "input" in first and first.get("type") != "missing":
+        message += f" (got {json.dumps(first['input'], default=str)[:80]})"
+    return APIError(400, message, param=param)
+
+
+def check_chars(backend: Backend, chars: int, param: str) -> None:
+    """Refuse, before tokenizing, text longer than the context window could hold: no token covers
+    more characters than the longest piece in the vocabulary (doubled: a normalizer may compose)."""
+    limit = 2 * backend.window * backend.tokenizer.longest_piece
+    if chars > limit:
+        raise APIError(400, f"this model's maximum context length is {backend.window} tokens, and the {param} "
+                       f"({chars} characters) cannot fit in it", param=param, code="context_length_exceeded")
 
 
 # ------------------------------------------------------------------ one request, start to end

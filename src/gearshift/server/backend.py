@@ -11,14 +11,13 @@ line, so the OpenAI shapes (responses, chunks, usage, errors) have one implement
   streaming deployment handle (`gearshift serve --replicas N`).
 
 `EngineHost` is where a job becomes engine requests (drafters, EAD and the KV policy are built
-next to the model that uses them), so a bad `speculative_config` is refused by the same code on
-either side.
+next to the model that uses them, when the host starts), so a bad `speculative_config` is refused
+by the same code on either side.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -97,35 +96,55 @@ class Backend(Protocol):
 
 # ------------------------------------------------------------------ the engine side
 
-class EngineHost:
-    """An LLM, the AsyncEngine stepping it, and the one way a Job becomes its running requests."""
+TRAINING_FREE = ("lookup", "suffix", "recycling", "hybrid", "early-exit")  # plus early-exit:L for every L
 
-    def __init__(self, llm: LLM, metrics: Metrics, max_queue: int, default: Strategy | None = None):
+
+class EngineHost:
+    """An LLM, the AsyncEngine stepping it, and the one way a Job becomes its running requests.
+
+    Requests choose among strategies, never build them: every drafter a request may name is built
+    here, once, when the host starts (in the loader thread, before /health says ok): the
+    training-free ones (lookup, suffix, recycling, hybrid, early-exit:L; the tree drafters measure
+    the forward-cost curve then) and those the operator offers (`--speculative-config`, which may
+    name draft models and trained heads). Anything else, a path above all, is a 400 that names no
+    file, so no request loads a file, waits for a build, or learns what exists on the server.
+    """
+
+    def __init__(self, llm: LLM, metrics: Metrics, max_queue: int, default: Strategy | None = None,
+                 offered: list[Strategy] | None = None):
         self.llm = llm
-        self.lock = threading.Lock()
-        if default is not None and (default.drafter or default.ead):
-            self.strategy(default)  # a bad server-wide drafter fails at start, not per request
+        self.max_queue = max_queue
+        strategies = [s for s in [default, *(offered or [])] if s is not None]
+        n_layers = llm.model.cfg.n_layers
+        names = [*TRAINING_FREE, *(f"early-exit:{n}" for n in range(1, n_layers))]
+        names += [s.drafter for s in strategies if s.drafter] + [s.ead.small for s in strategies if s.ead]
+        self.drafters = {name: llm.drafter(name) for name in dict.fromkeys(names)}  # (a bad offer fails here)
+        for s in strategies:
+            self.factory(s)  # refuses bad combinations (ead with a drafter that is no model) at start
         self.engine = AsyncEngine(llm.core, metrics, max_queue)
 
-    def strategy(self, s: Strategy):
-        """The drafter (None: plain) and EAD settings of a strategy, each drafter built once per name
-        and cap under a lock (requests arrive concurrently), and checked by building its factory once."""
-        with self.lock:
-            drafter = self.llm.drafter(s.drafter, s.k) if s.drafter else None
-            self.llm.strategy(drafter, s.ead)  # builds EAD's small model too, and refuses bad combinations
-        return drafter, s.ead
-
-    def requests(self, job: Job) -> list[Request]:
+    def factory(self, s: Strategy):
+        """The request's strategy factory, from drafters built at start; a 400 for any other."""
+        for name in filter(None, (s.drafter, s.ead.small if s.ead else None)):
+            if name not in self.drafters:
+                raise APIError(400, "speculative_config names a drafter this server does not offer: a request may "
+                               "choose ngram (lookup), suffix, recycling, hybrid, early-exit (num_layers from 1 to "
+                               f"{self.llm.model.cfg.n_layers - 1}), ead or ead+verify with one of those as small, "
+                               "none, or a strategy the server was started with (--speculative-config)",
+                               param="speculative_config", code="drafter_not_offered")
         try:
-            drafter, ead = self.strategy(job.strategy)
+            return self.llm.strategy(self.drafters.get(s.drafter), s.ead, s.k)  # only looks up built drafters
         except GearshiftError as e:
             raise APIError(400, str(e), param="speculative_config") from None
+
+    def requests(self, job: Job) -> list[Request]:
+        make = self.factory(job.strategy)
         window = self.llm.core.window
         out = []
         for ids in job.prompts:
             try:
-                out += self.llm.requests(ids, drafter, ead, n=job.n, kv_policy=job.kv,
-                                         max_tokens=job.max_tokens or window - len(ids), **job.params)
+                out += self.llm.requests(ids, n=job.n, kv_policy=job.kv, max_tokens=job.max_tokens or window - len(ids),
+                                         make=make, **job.params)
             except GearshiftError as e:
                 raise APIError(400, str(e)) from None
         return out
@@ -133,6 +152,11 @@ class EngineHost:
     def submit(self, job: Job) -> list[Handle]:
         """Queue the job's requests (all or none); an APIError for the client otherwise."""
         requests = self.requests(job)
+        room = self.engine.core.config.max_num_seqs + self.max_queue
+        if len(requests) > room:  # it would wait for room that never comes: not a retry-later
+            raise APIError(400, f"this request needs {len(requests)} sequences at once (n x prompts) but this server "
+                           f"holds at most {room} ({self.engine.core.config.max_num_seqs} running and "
+                           f"{self.max_queue} waiting)", param="n", code="request_too_large")
         try:
             return self.engine.submit(requests)
         except QueueFull:
@@ -187,9 +211,10 @@ class LocalRun:
 
 
 class LocalBackend:
-    def __init__(self, llm: LLM, metrics: Metrics, max_queue: int, default: Strategy | None = None):
+    def __init__(self, llm: LLM, metrics: Metrics, max_queue: int, default: Strategy | None = None,
+                 offered: list[Strategy] | None = None):
         self.llm = llm
-        self.host = EngineHost(llm, metrics, max_queue, default)
+        self.host = EngineHost(llm, metrics, max_queue, default, offered)
         self.tokenizer = llm.tokenizer
         self.window = llm.core.window
         self.vocab_size = llm.model.cfg.vocab_size

@@ -157,18 +157,10 @@ class GearshiftRequestRouter(RequestRouter):
             self._remove_pending_request_from_indices(pr)
 
     async def _loads(self, replicas: list[RunningReplica]) -> dict[str, int]:
-        """Requests in flight per replica: Serve's cached queue lengths, probed where missing."""
-        loads, missing = {}, []
-        for r in replicas:
-            q = self._replica_queue_len_cache.get(r.replica_id)
-            if q is None:
-                missing.append(r)
-            else:
-                loads[r.replica_id.unique_id] = q
-        if missing:
-            for r, q in await self._probe_queue_lens(missing, 0):
-                loads[r.replica_id.unique_id] = q if q is not None else r.max_ongoing_requests
-        return loads
+        """Requests in flight per replica, as the one front counts them (`Router.in_flight`): exact and
+        current, where Serve's queue-length probes are cached a while, and a probe that a busy
+        replica answers late used to count it as full."""
+        return {r.replica_id.unique_id: self.router.in_flight.get(r.replica_id.unique_id, 0) for r in replicas}
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
         job = _job(pending_request)
@@ -203,7 +195,7 @@ class EngineReplica:
         torch.set_num_threads(config.threads)
         llm = load(config.model, device=config.device, weights=config.weights, **config.engine)
         self.host = EngineHost(llm, Metrics(config.server.model_name), config.server.max_queue,
-                               config.server.speculative)
+                               config.server.speculative, config.server.offered)
         self.id = serve.get_replica_context().replica_id.unique_id
 
     async def info(self) -> dict:
@@ -246,8 +238,15 @@ class Front:
         self.info = await replicas.info.remote()  # the tokenizer and window, from whichever replica
 
     def __serve_build_asgi_app__(self):
-        return create_backend_app(lambda metrics: RayBackend(self.replicas, self.info, metrics, self.config),
-                                  self.config.server)
+        self.built = create_backend_app(lambda metrics: RayBackend(self.replicas, self.info, metrics, self.config),
+                                        self.config.server)
+        return self.built
+
+    async def check_health(self) -> None:
+        """Serve reports a front whose backend failed to start (rather than a 503 forever)."""
+        app = getattr(self, "built", None)
+        if app is not None and app.state.gearshift.error:
+            raise RuntimeError(f"the backend did not start: {app.state.gearshift.error}")
 
 
 # ------------------------------------------------------------------ the front's backend
@@ -280,7 +279,7 @@ class RayBackend:
         self.tokenizer, self.window, self.vocab_size = info["tokenizer"], info["window"], info["vocab_size"]
         self.metrics, self.config = metrics, config
         self.router = shared_router(_key(APP, "EngineReplica"), config.routing)
-        self.in_flight: collections.Counter[str] = collections.Counter()  # per replica
+        self.in_flight = self.router.in_flight  # per replica; the request router reads it as the loads
         self.unplaced = 0  # accepted here, not yet by a replica
         self.capacity = config.replicas * config.slots
         metrics.waiting.labels(metrics.model_name, "router").set_function(lambda: self.unplaced)

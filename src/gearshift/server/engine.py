@@ -27,6 +27,10 @@ class QueueFull(Exception):
     pass
 
 
+class SequenceFailed(Exception):
+    """One sequence's own work raised (`EngineCore._isolated`); the others went on."""
+
+
 @dataclass
 class Handle:
     """One request's end of the pipe: its outputs arrive on `queue` (an Exception if the engine failed)."""
@@ -148,7 +152,8 @@ class AsyncEngine:
             del self._live[out.seq_id]
             self._retire(h)
         if not h.cancelled:
-            _send(h, out)
+            failed = out.completion is not None and out.completion.finish_reason == "error"
+            _send(h, SequenceFailed(out.completion.error) if failed else out)
 
     def _retire(self, h: Handle) -> None:
         h.done = True

@@ -4,19 +4,22 @@ Request bodies are pydantic models in strict mode (a string where a number belon
 not a conversion) that keep unknown fields (OpenAI ignores what it does not know; a few of our
 own extras, like `speculative_config`, ride along the same way). Fields that would change what
 the answer means and that gearshift does not implement (tools, logit_bias, penalties, echo, ...)
-are refused with a 400 rather than silently ignored. Every refusal is an `APIError`, which the
-app turns into OpenAI's envelope `{"error": {"message", "type", "param", "code"}}`.
+are refused with a 400 rather than silently ignored. Every number has a range (no NaN or
+infinity), and the stop list a size: what one request may ask for must not cost the others
+(every stop string is checked after every token). Every refusal is an `APIError`, which the app
+turns into OpenAI's envelope `{"error": {"message", "type", "param", "code"}}`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from ..ead import EAD
 from ..errors import GearshiftError
@@ -38,8 +41,17 @@ class APIError(Exception):
 
 # ---------------------------------------------------------------------------- request bodies
 
+MAX_STOP = 16  # stop strings per request (OpenAI allows 4; vLLM and llama-server set no limit)
+MAX_STOP_CHARS = 256  # characters per stop string
+INT32 = 2 ** 31 - 1  # the top of every count
+INT64 = 2 ** 63  # seeds are OpenAI's int64
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")
+    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
+
+
+_Stop = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
 class StreamOptions(_Strict):
@@ -69,12 +81,12 @@ class Message(_Strict):
 class _Common(_Strict):
     """Fields both endpoints share. `None` means "not given" (the server's default applies)."""
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
+    max_tokens: int | None = Field(None, ge=1, le=INT32)
+    temperature: float | None = Field(None, ge=0, le=2)  # below 1e-5: greedy, as 0 (vLLM's rule)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)  # vLLM's extra: -1 or 0 = off
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    top_k: int | None = Field(None, ge=-1, le=INT32)  # vLLM's extra: -1 or 0 = off
+    seed: int | None = Field(None, ge=-INT64, lt=INT64)
+    stop: _Stop | Annotated[list[_Stop], Field(max_length=MAX_STOP)] | None = None
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -82,7 +94,7 @@ class _Common(_Strict):
     ignore_eos: bool = False  # vLLM's extra
     speculative_config: dict | None = None  # ours: this request's strategy, shaped like --speculative-config
     kv_policy: str | None = None  # ours: streaming, snapkv, h2o, pyramid (kv_policy.py); None: the full cache
-    kv_budget: int | None = Field(None, ge=1)  # ours: entries kept per layer and KV head
+    kv_budget: int | None = Field(None, ge=1, le=INT32)  # ours: entries kept per layer and KV head
     # changes what the answer means; refused unless left at their neutral values
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -95,7 +107,7 @@ class _Common(_Strict):
 
 class ChatRequest(_Common):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT32)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list | None = None
@@ -119,7 +131,7 @@ class CompletionRequest(_Common):
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: int | None = Field(None, ge=1, le=INT32)
 
     def unsupported(self) -> list[str]:
         bad = super().unsupported() + (["echo"] if self.echo else []) + (["suffix"] if self.suffix else [])
@@ -188,23 +200,29 @@ def parse_speculative_config(cfg: dict | str | None, param: str = "speculative_c
     k = cfg.pop("num_speculative_tokens", None)
     if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 64):
         raise GearshiftError(f"{param}.num_speculative_tokens must be an integer from 1 to 64, got {k!r}")
+    if model is not None and not isinstance(model, str):
+        raise GearshiftError(f"{param}.model must be a string")
     if method in (None, "draft_model") and model is not None:
         strategy = Strategy(f"model:{model}", k=k)
     elif method in (None, "none"):
         strategy = Strategy()
     elif method in ("ead", "ead+verify"):
         fields = {f: cfg.pop(f) for f in ("small", "tau", "window", "min_run") if f in cfg}
-        try:
-            ead = EAD(**fields, verify=method == "ead+verify")
-        except TypeError as e:
-            raise GearshiftError(f"{param}: {e}") from None
-        strategy = Strategy(ead=ead, k=k)
+        for f, ok, what in (("small", lambda v: isinstance(v, str), "a drafter name"),
+                            ("tau", lambda v: _number(v) and 0 <= v <= 100, "a number from 0 to 100"),
+                            ("window", lambda v: _integer(v) and 1 <= v <= 1024, "an integer from 1 to 1024"),
+                            ("min_run", lambda v: _integer(v) and 1 <= v <= 1024, "an integer from 1 to 1024")):
+            if f in fields and not ok(fields[f]):
+                raise GearshiftError(f"{param}.{f} must be {what}, got {fields[f]!r}")
+        strategy = Strategy(ead=EAD(**fields, verify=method == "ead+verify"), k=k)
     elif method in _METHODS:
         name = _METHODS[method]
         layers = cfg.pop("num_layers", None)
         if layers is not None:
             if name != "early-exit":
                 raise GearshiftError(f"{param}.num_layers only applies to early-exit")
+            if not (_integer(layers) or isinstance(layers, str)):
+                raise GearshiftError(f"{param}.num_layers must be a layer count (or a trained exit's directory)")
             name = f"early-exit:{layers}"
         strategy = Strategy(name, k=k)
     else:
@@ -212,8 +230,31 @@ def parse_speculative_config(cfg: dict | str | None, param: str = "speculative_c
                              "early-exit, draft_model (with model), ead, ead+verify or none")
     cfg.pop("prompt_lookup_max", None), cfg.pop("prompt_lookup_min", None)  # vLLM's n-gram sizes: ours adapt
     if cfg:
-        raise GearshiftError(f"{param} has unknown fields: {', '.join(sorted(cfg))}")
+        raise GearshiftError(f"{param} has unknown fields: {', '.join(sorted(map(str, cfg))[:8])}")
     return strategy
+
+
+def parse_speculative_configs(text: str | None, param: str = "--speculative-config") -> list[Strategy]:
+    """The server's `--speculative-config`: one strategy (shaped as above), or a JSON list of them.
+    The first is the server-wide default; requests may choose any of them, or a training-free one."""
+    if text is None:
+        return [Strategy()]
+    try:
+        cfg = json.loads(text)
+    except ValueError as e:
+        raise GearshiftError(f"{param} is not valid JSON: {e}") from None
+    items = cfg if isinstance(cfg, list) else [cfg]
+    if not items:
+        raise GearshiftError(f"{param} is an empty list")
+    return [parse_speculative_config(c, param) for c in items]
+
+
+def _integer(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 # ---------------------------------------------------------------------------- responses

@@ -24,6 +24,7 @@ router with the live replicas and their queue lengths.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import threading
 import time
@@ -182,6 +183,9 @@ class Router:
         self.lock = threading.Lock()
         self.counter = itertools.count()
         self.decisions: dict[str, int] = {}  # by reason, counted when a request is routed
+        # requests in flight per replica, kept by the front that shares this router (cluster.RayBackend):
+        # exact and current, where a CPU-bound replica's answer to a queue-length probe can come late
+        self.in_flight: collections.Counter[str] = collections.Counter()
 
     def choose(self, tokens: Sequence[int], loads: dict[str, int]) -> Decision:
         """Order the replicas in `loads` (replica -> requests in flight) for a prompt."""
