@@ -12,15 +12,24 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test,cluster]"
 	touch $(STAMP)
 
-.PHONY: install demo test fuzz bench gpu-check llama-cpp browser serve
+.PHONY: install demo test lint format fuzz bench gpu-check llama-cpp browser serve
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/gearshift generate "$(PROMPT)" --max-tokens 200
 
-test: $(STAMP) browser
+test: $(STAMP) browser lint
 	$(VENV)/bin/gearshift pull
 	$(PY) -m pytest -q
+
+# ruff (settings in pyproject.toml): lint, and the formatter's check; `make format` applies it
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix src tests
+	$(VENV)/bin/ruff format src tests
 
 # 3,000 generated request bodies against a real server: no 5xx, every 4xx in OpenAI's envelope (~10 min)
 fuzz: $(STAMP)

@@ -127,7 +127,7 @@ def test_join_mid_decode_abort_and_slot_reuse(llm, alone):
     assert core.seqs[d].slot == b_slot  # the freed slot went to the waiting sequence at once
     done.update(run_all(core))
     assert [done[i].token_ids for i in (a, c, d)] == [alone[6], alone[2], alone[3]]
-    assert core.running == core.waiting == 0 and not core.prefix.busy
+    assert core.running == core.waiting == 0 and not core.slots.owners
 
 
 @pytest.mark.parametrize("spec", ["lookup", "early-exit:4", "recycling", "ead+verify"])
@@ -279,7 +279,7 @@ def test_a_stream_left_early_frees_its_slot_and_the_next_call_gets_only_its_own(
     for i, _ in enumerate(stream):
         if i == 2:
             break
-    assert llm.core.running == 0 and not llm.core.prefix.busy
+    assert llm.core.running == 0 and not llm.core.slots.owners
     assert stream.completion is None
     # the abort's last output comes with the next step: `generate` must not take it for its own
     assert llm.generate(chat(CHATS[2]), max_tokens=N).token_ids == alone[2]
@@ -332,7 +332,7 @@ def test_a_failing_sequence_ends_alone(llm, alone, fault):
     done = run_all(core)
     assert done[good].token_ids == alone[6]
     assert done[bad].finish_reason == "error" and done[bad].error
-    assert core.running == 0 and not core.prefix.busy and not core.seqs
+    assert core.running == 0 and not core.slots.owners and not core.seqs
     from gearshift import GearshiftError
     with pytest.raises(GearshiftError, match="generation failed"):  # the Python API raises it, to its own caller
         engine.generate(chat(CHATS[7]), drafter=Faulty(fault), max_tokens=N)
@@ -396,12 +396,16 @@ def test_layers_have_no_import_cycle_and_tools_stay_outside_the_core():
     for m in graph:
         if m not in state:
             visit(m, [])
-    engine = {"core", "scheduler", "sequence", "strategies", "llm"}
+    engine = {"core", "scheduler", "runner", "output", "sequence", "strategies", "llm"}
     for m, deps in graph.items():
         if not m.startswith(("gearshift.tools", "gearshift.cli", "gearshift.__main__")):
             assert not {d for d in deps if d.startswith("gearshift.tools")}, m
         if m.startswith("gearshift.drafters") or m in ("gearshift.model", "gearshift.attention", "gearshift.verify"):
             assert not {d for d in deps if d.split(".")[-1] in engine}, m
+        if m in ("gearshift.kv_cache", "gearshift.slots", "gearshift.prefix_cache", "gearshift.kv_policy"):
+            assert not {d for d in deps if d.split(".")[-1] in engine}, m  # the kv layer knows no engine
+        if m == "gearshift.scheduler":  # it decides; the runner, below the core, carries it out
+            assert not {"gearshift.runner", "gearshift.model", "gearshift.attention"} & deps, m
 
 
 def test_batched_attention_mode_disagrees_only_at_near_ties(llm, alone, capsys):

@@ -82,7 +82,7 @@ def test_fused_block_matches_the_pytorch_block(llm, monkeypatch):
         monkeypatch.setattr(type(m), "_fused", lambda self, b: False)
         c2 = m.new_cache(1, 64)
         plain = m(batch(c2), c2)
-    assert c1.lengths == c2.lengths == [40]
+    assert c1.lengths == c2.lengths == [0]  # the forward writes entries; its caller moves lengths on
     assert torch.allclose(c1.k[:, 0, :40], c2.k[:, 0, :40], atol=1e-2, rtol=1e-3)
     assert (fused.argmax(-1) == plain.argmax(-1)).float().mean() >= 0.95
     assert torch.allclose(fused, plain, atol=0.05, rtol=0.01), (fused - plain).abs().max()

@@ -4,7 +4,7 @@ from .core import EngineCore
 from .errors import GearshiftError
 from .llm import LLM, Stream, load
 from .sampling import SamplingParams
-from .scheduler import EngineConfig
+from .config import EngineConfig
 from .sequence import Completion, Logprob, Request, StepOutput
 
 __all__ = ["LLM", "Completion", "EngineConfig", "EngineCore", "GearshiftError", "Logprob", "Request",

@@ -118,7 +118,8 @@ class Batch:
                 rows_ += range(run.row, run.row + len(seg.tokens))
                 at += range(seg.slot * cache.max_len + run.start, seg.slot * cache.max_len + run.start + len(seg.tokens))
         self.quantized = [(fmt, torch.tensor(r, device=dev), torch.tensor(w, device=dev)) for fmt, (r, w) in groups.items()]
-        native = exact and cache.k.device.type == "cpu" and cache.k.dtype == torch.float32
+        self.paths = kernels.paths(cache.k.device.type, cache.k.dtype)
+        native = exact and self.paths.attention
         self.native = (kernels.attend_q() if self.quantized else kernels.attend()) if native else None
         if self.native is not None:
             self.native_rows, self.native_extra = self._native_rows()
@@ -155,7 +156,8 @@ class Batch:
         return torch.tensor(rows, dtype=torch.long), torch.tensor(extra, dtype=torch.long)
 
     def advance(self, cache: KVCache) -> None:
-        """Every segment's entries are written: its slot now holds them (trees in node order)."""
+        """After the forward wrote every segment's entries: its slot now holds them (trees in node
+        order). The caller moves the lengths on (the model runner, `Transformer.run`), not the model."""
         for seg, run in zip(self.segments, self.runs):
             cache.lengths[seg.slot] = run.start + len(seg.tokens)
 

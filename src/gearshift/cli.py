@@ -7,6 +7,7 @@ import json
 import sys
 
 
+from .config import EngineConfig as E, ServerLimits as L
 from .errors import GearshiftError
 
 
@@ -63,13 +64,13 @@ def _load(a: argparse.Namespace):
 
 
 def _stats(c) -> str:
-    m = c.metrics
-    spec = f", MAT {m['mat']:.2f}, acceptance {m['acceptance_rate']:.0%}" if "proposed" in m else ""
-    cached = f" ({m['cached_tokens']} prompt tokens cached)" if m["cached_tokens"] else ""
-    if m.get("kv_bytes", 0) < m.get("kv_full_bytes", 0):
-        cached += f", KV cache {m['kv_bytes'] / 2 ** 20:.1f} of {m['kv_full_bytes'] / 2 ** 20:.1f} MiB"
-    return (f"[{m['generated_tokens']} tokens, {m['tok_per_s']:.1f} tok/s{spec}, "
-            f"first token {m['ttft_s'] * 1000:.0f} ms{cached}, finish: {c.finish_reason}]")
+    st = c.stats
+    spec = f", MAT {st.work.mat:.2f}, acceptance {st.spec.acceptance_rate:.0%}" if st.spec is not None else ""
+    cached = f" ({st.cached_tokens} prompt tokens cached)" if st.cached_tokens else ""
+    if st.kv_bytes < st.kv_full_bytes:
+        cached += f", KV cache {st.kv_bytes / 2 ** 20:.1f} of {st.kv_full_bytes / 2 ** 20:.1f} MiB"
+    return (f"[{st.generated} tokens, {st.tok_per_s:.1f} tok/s{spec}, "
+            f"first token {st.timing.ttft_s * 1000:.0f} ms{cached}, finish: {c.finish_reason}]")
 
 
 def cmd_pull(a) -> None:
@@ -291,29 +292,21 @@ def cmd_serve(a) -> None:
 
     from .server import ServerConfig, create_app, default_model_name, parse_speculative_configs, serve
     from .hub import default_model_path
-    from .scheduler import EngineConfig
     engine = dict(max_num_seqs=a.max_num_seqs, max_batched_tokens=max(a.max_batched_tokens, a.max_num_seqs),
                   max_model_len=a.max_model_len)
-    EngineConfig(**engine)  # bad settings fail before the model loads
+    E(**engine)  # bad settings fail before the model loads
+    limits = L(max_queue=a.max_queue, max_body_bytes=a.max_body_bytes, timeout_headers=a.timeout_headers,
+               timeout_body=a.timeout_body, timeout_keep_alive=a.timeout_keep_alive, max_connections=a.max_connections)
     if not 0 < a.port < 65536:
         raise GearshiftError(f"--port must be from 1 to 65535, got {a.port}")
-    if a.max_queue < 0:
-        raise GearshiftError("--max-queue must be >= 0")
     if a.threads is not None and a.threads < 1:
         raise GearshiftError("--threads must be positive")
-    if a.max_body_bytes < 1024 or a.max_connections < 1 or min(a.timeout_headers, a.timeout_body,
-                                                               a.timeout_keep_alive) <= 0:
-        raise GearshiftError("--max-body-bytes must be at least 1024, --max-connections at least 1, and the "
-                             "timeouts positive")
     routing = _routing(a)  # refuses cluster flags without --replicas, and bad values, before anything starts
     import os
     api_key = a.api_key or os.environ.get("GEARSHIFT_API_KEY") or None
     strategies = parse_speculative_configs(a.speculative_config)
     config = ServerConfig(model_name=a.served_model_name or default_model_name(a.model or default_model_path()),
-                          api_key=api_key, max_queue=a.max_queue, speculative=strategies[0], offered=strategies[1:],
-                          max_body_bytes=a.max_body_bytes, timeout_headers=a.timeout_headers,
-                          timeout_body=a.timeout_body, timeout_keep_alive=a.timeout_keep_alive,
-                          max_connections=a.max_connections)
+                          api_key=api_key, speculative=strategies[0], offered=strategies[1:], **vars(limits))
     logging.basicConfig(level=getattr(logging, a.log_level.upper(), logging.INFO), format="%(levelname)s: %(message)s")
     if a.replicas is not None:
         return _serve_replicas(a, config, engine, routing)
@@ -449,25 +442,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (or $GEARSHIFT_API_KEY)")
     p.add_argument("--served-model-name", default=None, help="the name clients send as `model` (default: file name)")
-    p.add_argument("--max-num-seqs", type=int, default=8, help="sequences decoded side by side (KV cache slots)")
-    p.add_argument("--max-batched-tokens", type=int, default=256, help="rows per step (prompt chunks + decode)")
+    p.add_argument("--max-num-seqs", type=int, default=E.max_num_seqs,
+                   help=f"sequences decoded side by side (KV cache slots; default {E.max_num_seqs})")
+    p.add_argument("--max-batched-tokens", type=int, default=E.max_batched_tokens,
+                   help=f"rows per step (prompt chunks + decode; default {E.max_batched_tokens})")
     p.add_argument("--max-model-len", type=int, default=None, help="context per sequence (default: the model's)")
-    p.add_argument("--max-queue", type=int, default=256, help="requests that may wait for a slot; more get 503")
+    p.add_argument("--max-queue", type=int, default=L.max_queue,
+                   help=f"requests that may wait for a slot; more get 503 (default {L.max_queue})")
     p.add_argument("--speculative-config", default=None,
                    help='server-wide strategy, as JSON shaped like vLLM\'s: {"method": "ngram"}, {"method": "suffix"}, '
                         '{"method": "early-exit", "num_layers": 4}, {"model": PATH, "num_speculative_tokens": 4}, '
                         '{"method": "ead+verify", "tau": 2.0}; or a JSON list of them: the first is the default, '
                         'and a request may choose any of them (or a training-free one) as its `speculative_config`')
-    p.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024,
-                   help="larger request bodies get 413 (default 2 MiB)")
-    p.add_argument("--timeout-headers", type=float, default=10.0,
-                   help="seconds a connection has to send a request's headers (default 10)")
-    p.add_argument("--timeout-body", type=float, default=30.0,
-                   help="seconds a request has to send its body after its headers (default 30)")
-    p.add_argument("--timeout-keep-alive", type=float, default=5.0,
-                   help="seconds an idle keep-alive connection stays open (default 5)")
-    p.add_argument("--max-connections", type=int, default=512,
-                   help="open connections beyond this are closed at once (default 512)")
+    p.add_argument("--max-body-bytes", type=int, default=L.max_body_bytes,
+                   help=f"larger request bodies get 413 (default {L.max_body_bytes})")
+    p.add_argument("--timeout-headers", type=float, default=L.timeout_headers,
+                   help=f"seconds a connection has to send a request's headers (default {L.timeout_headers:g})")
+    p.add_argument("--timeout-body", type=float, default=L.timeout_body,
+                   help=f"seconds a request has to send its body after its headers (default {L.timeout_body:g})")
+    p.add_argument("--timeout-keep-alive", type=float, default=L.timeout_keep_alive,
+                   help=f"seconds an idle keep-alive connection stays open (default {L.timeout_keep_alive:g})")
+    p.add_argument("--max-connections", type=int, default=L.max_connections,
+                   help=f"open connections beyond this are closed at once (default {L.max_connections})")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: PyTorch's); with --replicas, per replica (default: cores / replicas)")
     p.add_argument("--replicas", type=int, default=None,
@@ -506,7 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="serve: sent as a bearer token with --url")
     p.add_argument("--compare-llama-cpp", action="store_true",
                    help="serve: start gearshift serve and llama-server on loopback and load each in turn")
-    p.add_argument("--max-num-seqs", type=int, default=8, help="serve: slots of both servers (llama-server -np)")
+    p.add_argument("--max-num-seqs", type=int, default=E.max_num_seqs,
+                   help="serve: slots of both servers (llama-server -np)")
     p.add_argument("--sessions", type=int, default=None,
                    help="serve: multi-turn chats at once instead of single questions (default 8 with --replicas)")
     p.add_argument("--replicas", type=int, default=None,

@@ -7,7 +7,8 @@ on how rows are grouped. `linear()` says whether the quantized matrix products
 what keeps a k-token forward cheap. Where the library cannot be built or loaded (no compiler,
 another platform, a CUDA model, or GEARSHIFT_KERNELS=0) the engine falls back to PyTorch: row by
 row attention (`attention.py`) and PyTorch's packed int4/int8 kernels, exact in the same sense;
-one process uses one of the two throughout.
+one process uses one of the two throughout. Which path each operation takes on a device is
+decided in one place, `paths`.
 
 The build takes ~30 s once per machine, one compiler per source in parallel. It is keyed by the
 sources, the compiler, PyTorch's version and the CPU's vector extensions, and lands under
@@ -17,11 +18,13 @@ library behind.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -132,3 +135,20 @@ def linear() -> bool:
     if "simd" not in _state:
         _state["simd"] = bool(torch.ops.gearshift.simd())
     return bool(_state["simd"])
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Which implementation each hot operation takes for one device and dtype: the one place that
+    decides (the model, attention, the KV cache and the model runner all ask `paths`)."""
+    linear: bool  # packed int4/int8 products on gearshift::linear_q4/q8 (else PyTorch's packed kernels)
+    attention: bool  # exact attention of a step's rows in one gearshift::attend call per layer (else per row)
+    block: bool  # a whole int4 block as one gearshift::block op (needs both)
+
+
+@functools.cache
+def paths(device_type: str, dtype: torch.dtype) -> Paths:
+    cpu = device_type == "cpu"
+    lin = cpu and linear()
+    att = cpu and dtype == torch.float32 and attend() is not None
+    return Paths(lin, att, lin and att)

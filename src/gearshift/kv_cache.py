@@ -144,8 +144,7 @@ class KVCache:
         fmt = self.formats[slot]
         if not fmt or end <= start:
             return
-        native = self.k.device.type == "cpu" and self.k.dtype == torch.float32 and kernels.attend() is not None
-        if native:
+        if kernels.paths(self.k.device.type, self.k.dtype).attention:
             write = slot * self.max_len + torch.arange(start, end)
             for layer in range(self.k.shape[0]):
                 torch.ops.gearshift.quantize_into(self.k[layer, slot, start:end], self.v[layer, slot, start:end],

@@ -6,6 +6,11 @@ front of the slot (`KVCache.compact`). It runs at the end of the prompt (prefill
 policies that keep going, during decoding, each time the slot has grown `slack` entries over its
 budget (so compaction, a gather of the slot, is paid once per `slack` tokens, not per token).
 
+Each policy is an `Eviction` object in `EVICTIONS`: how it scores entries, its budgets per layer
+and head, and its hooks (`on_prompt_end`, `on_step`), which a sequence's `KVState.after_step`
+calls; the engine never asks for a policy by name, so adding one touches this file only. A
+request's `KVPolicy` names the policy and its numbers.
+
 - `streaming` (StreamingLLM): the first `sinks` entries and the most recent ones, re-rotated to
   their places in the cache as StreamingLLM does (`KVCache.compact`), so a stream can go on past
   the positions the model was trained on.
@@ -36,7 +41,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -46,9 +51,7 @@ from .attention import holes_mask
 from .errors import GearshiftError
 from .kv_cache import KVCache
 
-EVICTIONS = ("full", "streaming", "snapkv", "h2o", "pyramid", "duo")
 QUANTIZED = ("int8", "int4")
-POLICIES = EVICTIONS + QUANTIZED  # and EVICTION+QUANTIZED, e.g. snapkv+int4
 
 
 @dataclass
@@ -111,26 +114,20 @@ class KVPolicy:
         return self.residual if self.quant == "int4" else 0
 
     @property
-    def in_decode(self) -> bool:
-        """Whether the policy drops entries while decoding (not only at the end of the prompt)."""
-        return self.name in ("streaming", "h2o", "duo")
-
-    @property
-    def needs_queries(self) -> bool:
-        return self.name in ("snapkv", "h2o", "pyramid")
+    def eviction(self) -> "Eviction":
+        """What the named policy does (`EVICTIONS`)."""
+        return EVICTIONS[self.name]
 
     def layer_budgets(self, n_layers: int) -> list[int]:
-        if self.name != "pyramid" or n_layers == 1:
-            return [self.budget] * n_layers
-        lo = self.sinks + self.window
-        return [max(lo, round(self.budget * (1.5 - layer / (n_layers - 1)))) for layer in range(n_layers)]
+        return self.eviction.layer_budgets(self, n_layers)
 
     def head_budgets(self, n_layers: int, n_kv_heads: int) -> torch.Tensor:
-        """[layers, KV heads] entries each head may keep (duo: a retrieval head, without limit)."""
-        budgets = torch.tensor(self.layer_budgets(n_layers), dtype=torch.float64)[:, None].repeat(1, n_kv_heads)
-        if self.name == "duo":
-            budgets[retrieval_heads(self, n_layers, n_kv_heads)] = math.inf
-        return budgets
+        """[layers, KV heads] entries each head may keep."""
+        return self.eviction.head_budgets(self, n_layers, n_kv_heads)
+
+    def for_model(self, model_path: str | Path) -> "KVPolicy":
+        """The policy with what it needs from the served model filled in (duo: its head file)."""
+        return self.eviction.for_model(self, model_path)
 
 
 def duo_path(model_path: str | Path) -> Path:
@@ -163,6 +160,121 @@ def retrieval_heads(p: KVPolicy, n_layers: int, n_kv_heads: int) -> torch.Tensor
     return mask.view(n_layers, n_kv_heads)
 
 
+# ---------------------------------------------------------------- the policies
+
+class Eviction:
+    """An eviction policy's behaviour: the hooks `KVState.after_step` calls, and how it scores.
+    The base class is the full cache (nothing dropped); a policy overrides what differs. Adding a
+    policy is a subclass here and a line in `EVICTIONS`."""
+    in_decode = False  # drops entries while decoding too (not only at the end of the prompt)
+    needs_queries = False  # scores with the prompt window's queries
+    rerotate = False  # kept keys are re-rotated to their slot positions (`KVCache.compact`)
+    unbounded = False  # a sequence may run past its slot's positions (it keeps dropping old ones)
+
+    def capture_from(self, p: KVPolicy, start: int, take: int, prompt_len: int) -> int | None:
+        """Of the rows reading tokens start..start+take-1, the first whose queries to keep (None: none)."""
+        if not self.needs_queries or start >= prompt_len:
+            return None
+        first = max(start, prompt_len - p.window)
+        return first - start if first < start + take else None
+
+    def layer_budgets(self, p: KVPolicy, n_layers: int) -> list[int]:
+        return [p.budget] * n_layers
+
+    def head_budgets(self, p: KVPolicy, n_layers: int, n_kv_heads: int) -> torch.Tensor:
+        return torch.tensor(self.layer_budgets(p, n_layers), dtype=torch.float64)[:, None].repeat(1, n_kv_heads)
+
+    def for_model(self, p: KVPolicy, model_path: str | Path) -> KVPolicy:
+        return p
+
+    def scores(self, state: KVState, cache: KVCache, slot: int, layer: int, live: torch.Tensor) -> torch.Tensor:
+        """[KVH, n] how much each live entry is worth keeping (n: the slot's length)."""
+        raise NotImplementedError
+
+    def on_prompt_end(self, state: KVState, cache: KVCache, slot: int) -> None:
+        compress(slot, state, cache, decoding=False)
+
+    def on_step(self, state: KVState, cache: KVCache, slot: int, queries: list[torch.Tensor] | None,
+                first: int) -> None:
+        """After a decoding step (queries: its rows' queries, when `capture_from` asked for them)."""
+        if self.in_decode:
+            compress(slot, state, cache, decoding=True)
+
+
+class Recency(Eviction):
+    """StreamingLLM: the first `sinks` entries and the most recent ones, re-rotated into place."""
+    in_decode = rerotate = unbounded = True
+
+    def scores(self, state, cache, slot, layer, live):
+        return torch.arange(live.shape[1], device=live.device, dtype=torch.float32).expand_as(live)
+
+
+class SnapKV(Eviction):
+    """The prompt window's queries vote at the end of the prompt; nothing is dropped while decoding."""
+    needs_queries = True
+
+    def scores(self, state, cache, slot, layer, live):
+        p, n = state.policy, live.shape[1]
+        q = torch.cat(state.window[layer])
+        s = attention_scores(q, cache.k[layer, slot, :n], live, state.window_first - cache.shift[slot])
+        return F.avg_pool1d(s[:, None], p.pool, stride=1, padding=p.pool // 2, count_include_pad=False)[:, 0]
+
+
+class Pyramid(SnapKV):
+    """SnapKV's scores with budgets shrinking linearly from 1.5x (first layer) to 0.5x (last)."""
+
+    def layer_budgets(self, p, n_layers):
+        if n_layers == 1:
+            return [p.budget]
+        lo = p.sinks + p.window
+        return [max(lo, round(p.budget * (1.5 - layer / (n_layers - 1)))) for layer in range(n_layers)]
+
+
+class H2O(Eviction):
+    """Heavy hitters: attention accumulated over every query an entry has seen, prompt and decode."""
+    in_decode = needs_queries = True
+
+    def capture_from(self, p, start, take, prompt_len):
+        return 0 if start >= prompt_len else super().capture_from(p, start, take, prompt_len)
+
+    def scores(self, state, cache, slot, layer, live):
+        return state.acc[layer, :, :live.shape[1]]
+
+    def on_prompt_end(self, state, cache, slot):
+        if state.window:
+            accumulate(slot, state, cache, [torch.cat(w) for w in state.window], state.window_first)
+        super().on_prompt_end(state, cache, slot)
+
+    def on_step(self, state, cache, slot, queries, first):
+        if queries is not None:
+            accumulate(slot, state, cache, queries, first)
+        super().on_step(state, cache, slot, queries, first)
+
+
+class Duo(Recency):
+    """DuoAttention: retrieval heads keep everything, the others stream (no re-rotation)."""
+    rerotate = unbounded = False
+
+    def head_budgets(self, p, n_layers, n_kv_heads):
+        budgets = super().head_budgets(p, n_layers, n_kv_heads)
+        budgets[retrieval_heads(p, n_layers, n_kv_heads)] = math.inf
+        return budgets
+
+    def for_model(self, p, model_path):
+        if p.heads is not None:
+            return p
+        heads = duo_path(model_path)  # this model's calibrated head file
+        if not heads.exists():
+            raise GearshiftError(f"kv_policy duo needs this model's retrieval heads: run `gearshift "
+                                 f"calibrate-duo` first (writes {heads})")
+        return replace(p, heads=str(heads))
+
+
+EVICTIONS: dict[str, Eviction] = {"full": Eviction(), "streaming": Recency(), "snapkv": SnapKV(), "h2o": H2O(),
+                                  "pyramid": Pyramid(), "duo": Duo()}
+POLICIES = tuple(EVICTIONS) + QUANTIZED  # and EVICTION+QUANTIZED, e.g. snapkv+int4
+
+
 @dataclass
 class KVState:
     """One sequence's policy state: the prompt window's queries (per layer, and the token position
@@ -175,15 +287,13 @@ class KVState:
     prompt_done: bool = False
     compactions: int = 0
 
+    @property
+    def unbounded(self) -> bool:
+        return self.policy.eviction.unbounded
+
     def capture_from(self, start: int, take: int, prompt_len: int) -> int | None:
         """Of the rows reading tokens start..start+take-1, the first whose queries to keep (None: none)."""
-        p = self.policy
-        if not p.needs_queries:
-            return None
-        if start >= prompt_len:  # decoding
-            return 0 if p.name == "h2o" else None
-        first = max(start, prompt_len - p.window)
-        return first - start if first < start + take else None
+        return self.policy.eviction.capture_from(self.policy, start, take, prompt_len)
 
     def absorb(self, queries: list[torch.Tensor], first: int) -> None:
         """Queries of prompt rows from token position `first` on (chunks arrive in order)."""
@@ -191,6 +301,23 @@ class KVState:
             self.window, self.window_first = [[] for _ in queries], first
         for per_layer, q in zip(self.window, queries):
             per_layer.append(q)
+
+    def after_step(self, cache: KVCache, slot: int, queries: list[torch.Tensor] | None, first: int,
+                   computed: int, prompt_len: int) -> None:
+        """After the sequence's step (its slot holds `computed` tokens; `queries` from token position
+        `first` on): keep the prompt window's queries; at the end of the prompt, and then while
+        decoding, let the policy drop entries."""
+        eviction = self.policy.eviction
+        if self.prompt_done:
+            eviction.on_step(self, cache, slot, queries, first)
+            return
+        if queries is not None:
+            self.absorb(queries, first)
+        if computed < prompt_len:
+            return
+        self.prompt_done = True
+        eviction.on_prompt_end(self, cache, slot)
+        self.window = []
 
 
 def attention_scores(q: torch.Tensor, keys: torch.Tensor, live: torch.Tensor, first: int) -> torch.Tensor:
@@ -235,6 +362,7 @@ def _select(scores: torch.Tensor, live: torch.Tensor, budgets: torch.Tensor, p: 
 def compress(seq_slot: int, state: KVState, cache: KVCache, decoding: bool) -> bool:
     """Apply the policy to the slot now if it is due; returns whether entries were dropped."""
     p = state.policy
+    eviction = p.eviction
     n = cache.lengths[seq_slot]
     if not p.evicts:
         return False
@@ -242,29 +370,21 @@ def compress(seq_slot: int, state: KVState, cache: KVCache, decoding: bool) -> b
     h = cache.holes[:, seq_slot].cpu()
     held = n - (h[..., 1].clamp(max=n) - h[..., 0]).clamp(min=0)  # [layers, KVH] entries each head holds
     if decoding:
-        if not p.in_decode or not bool((held > budgets + p.slack).any()):
+        if not eviction.in_decode or not bool((held > budgets + p.slack).any()):
             return False
     elif bool((held <= budgets).all()):
         return False  # the whole prompt fits: keep everything (h2o's scores still start from the window)
     keep = []
     for layer in range(len(budgets)):
         live = _live(cache, layer, seq_slot, n)
-        if p.name in ("streaming", "duo"):  # recency: the newest entries, sinks aside
-            scores = torch.arange(n, device=live.device, dtype=torch.float32).expand_as(live)
-        elif p.name == "h2o":
-            scores = state.acc[layer, :, :n]
-        else:  # snapkv, pyramid: the prompt window's vote
-            q = torch.cat(state.window[layer])
-            scores = attention_scores(q, cache.k[layer, seq_slot, :n], live, state.window_first - cache.shift[seq_slot])
-            scores = F.avg_pool1d(scores[:, None], p.pool, stride=1, padding=p.pool // 2, count_include_pad=False)[:, 0]
-        keep.append(_select(scores, live, budgets[layer], p))
+        keep.append(_select(eviction.scores(state, cache, seq_slot, layer, live), live, budgets[layer], p))
     if state.acc is not None:  # the accumulated scores follow their entries
         acc = torch.zeros_like(state.acc)
         for layer, per_layer in enumerate(keep):
             for head, idx in enumerate(per_layer):
                 acc[layer, head, :len(idx)] = state.acc[layer, head, idx]
         state.acc = acc
-    cache.compact(seq_slot, keep, rerotate=p.name == "streaming")
+    cache.compact(seq_slot, keep, rerotate=eviction.rerotate)
     state.compactions += 1
     return True
 

@@ -11,18 +11,17 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 from .core import EngineCore
 from .drafters import Drafter, ModelDrafter
 from .ead import EAD
 from .errors import GearshiftError
-from .kv_policy import KVPolicy, duo_path
+from .kv_policy import KVPolicy
 from .loading import Loaded, load as load_weights
 from .model import Transformer
 from .sampling import SamplingParams
-from .scheduler import EngineConfig
+from .config import EngineConfig
 from .sequence import Completion, Request, StepOutput
 from .strategies import make_drafter, strategy_factory
 from .tokenizer import Tokenizer, encode_prompt
@@ -130,12 +129,8 @@ class LLM:
         if not isinstance(n, int) or n < 1:
             raise GearshiftError(f"n must be a positive integer, got {n!r}")
         kv = kv_policy if isinstance(kv_policy, KVPolicy) else KVPolicy.of(kv_policy, kv_budget)
-        if kv is not None and kv.name == "duo" and kv.heads is None:  # this model's calibrated head file
-            heads = duo_path(self.loaded.path)
-            if not heads.exists():
-                raise GearshiftError(f"kv_policy duo needs this model's retrieval heads: run `gearshift "
-                                     f"calibrate-duo` first (writes {heads})")
-            kv = replace(kv, heads=str(heads))
+        if kv is not None:
+            kv = kv.for_model(self.loaded.path)
         make = make or self.strategy(drafter, ead)
         ids = self.encode(prompt)
         return [Request(ids, p if p.seed is None or j == 0 else SamplingParams(**{**vars(p), "seed": p.seed + j}), make,

@@ -170,7 +170,7 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [tokens, in_features] in the compute dtype (2-D: the packed kernels want it so)."""
         if self.fmt in ("int4", "int8"):
-            if x.device.type == "cpu" and kernels.linear():
+            if kernels.paths(x.device.type, torch.float32).linear:
                 xf = x.float().contiguous()
                 y = (torch.ops.gearshift.linear_q4(xf, self.tiles) if self.fmt == "int4"
                      else torch.ops.gearshift.linear_q8(xf, self.tiles, self.scales))
@@ -349,7 +349,6 @@ class Transformer(nn.Module):
         else:
             for i, layer in enumerate(self.layers[:n_layers]):
                 x = layer(x, rot, partial(attention.cached, cache=cache, layer=i, batch=batch))
-        batch.advance(cache)
         if batch.out is not None:
             if not len(batch.out):  # nothing asked for (a prefill chunk): skip the LM head
                 return x[:0] if hidden else x.new_empty(0, self.cfg.vocab_size, dtype=torch.float32)
@@ -361,14 +360,17 @@ class Transformer(nn.Module):
         activations and cache on a CPU with the native kernels. The same math as `Block.forward`,
         computed row by row like the rest, without a few hundred small ops' dispatch per step. A step
         that keeps queries for a KV policy (`Segment.capture_from`) runs the unfused path, which has them."""
-        return batch.native is not None and self._fusable and kernels.linear() and not batch.capture
+        return batch.native is not None and self._fusable and batch.paths.block and not batch.capture
 
     def run(self, tokens: list[int] | torch.Tensor, cache: KVCache, slot: int = 0, parents: list[int] | None = None,
             logits_from: int | None = 0, n_layers: int | None = None, hidden: bool = False) -> torch.Tensor:
-        """One segment: `tokens` appended to `slot`; the logits of rows from `logits_from` on."""
+        """One segment: `tokens` appended to `slot` (whose length then counts them); the logits of rows
+        from `logits_from` on."""
         tokens = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
-        seg = Segment(slot, tokens, parents, logits_from)
-        return self(Batch([seg], cache), cache, n_layers=n_layers, hidden=hidden)
+        batch = Batch([Segment(slot, tokens, parents, logits_from)], cache)
+        out = self(batch, cache, n_layers=n_layers, hidden=hidden)
+        batch.advance(cache)
+        return out
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head: hidden states [rows, dim] to float32 logits."""

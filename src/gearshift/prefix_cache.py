@@ -14,6 +14,9 @@ so it is never copied; only the next turn of the same conversation under the sam
 continue it in place (its prompt extends everything the slot went through), which is how a
 compressed cache serves a follow-up (SCBench's multi-turn mode). Anything else resets it.
 
+The index only decides (`lookup` at admission, `release` at the end); the model runner
+(`runner.py`) copies, loads and saves the entries.
+
 Reuse is exact: attention is row-exact (`attention.py`), so a position's entries depend only on
 the tokens up to it, never on how they were computed. The prompt's last token is always read
 again, since its logits give the first new token. A slot's content is a list of tokens whose
@@ -25,23 +28,15 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
 from .kv_cache import KVCache
-
-
-class Holder(Protocol):
-    """What a busy slot's owner exposes: its tokens, the first `computed` of them cached, and its
-    KV policy state (None: a full cache)."""
-    tokens: list[int]
-    computed: int
-    kv: object | None
+from .slots import Holder, Slots
 
 
 @dataclass
-class _Saved:
+class Saved:
     tokens: list[int]
     k: torch.Tensor
     v: torch.Tensor
@@ -49,6 +44,21 @@ class _Saved:
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
+
+
+@dataclass
+class Hit:
+    """Where a new sequence's cached prefix comes from (`PrefixCache.lookup` decides, the model
+    runner carries it out): the slot it gets and how many prompt tokens it will hold there, copied
+    from a busy slot (`source`) or loaded from host memory (`saved`), or already in place; the
+    slot's compacted entries are dropped first (`reset`), or its tokens saved to host memory
+    before they are overwritten (`evict`)."""
+    slot: int
+    found: int
+    source: int | None = None
+    saved: Saved | None = None
+    reset: bool = False
+    evict: list[int] | None = None
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -67,34 +77,33 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class PrefixCache:
-    def __init__(self, cache: KVCache, budget_bytes: int = 1 << 30, enabled: bool = True, min_tokens: int = 16):
-        self.cache, self.budget, self.enabled, self.min_tokens = cache, budget_bytes, enabled, min_tokens
+    """The prefix index: what each free slot and the host LRU hold, and where a new prompt's
+    longest cached prefix is. It decides (`lookup`, `release`); the model runner moves the entries."""
+
+    def __init__(self, cache: KVCache, slots: Slots, budget_bytes: int = 1 << 30, enabled: bool = True,
+                 min_tokens: int = 16):
+        self.cache, self.slots = cache, slots  # the cache is only read here (lengths, compacted, sizes)
+        self.budget, self.enabled, self.min_tokens = budget_bytes, enabled, min_tokens
         self.contents: list[list[int]] = [[] for _ in range(cache.slots)]  # what each free slot holds
         self.policies: list[object | None] = [None] * cache.slots  # the KV policy that compacted a free slot
-        self.busy: dict[int, Holder] = {}
-        self.released = [0] * cache.slots  # when each slot was last freed (LRU among free slots)
-        self.clock = 0
-        self.saved: OrderedDict[int, _Saved] = OrderedDict()  # host LRU, oldest first
+        self.saved: OrderedDict[int, Saved] = OrderedDict()  # host LRU, oldest first
         self.saved_bytes = 0
         self._keys = 0
         self.queries = self.hits = 0  # prompt tokens looked up, and found (vLLM's prefix-cache counters)
 
-    @property
-    def free_slots(self) -> int:
-        return self.cache.slots - len(self.busy)
-
     def holding(self, slot: int) -> list[int]:
-        if slot in self.busy:
-            owner = self.busy[slot]
+        owner = self.slots.owners.get(slot)
+        if owner is not None:
             return [] if self.cache.compacted[slot] else owner.tokens[:owner.computed]
         return self.contents[slot]
 
-    def assign(self, prompt: list[int], owner: Holder) -> tuple[int, int]:
-        """A free slot for `owner`, holding the longest cached prefix of `prompt`: (slot, cached tokens)."""
-        free = [s for s in range(self.cache.slots) if s not in self.busy]
+    def lookup(self, prompt: list[int], owner: Holder) -> Hit:
+        """Take a free slot for `owner`, choosing where the longest cached prefix of `prompt` comes from."""
+        free = self.slots.free
         if not free:
             raise RuntimeError("no free slot")
         limit = len(prompt) - 1 if self.enabled else 0
+        released = self.slots.released
 
         def match(tokens: list[int]) -> int:
             return min(limit, common_prefix(tokens, prompt)) if limit > 0 else 0
@@ -107,73 +116,70 @@ class PrefixCache:
             return len(held) if ok else 0
 
         here = {s: continues(s) if self.cache.compacted[s] else match(self.contents[s]) for s in free}
-        slot = max(free, key=lambda s: (here[s], -self.released[s]))  # continue a slot in place
+        slot = max(free, key=lambda s: (here[s], -released[s]))  # continue a slot in place
         source, found = None, here[slot]
-        for s in self.busy:  # or copy from a running sequence, or from host memory, if that gives more
+        for s in self.slots.owners:  # or copy from a running sequence, or from host memory, if that gives more
             if (n := match(self.holding(s))) > found:
                 source, found = s, n
         for key, entry in self.saved.items():
             if (n := match(entry.tokens)) > found:
                 source, found = ("saved", key), n
-        entry = None
+        hit = Hit(slot, found)
         if isinstance(source, tuple):
-            entry = self.saved[source[1]]  # held here: saving the slot below may push it out of the LRU
+            hit.saved = self.saved[source[1]]  # held here: saving the slot's entries may push it out of the LRU
             self.saved.move_to_end(source[1])
-        if source is not None:
-            slot = min(free, key=lambda s: (len(self.contents[s]) > 0, self.released[s]))  # least recently freed
-        if self.cache.compacted[slot] and (source is not None or found == 0):
-            self.cache.reset(slot)  # compacted entries nobody continues
-            self.contents[slot] = []
-        if len(self.contents[slot]) - (0 if source is not None else found) >= self.min_tokens \
-                and not self.cache.compacted[slot]:
-            self.save(self.contents[slot], slot)  # what is about to be overwritten goes to host memory
-        if entry is not None:
-            self.cache.load(slot, entry.k.to(self.cache.k.device), entry.v.to(self.cache.k.device), found)
         elif source is not None:
-            self.cache.copy(source, slot, found)
-        else:
-            self.cache.rollback(slot, min(self.cache.tokens(slot), found))
+            hit.source = source
+        if source is not None:
+            hit.slot = slot = min(free, key=lambda s: (len(self.contents[s]) > 0, released[s]))  # least recently freed
+        if self.cache.compacted[slot]:
+            hit.reset = source is not None or found == 0  # compacted entries nobody continues
+        elif len(self.contents[slot]) - (0 if source is not None else found) >= self.min_tokens \
+                and self._worth_saving(self.contents[slot]):
+            hit.evict = self.contents[slot]  # what is about to be overwritten goes to host memory
         self.contents[slot] = []
-        self.busy[slot] = owner
+        self.slots.take(slot, owner)
         self.queries += len(prompt)
         self.hits += found
-        return slot, found
+        return hit
 
-    def share(self, src: int, dst: int, start: int, end: int) -> None:
-        """A running sequence in `dst` (holding `start` tokens) takes positions start..end from `src`."""
-        self.cache.copy(src, dst, end, start=start)
-        self.hits += end - start
+    def shared(self, tokens: int) -> None:
+        """A running sequence took `tokens` entries from another one's slot (`Scheduler._share`)."""
+        self.hits += tokens
 
-    def release(self, slot: int, tokens: list[int]) -> None:
-        """The slot's sequence ended; its entries for `tokens` (what the slot really holds) stay for
-        later prompts that continue them."""
-        owner = self.busy.pop(slot, None)
+    def release(self, slot: int, tokens: list[int]) -> list[int] | None:
+        """The slot's sequence ended holding entries for `tokens`: what the slot keeps for later prompts
+        that continue them (None: nothing, empty it)."""
+        owner = self.slots.release(slot)
         self.policies[slot] = None
         if self.cache.compacted[slot]:  # a KV policy dropped entries: only its own next turn continues them
             if self.enabled and owner is not None and getattr(owner, "kv", None) is not None:
                 self.policies[slot] = owner.kv.policy
             else:
-                self.cache.reset(slot)
-                tokens = []
-        self.cache.rollback(slot, len(tokens))
+                self.contents[slot] = []
+                return None
         self.contents[slot] = list(tokens) if self.enabled else []
-        self.clock += 1
-        self.released[slot] = self.clock
+        return tokens
 
-    def save(self, tokens: list[int], slot: int) -> None:
-        """Copy the entries of `tokens` (held by `slot`) into the host LRU, within the byte budget."""
+    def _worth_saving(self, tokens: list[int]) -> bool:
+        """Whether the host LRU should take `tokens`' entries (within the budget, not already held)."""
         n = len(tokens)
         if not self.enabled or n * self.cache.bytes_per_token > self.budget:
-            return
-        for key, entry in list(self.saved.items()):
+            return False
+        for key, entry in self.saved.items():
             if common_prefix(entry.tokens, tokens) == n:  # already saved, as part of a longer entry
                 self.saved.move_to_end(key)
-                return
+                return False
+        return True
+
+    def remember(self, tokens: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        """Put saved entries of `tokens` into the host LRU, dropping entries they cover and the oldest
+        beyond the byte budget."""
+        for key, entry in list(self.saved.items()):
             if common_prefix(entry.tokens, tokens) == len(entry.tokens):  # the new entry covers this one
                 self._drop(key)
-        k, v = self.cache.save(slot, n)
         self._keys += 1
-        self.saved[self._keys] = _Saved(list(tokens), k, v)
+        self.saved[self._keys] = Saved(list(tokens), k, v)
         self.saved_bytes += self.saved[self._keys].nbytes
         while self.saved_bytes > self.budget:
             self._drop(next(iter(self.saved)))

@@ -1,124 +1,115 @@
 """Admission and the per-step token budget: which sequences run, and what each reads this step.
 
+The scheduler only decides; the model runner (`runner.py`) carries its decisions out.
+
 Sequences wait in arrival order until a KV cache slot is free (at most `max_num_seqs` run at
-once); a new one takes the slot holding the longest cached prefix of its prompt (`PrefixCache`).
-Every step then shares `max_batched_tokens` rows between the running sequences, decoding ones
-first (oldest first; a decode row is never held back, drafts take what the budget leaves), then
-prompts, in chunks: a long prompt is read over several steps while the others keep decoding,
-and a sequence that joins mid-way simply has its chunks in the next step's batch. Chunk sizes
-change nothing in the results, since every row is computed exactly (`attention.py`).
+once); a new one takes the slot holding the longest cached prefix of its prompt (the prefix
+index, `prefix_cache.py`). Every step then shares `max_batched_tokens` rows between the running
+sequences, decoding ones first (oldest first; a decode row is never held back, and room for a
+draft is kept from what the budget leaves), then prompts, in chunks: a long prompt is read over
+several steps while the others keep decoding, and a sequence that joins mid-way simply has its
+chunks in the next step's batch. Chunk sizes change nothing in the results, since every row is
+computed exactly (`attention.py`).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from .attention import Segment
+from .config import EngineConfig
 from .drafters import Proposal
-from .errors import GearshiftError
-from .prefix_cache import PrefixCache, common_prefix
-from .sequence import Sequence
-
-
-@dataclass
-class EngineConfig:
-    max_num_seqs: int = 8  # sequences decoded side by side (KV cache slots)
-    max_batched_tokens: int = 256  # rows per step: decode rows and drafts first, then prompt chunks
-    max_model_len: int | None = None  # a slot's positions (default: the model's context window)
-    prefix_cache: bool = True
-    prefix_cache_bytes: int = 1 << 30  # host memory for evicted prefixes
-    exact: bool = True  # False: batched attention per sequence (attention.Batch), not batch-invariant
-
-    def __post_init__(self):
-        for name in ("max_num_seqs", "max_batched_tokens", "prefix_cache_bytes"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < (0 if name == "prefix_cache_bytes" else 1):
-                raise GearshiftError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.exact, bool):
-            raise GearshiftError(f"exact must be True or False, got {self.exact!r}")
-        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
-            raise GearshiftError(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
-        if self.max_batched_tokens < self.max_num_seqs:  # else decode rows alone could starve every prompt
-            raise GearshiftError(f"max_batched_tokens ({self.max_batched_tokens}) must be at least max_num_seqs "
-                                 f"({self.max_num_seqs})")
+from .prefix_cache import Hit, PrefixCache, common_prefix
+from .sequence import Sequence, Status
 
 
 @dataclass
 class Task:
-    """One sequence's part of a step: `take` of the tokens the target has not read, and, when that
-    catches it up, the proposal scored after them (it then gets logits and tokens this step)."""
+    """One sequence's part of a step: `take` of the tokens the target has not read, from token
+    position `start` on, and, when that catches it up, room for `k` draft tokens scored after them
+    (it then gets logits and tokens this step)."""
     seq: Sequence
+    start: int
     take: int
-    proposal: Proposal | None
+    k: int | None = None  # None: a chunk of what it has to read, no logits
+    proposal: Proposal | None = None  # the runner's drafts (an empty one: nothing proposed)
 
     @property
-    def segment_capture(self) -> int | None:
+    def capture_from(self) -> int | None:
+        """The first of its rows whose queries its KV policy keeps (None: none)."""
         seq = self.seq
-        return seq.kv.capture_from(seq.computed, self.take, seq.prompt_len) if seq.kv is not None else None
+        return seq.kv.capture_from(self.start, self.take, seq.prompt_len) if seq.kv is not None else None
 
-    @property
-    def segment(self) -> Segment:
-        seq, p = self.seq, self.proposal
-        tokens = seq.tokens[seq.computed:seq.computed + self.take]
-        capture = self.segment_capture
-        if p is None:
-            return Segment(seq.slot, tokens, capture_from=capture)
-        return Segment(seq.slot, tokens + p.tokens, p.parents, logits_from=self.take - 1, capture_from=capture)
+
+@dataclass
+class Copy:
+    """Positions seq.computed..end of a running sequence's slot `src` go to `seq`'s slot first (a
+    prefix two prompts share)."""
+    seq: Sequence
+    src: int
+    end: int
+
+
+@dataclass
+class Plan:
+    tasks: list[Task] = field(default_factory=list)  # rows for the target forward
+    alone: list[Sequence] = field(default_factory=list)  # sequences that decode without it (lossy EAD)
+    copies: list[Copy] = field(default_factory=list)  # carried out before the forward
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, prefix: PrefixCache, max_len: int, vocab: int):
-        self.config, self.prefix, self.max_len, self.vocab = config, prefix, max_len, vocab
+    def __init__(self, config: EngineConfig, prefix: PrefixCache, max_len: int):
+        self.config, self.prefix, self.max_len = config, prefix, max_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
-    def admit(self) -> list[Sequence]:
-        """Give waiting sequences free slots, oldest first; returns the ones admitted."""
+    def admit(self) -> list[tuple[Sequence, Hit]]:
+        """Give waiting sequences free slots, oldest first; returns the ones admitted and their prefix hits."""
         admitted = []
-        while self.waiting and self.prefix.free_slots:
+        while self.waiting and self.prefix.slots.free_count:
             seq = self.waiting.popleft()
-            seq.slot, seq.computed = self.prefix.assign(seq.tokens, seq)
-            seq.stats.cached_tokens = seq.computed
+            hit = self.prefix.lookup(seq.tokens, seq)
+            seq.slot, seq.status = hit.slot, Status.PREFILLING
+            seq.stats.cached_tokens = hit.found
             self.running.append(seq)
-            admitted.append(seq)
+            admitted.append((seq, hit))
         return admitted
 
-    def plan(self) -> tuple[list[Task], list[Sequence], list[tuple[Sequence, Exception]]]:
-        """This step's tasks for the target forward, the sequences that decode without it, and those
-        whose strategy failed to propose (the core ends them; the others go on)."""
+    def plan(self) -> Plan:
+        """This step's tasks for the target forward, the sequences that decode without it, and the
+        prefix copies to make first."""
         budget = self.config.max_batched_tokens
-        tasks, alone, failed = [], [], []
+        plan = Plan()
         reach: dict[int, int] = {}  # tokens each sequence will hold after this step
-        for seq in sorted(self.running, key=lambda s: (s.stats.timing.first_token is None, s.id)):
+        for seq in sorted(self.running, key=lambda s: (s.status is Status.PREFILLING, s.id)):
             if not seq.strategy.uses_target(seq):
-                alone.append(seq)
+                plan.alone.append(seq)
                 continue
-            if seq.computed < seq.prompt_len and self.prefix.enabled and not self.prefix.cache.compacted[seq.slot] \
-                    and self._share(seq, reach):
-                continue  # another sequence computes this one's next tokens in this step: copy them next step
-            lag = seq.lag
+            start = seq.computed
+            if start < seq.prompt_len and self.prefix.enabled and not self.prefix.cache.compacted[seq.slot]:
+                wait, copy = self._share(seq, reach)
+                if copy is not None:
+                    plan.copies.append(copy)
+                    start = copy.end
+                if wait:
+                    continue  # another sequence computes this one's next tokens in this step
+            lag = len(seq.tokens) - start
             take = lag if lag == 1 else min(lag, budget)
             if take <= 0:
                 continue
-            proposal = None
-            if take == lag:
-                k_max = min(seq.remaining - 1, budget - take, self.max_len - len(seq.tokens))
-                try:
-                    proposal = seq.strategy.propose(seq, max(0, k_max))
-                    proposal.check(self.vocab)
-                except Exception as e:
-                    failed.append((seq, e))
-                    continue
-            budget -= take + (len(proposal.tokens) if proposal is not None else 0)
-            reach[seq.id] = seq.computed + take
-            tasks.append(Task(seq, take, proposal))
-        return tasks, alone, failed
+            k = None
+            if take == lag:  # caught up: logits this step, and room for a draft
+                k = max(0, min(seq.strategy.draft_room(seq, budget - take), seq.remaining - 1,
+                               self.max_len - len(seq.tokens)))
+            budget -= take + (k or 0)
+            reach[seq.id] = start + take
+            plan.tasks.append(Task(seq, start, take, k))
+        return plan
 
-    def _share(self, seq: Sequence, reach: dict[int, int]) -> bool:
+    def _share(self, seq: Sequence, reach: dict[int, int]) -> tuple[bool, Copy | None]:
         """A prompt still being read may share its next tokens with another running sequence (a
         system prompt; requests that arrived together): copy what that one already holds, and
-        wait a step if it is computing more of them now. Returns whether to wait."""
+        wait a step if it is computing more of them now. Returns whether to wait, and the copy."""
         limit, held, soon, source = len(seq.tokens) - 1, seq.computed, seq.computed, None
         for other in self.running:
             if other is seq or other.slot is None or self.prefix.cache.compacted[other.slot]:
@@ -127,20 +118,16 @@ class Scheduler:
             if min(n, other.computed) > held:
                 held, source = min(n, other.computed), other
             soon = max(soon, min(n, reach.get(other.id, other.computed)))
+        copy = None
         if source is not None and held - seq.computed >= self.prefix.min_tokens:
-            self.prefix.share(source.slot, seq.slot, seq.computed, held)
             seq.stats.cached_tokens += held - seq.computed
-            seq.computed = held
-        return soon - seq.computed >= self.prefix.min_tokens
+            self.prefix.shared(held - seq.computed)
+            copy = Copy(seq, source.slot, held)
+        return soon - (copy.end if copy else seq.computed) >= self.prefix.min_tokens, copy
 
-    def remove(self, seq: Sequence, keep: bool = True) -> None:
-        """Take a sequence out (finished or aborted); a running one's slot keeps its entries for the
-        prefix cache (the tokens whose entries the slot really holds), unless `keep` is False."""
+    def remove(self, seq: Sequence) -> None:
+        """Take a sequence out (finished or aborted); the runner releases its slot."""
         if seq in self.waiting:
             self.waiting.remove(seq)
-        if seq not in self.running:
-            return
-        self.running.remove(seq)
-        if not keep:
-            self.prefix.cache.reset(seq.slot)
-        self.prefix.release(seq.slot, seq.tokens[:min(seq.computed, len(seq.tokens))] if keep else [])
+        if seq in self.running:
+            self.running.remove(seq)

@@ -2,13 +2,15 @@
 
 A `Sequence` holds its token ids (prompt + generated), its sampling parameters and random
 generator, its strategy (plain, speculative, entropy-adaptive), its stop rules and text state,
-its place in the KV cache (slot, and how many of its tokens the cache holds) and its stats.
+its status, its place in the KV cache (a slot; how many of its tokens the slot holds is the
+slot's own count, read through `computed`) and its typed stats.
 `EngineCore.step` returns a `StepOutput` per sequence that moved; the last one of a sequence
 carries its `Completion`.
 """
 
 from __future__ import annotations
 
+import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,9 +21,10 @@ import torch
 from .kv_policy import KVPolicy, KVState
 from .sampling import SamplingParams, make_generator
 from .stats import SequenceStats, Timing
-from .tokenizer import IncrementalDetokenizer, Tokenizer
 
 if TYPE_CHECKING:
+    from .kv_cache import KVCache
+    from .output import TextState
     from .strategies import Strategy
 
 
@@ -50,11 +53,16 @@ class Completion:
     token_ids: list[int]
     prompt_tokens: int
     finish_reason: str  # "stop" (EOS or stop string), "length", "abort" or "error" (see `error`)
-    metrics: dict = field(default_factory=dict)
+    stats: SequenceStats | None = None  # typed: timing, work, speculation, EAD cost, KV cache
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     logprobs: list[Logprob] | None = None  # per generated token, when asked for
     strategy: str = "plain"
     error: str | None = None  # why the sequence failed (finish reason "error"); others are unaffected
+
+    @property
+    def metrics(self) -> dict:
+        """The stats as one flat dict (`SequenceStats.as_dict`): what JSON reports and people read."""
+        return self.stats.as_dict() if self.stats is not None else {}
 
 
 @dataclass
@@ -68,62 +76,31 @@ class StepOutput:
     completion: Completion | None = None  # set on the sequence's last output
 
 
-class TextState:
-    """Per-sequence detokenization and stop-string handling.
-
-    Text that might be the start of a stop string is held back, so a stream never shows a
-    stop string it later has to take back.
-    """
-
-    def __init__(self, tok: Tokenizer, prompt_ids: list[int], stop: list[str]):
-        self.detok = IncrementalDetokenizer(tok, prompt_ids)
-        self.stop = stop
-        self.text = ""  # everything decoded so far
-        self.emitted = 0  # characters of `text` already handed out
-        self.stopped = False
-
-    def push(self, token: int) -> str:
-        self.text += self.detok.push([token])
-        safe = len(self.text)
-        for s in self.stop:
-            at = self.text.find(s, max(0, self.emitted - len(s)))
-            if at != -1:
-                self.text, self.stopped = self.text[:at], True
-                safe = at
-                break
-            for k in range(min(len(s) - 1, len(self.text)), 0, -1):  # a stop string may be starting
-                if self.text.endswith(s[:k]):
-                    safe = min(safe, len(self.text) - k)
-                    break
-        safe = max(safe, self.emitted)
-        delta = self.text[self.emitted:safe]
-        self.emitted = safe
-        return delta
-
-    def flush(self) -> str:
-        if not self.stopped:
-            self.text += self.detok.flush()
-        delta = self.text[self.emitted:]
-        self.emitted = len(self.text)
-        return delta
+class Status(enum.Enum):
+    """Where a sequence is in its life (`Sequence.status`); a finished one has a finish reason."""
+    WAITING = "waiting"  # queued for a KV cache slot
+    PREFILLING = "prefilling"  # in a slot, reading its prompt (no token yet)
+    DECODING = "decoding"  # producing tokens
+    FINISHED = "finished"
 
 
 class Sequence:
-    def __init__(self, seq_id: int, request: Request, tokenizer: Tokenizer, window: int, device: torch.device):
+    def __init__(self, seq_id: int, request: Request, window: int, device: torch.device):
         self.id, self.request = seq_id, request
         self.params = request.params
         self.prompt_len = len(request.prompt)
         self.tokens = list(request.prompt)  # prompt + generated
         self.kv = KVState(request.kv) if request.kv is not None and request.kv.active else None
         # a slot holds `window` positions; streaming keeps dropping old ones, so it can go on past that
-        unbounded = self.kv is not None and self.kv.policy.name == "streaming"
+        unbounded = self.kv is not None and self.kv.unbounded
         self.max_new = self.params.max_tokens if unbounded else min(self.params.max_tokens, window - self.prompt_len)
         self.gen = make_generator(self.params.seed, device)
-        self.text = TextState(tokenizer, request.prompt, self.params.stop)
+        self.text: TextState | None = None  # stop strings and detokenizer (`output.Outputs.start`)
         self.logprobs: list[Logprob] | None = None if self.params.logprobs is None else []
         self.strategy: Strategy | None = None  # made when the sequence gets a slot
+        self.status = Status.WAITING
         self.slot: int | None = None
-        self.computed = 0  # leading tokens whose keys and values the slot holds
+        self.cache: KVCache | None = None  # while it holds a slot (the model runner sets it)
         self.finish_reason: str | None = None
         self.error: str | None = None  # set when its own work raised (`EngineCore._fail`)
         self.stats = SequenceStats(Timing(request.arrival), prompt_tokens=self.prompt_len)
@@ -131,6 +108,12 @@ class Sequence:
     @property
     def generated(self) -> list[int]:
         return self.tokens[self.prompt_len:]
+
+    @property
+    def computed(self) -> int:
+        """Leading tokens whose keys and values its slot holds: the slot's own count (`KVCache.tokens`),
+        kept in one place; 0 outside a slot."""
+        return self.cache.tokens(self.slot) if self.cache is not None else 0
 
     @property
     def lag(self) -> int:
@@ -143,6 +126,6 @@ class Sequence:
         return self.max_new - (len(self.tokens) - self.prompt_len)
 
     def completion(self) -> Completion:
-        return Completion(self.text.text, self.generated, self.prompt_len, self.finish_reason or "length",
-                          self.stats.as_dict(), self.stats.cached_tokens, self.logprobs,
+        return Completion(self.text.text if self.text is not None else "", self.generated, self.prompt_len,
+                          self.finish_reason or "length", self.stats, self.stats.cached_tokens, self.logprobs,
                           self.strategy.name if self.strategy is not None else "plain", self.error)

@@ -1,5 +1,8 @@
-"""Per-sequence numbers: one small dataclass per concern, added up where the work happens and
-exported in one place (`SequenceStats.as_dict`), which is what `Completion.metrics` shows."""
+"""Per-sequence numbers: one small dataclass per concern, added up where the work happens.
+
+A finished sequence's `Completion.stats` carries them typed (the server, the CLI and the benches
+read fields, not string keys); `SequenceStats.as_dict` flattens them once for JSON and people
+(`Completion.metrics`)."""
 
 from __future__ import annotations
 
@@ -45,6 +48,11 @@ class Work:
     produced: int = 0  # tokens the strategy produced, before a stop cut them
     consumed: int = 0  # tokens taken from the model, the stopping EOS included
 
+    @property
+    def mat(self) -> float:
+        """Mean tokens per target forward (1.0 for plain decoding, as in Spec-Bench)."""
+        return self.consumed / self.target_forwards if self.target_forwards else 0.0
+
 
 @dataclass
 class Speculation:
@@ -53,6 +61,10 @@ class Speculation:
     accepted: int = 0
     draft_s: float = 0.0
     verify_s: float = 0.0  # the steps' forward and verification (shared with the rest of the batch)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
 
 
 @dataclass
@@ -63,6 +75,15 @@ class EADCost:
     small_tokens: int = 0
     flops: float = 0.0
     large_only_flops: float = 0.0
+
+    @property
+    def large_fraction(self) -> float:
+        made = self.large_tokens + self.small_tokens
+        return self.large_tokens / made if made else 0.0
+
+    @property
+    def relative_compute(self) -> float:
+        return self.flops / self.large_only_flops if self.large_only_flops else 0.0
 
 
 @dataclass
@@ -78,26 +99,28 @@ class SequenceStats:
     spec: Speculation | None = None  # speculative strategies only
     ead: EADCost | None = None  # entropy-adaptive strategies only
 
+    @property
+    def tok_per_s(self) -> float:
+        """Decode speed: tokens after the first step's, over the time after the first token."""
+        decode_tokens, decode_s = self.generated - self.timing.first_step_tokens, self.timing.decode_s
+        return decode_tokens / decode_s if decode_s > 0 and decode_tokens > 0 else 0.0
+
     def as_dict(self) -> dict:
+        """Everything as one flat dict, for JSON and people (`Completion.metrics`)."""
         t, w = self.timing, self.work
-        decode_tokens = self.generated - t.first_step_tokens
         m = {"prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
              "generated_tokens": self.generated, "queue_s": t.queue_s, "ttft_s": t.ttft_s,
              "prefill_s": t.prefill_s, "decode_s": t.decode_s,
-             "tok_per_s": decode_tokens / t.decode_s if t.decode_s > 0 and decode_tokens > 0 else 0.0,
+             "tok_per_s": self.tok_per_s,
              "target_forwards": w.target_forwards, "target_rows": w.target_rows,
-             # MAT, mean tokens per target forward: 1.0 for plain decoding, as in Spec-Bench
-             "mat": w.consumed / w.target_forwards if w.target_forwards else 0.0,
+             "mat": w.mat,
              "kv_entries": self.kv_entries, "kv_bytes": self.kv_bytes, "kv_full_bytes": self.kv_full_bytes}
         if self.spec is not None:
             s = self.spec
             m.update(drafts=s.drafts, proposed=s.proposed, accepted=s.accepted, draft_s=s.draft_s, verify_s=s.verify_s,
-                     acceptance_rate=s.accepted / s.proposed if s.proposed else 0.0)
+                     acceptance_rate=s.acceptance_rate)
         if self.ead is not None:
             e = self.ead
-            made = e.large_tokens + e.small_tokens
-            m.update(large_tokens=e.large_tokens, small_tokens=e.small_tokens,
-                     large_fraction=e.large_tokens / made if made else 0.0, flops=e.flops,
-                     large_only_flops=e.large_only_flops,
-                     relative_compute=e.flops / e.large_only_flops if e.large_only_flops else 0.0)
+            m.update(large_tokens=e.large_tokens, small_tokens=e.small_tokens, large_fraction=e.large_fraction,
+                     flops=e.flops, large_only_flops=e.large_only_flops, relative_compute=e.relative_compute)
         return m

@@ -5,7 +5,9 @@ all of them, and hands every strategy its rows of logits back. The loop never as
 strategy it holds; a strategy answers:
 
 - `uses_target(seq)`: does the sequence read the target this step (lossy EAD's small turns do not);
-- `propose(seq, k_max)`: tokens to score after the last one, a chain or a tree (none for plain);
+- `draft_room(seq, room)`: how many draft rows it wants of the `room` the step has left (the
+  scheduler keeps them in its budget), and `propose(seq, k)`: at most that many tokens to score
+  after the last one, a chain or a tree (none for plain), drafted by the model runner;
 - `accept(seq, logits, proposal, forward_s)`: what to keep, through the one verification routine
   (`verify`), which is also plain sampling when nothing was proposed;
 - `decide(seq)`: the tokens it makes without the target, with the logits they came from;
@@ -49,6 +51,8 @@ class Strategy(Protocol):
 
     def uses_target(self, seq: Sequence) -> bool: ...
 
+    def draft_room(self, seq: Sequence, room: int) -> int: ...
+
     def propose(self, seq: Sequence, k_max: int) -> Proposal: ...
 
     def accept(self, seq: Sequence, logits: torch.Tensor, proposal: Proposal, forward_s: float) -> Verdict: ...
@@ -74,6 +78,9 @@ class Speculative:
 
     def uses_target(self, seq: Sequence) -> bool:
         return True
+
+    def draft_room(self, seq: Sequence, room: int) -> int:
+        return min(self.drafter.length.k, room) if self.drafter is not None else 0
 
     def propose(self, seq: Sequence, k_max: int) -> Proposal:
         k = min(self.drafter.length.k, k_max) if self.drafter is not None else 0
@@ -125,6 +132,9 @@ class EntropyAdaptive:
 
     def uses_target(self, seq: Sequence) -> bool:
         return self.schedule.large
+
+    def draft_room(self, seq: Sequence, room: int) -> int:
+        return 0
 
     def propose(self, seq: Sequence, k_max: int) -> Proposal:
         return NOTHING

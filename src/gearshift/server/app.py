@@ -38,6 +38,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from ..config import ServerLimits
 from ..errors import GearshiftError
 from ..kv_policy import POLICIES, KVPolicy
 from ..llm import LLM
@@ -52,19 +53,13 @@ log = logging.getLogger("gearshift.server")
 
 
 @dataclass
-class ServerConfig:
+class ServerConfig(ServerLimits):
+    """The server's settings: its limits (`config.ServerLimits`, shared with the CLI's defaults),
+    the name clients send, the API key, and the strategies it runs and offers."""
     model_name: str = "gearshift"
     api_key: str | None = None
-    max_queue: int = 256  # requests that may wait for a slot beyond max_num_seqs; more get 503
     speculative: Strategy = field(default_factory=Strategy)  # the server-wide default; a request may choose its own
     offered: list[Strategy] = field(default_factory=list)  # more a request may choose (besides the training-free)
-    max_body_bytes: int = 2 * 1024 * 1024  # larger request bodies get 413
-    # connections (http.py): headers must arrive within, and then the body within, so many seconds;
-    # an idle keep-alive connection closes after timeout_keep_alive; more than max_connections are refused
-    timeout_headers: float = 10.0
-    timeout_body: float = 30.0
-    timeout_keep_alive: float = 5.0
-    max_connections: int = 512
 
 
 class State:

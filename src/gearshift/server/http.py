@@ -24,6 +24,8 @@ import logging
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from ..config import ServerLimits
+
 log = logging.getLogger("gearshift.server")
 MAX_HEADER_BYTES = 64 * 1024
 _TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
@@ -33,9 +35,9 @@ _TOO_LARGE_BODY = (b'{"error":{"message":"the request line and headers are large
 
 
 class GuardedProtocol(HttpToolsProtocol):
-    timeout_headers: float = 10.0
-    timeout_body: float = 30.0
-    max_connections: int = 512
+    timeout_headers: float = ServerLimits.timeout_headers  # (`config` sets the server's own)
+    timeout_body: float = ServerLimits.timeout_body
+    max_connections: int = ServerLimits.max_connections
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)

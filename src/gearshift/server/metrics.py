@@ -72,15 +72,17 @@ class Metrics:
             self.itl.labels(self.model_name, engine).observe(gap_s)
 
     def finished(self, c: Completion, e2e_s: float, engine: str = "0") -> None:
-        name, m = self.model_name, c.metrics
+        name, st = self.model_name, c.stats
         self.e2e.labels(name, engine).observe(e2e_s)
         self.success.labels(name, engine, c.finish_reason).inc()
-        self.drafts.labels(name, engine).inc(m.get("drafts", 0))
-        self.draft_tokens.labels(name, engine).inc(m.get("proposed", 0))
-        self.accepted_tokens.labels(name, engine).inc(m.get("accepted", 0))
+        if st is not None and st.spec is not None:
+            self.drafts.labels(name, engine).inc(st.spec.drafts)
+            self.draft_tokens.labels(name, engine).inc(st.spec.proposed)
+            self.accepted_tokens.labels(name, engine).inc(st.spec.accepted)
         self.prefix_queries.labels(name, engine).inc(c.prompt_tokens)
         self.prefix_hits.labels(name, engine).inc(c.cached_tokens)
-        self.kv_dropped.labels(name, engine).inc(max(0, m.get("kv_full_bytes", 0) - m.get("kv_bytes", 0)))
+        if st is not None:
+            self.kv_dropped.labels(name, engine).inc(max(0, st.kv_full_bytes - st.kv_bytes))
 
     def text(self) -> bytes:
         return generate_latest(self.registry)

@@ -275,20 +275,21 @@ def usage(groups: list[list[Completion]]) -> dict:
 
 def engine_report(completions: list[Completion], strategy: str) -> dict:
     """Ours, beside OpenAI's fields: which strategy ran and what it bought."""
-    proposed = sum(c.metrics.get("proposed", 0) for c in completions)
-    accepted = sum(c.metrics.get("accepted", 0) for c in completions)
-    decode_s = max((c.metrics.get("decode_s", 0.0) for c in completions), default=0.0)
+    stats = [c.stats for c in completions if c.stats is not None]
+    spec = [st.spec for st in stats if st.spec is not None]
+    proposed, accepted = sum(s.proposed for s in spec), sum(s.accepted for s in spec)
+    decode_s = max((st.timing.decode_s for st in stats), default=0.0)
     report = {"strategy": completions[0].strategy if completions else strategy,  # the name the engine ran
               "acceptance_rate": accepted / proposed if proposed else None,
-              "mean_accepted_tokens": (sum(c.metrics.get("mat", 0.0) for c in completions) / len(completions)
-                                       if completions else 0.0),
-              "ttft_s": min((c.metrics.get("ttft_s", 0.0) for c in completions), default=0.0),
-              "tokens_per_s": (sum(c.metrics.get("tok_per_s", 0.0) for c in completions) if decode_s else 0.0)}
-    if completions and completions[0].metrics.get("kv_full_bytes"):
-        report["kv_bytes"] = sum(c.metrics.get("kv_bytes", 0) for c in completions)
-        report["kv_full_bytes"] = sum(c.metrics.get("kv_full_bytes", 0) for c in completions)
-    if any("relative_compute" in c.metrics for c in completions):
-        report["relative_compute"] = sum(c.metrics["relative_compute"] for c in completions) / len(completions)
+              "mean_accepted_tokens": sum(st.work.mat for st in stats) / len(stats) if stats else 0.0,
+              "ttft_s": min((st.timing.ttft_s for st in stats), default=0.0),
+              "tokens_per_s": sum(st.tok_per_s for st in stats) if decode_s else 0.0}
+    if stats and stats[0].kv_full_bytes:
+        report["kv_bytes"] = sum(st.kv_bytes for st in stats)
+        report["kv_full_bytes"] = sum(st.kv_full_bytes for st in stats)
+    ead = [st.ead for st in stats if st.ead is not None]
+    if ead:
+        report["relative_compute"] = sum(e.relative_compute for e in ead) / len(ead)
     return report
 
 

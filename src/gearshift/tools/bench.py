@@ -110,7 +110,7 @@ def _prefill_rate(llm: LLM, n: int, reps: int = 2) -> float:
     """Prompt tokens/s reading an n-token prompt (random tokens, prefix cache off): n over the
     time to the first token, best of `reps`, as llama.cpp's ppN measures prompt processing."""
     ids = torch.randint(0, llm.model.cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()
-    best = min(llm.generate(ids, max_tokens=1).metrics["ttft_s"] for _ in range(reps))
+    best = min(llm.generate(ids, max_tokens=1).stats.timing.ttft_s for _ in range(reps))
     return n / best
 
 
@@ -227,8 +227,8 @@ def _ours(llm, drafter, max_new_tokens: int):
     def run(ids):
         t0 = time.perf_counter()
         c = llm.generate(ids, drafter=drafter, max_tokens=max_new_tokens)
-        return {"tokens": c.token_ids, "seconds": time.perf_counter() - t0, "forwards": c.metrics["target_forwards"],
-                "consumed": round(c.metrics["mat"] * c.metrics["target_forwards"])}
+        return {"tokens": c.token_ids, "seconds": time.perf_counter() - t0, "forwards": c.stats.work.target_forwards,
+                "consumed": c.stats.work.consumed}
     return run
 
 
@@ -401,11 +401,11 @@ def run_ead(model: str | None, small: str = "early-exit", taus=EAD_TAUS, n_quest
     ref_ll = [mean_loglik(llm, ids, c.token_ids) for ids, c in zip(prompts, ref)]
 
     def cost(outs) -> dict:
-        large = sum(c.metrics["large_tokens"] for c in outs)
-        made = sum(c.metrics["large_tokens"] + c.metrics["small_tokens"] for c in outs)
-        seconds = sum(c.metrics["prefill_s"] + c.metrics["decode_s"] for c in outs)  # the prompt read in, as ead does
+        large = sum(c.stats.ead.large_tokens for c in outs)
+        made = sum(c.stats.ead.large_tokens + c.stats.ead.small_tokens for c in outs)
+        seconds = sum(c.stats.timing.prefill_s + c.stats.timing.decode_s for c in outs)  # the prompt read in, as ead does
         return {"large_fraction": large / made, "tok_per_s": sum(len(c.token_ids) for c in outs) / seconds,
-                "relative_compute": sum(c.metrics["flops"] for c in outs) / sum(c.metrics["large_only_flops"] for c in outs)}
+                "relative_compute": sum(c.stats.ead.flops for c in outs) / sum(c.stats.ead.large_only_flops for c in outs)}
 
     points = []
     for tau in tqdm(taus, desc="ead sweep", unit="tau"):

@@ -222,7 +222,7 @@ def run_multiturn(model: str | None, n_chats: int = 4, n_turns: int = 5, max_new
                 chat["messages"].append({"role": "user", "content": chat["users"][t]})
                 c = warm.generate(chat["messages"], max_tokens=max_new_tokens)
                 first = cold.generate(chat["messages"], max_tokens=1)  # the same turn from a cold cache
-                per_turn[t].append({"ttft_cached_s": c.metrics["ttft_s"], "ttft_cold_s": first.metrics["ttft_s"],
+                per_turn[t].append({"ttft_cached_s": c.stats.timing.ttft_s, "ttft_cold_s": first.stats.timing.ttft_s,
                                     "cached_tokens": c.cached_tokens, "prompt_tokens": c.prompt_tokens,
                                     "same_first_token": c.token_ids[:1] == first.token_ids[:1]})
                 chat["messages"].append({"role": "assistant", "content": c.text})

@@ -165,10 +165,10 @@ def _run_item(llm, item: dict, mode: str, policy: str, budget: int | None, max_t
         answer = c.text
         history = prompt + " " + answer.strip().split("\n")[0] if raw else \
             prompt + [{"role": "assistant", "content": answer}]
-        m = c.metrics
-        out.append({"correct": score(item["score"], answer, turn["answer"]), "kv_bytes": m["kv_bytes"],
-                    "prompt_tokens": c.prompt_tokens,
-                    "full_kv_bytes": m["kv_full_bytes"], "decode_tok_per_s": m["tok_per_s"], "prefill_s": m["prefill_s"],
+        st = c.stats
+        out.append({"correct": score(item["score"], answer, turn["answer"]), "kv_bytes": st.kv_bytes,
+                    "prompt_tokens": c.prompt_tokens, "full_kv_bytes": st.kv_full_bytes,
+                    "decode_tok_per_s": st.tok_per_s, "prefill_s": st.timing.prefill_s,
                     "output": answer[:80]})
     return out
 

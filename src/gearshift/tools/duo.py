@@ -63,11 +63,13 @@ def head_scores(llm, samples: int = 8, length: int = 1500, seed: int = 0, chunk:
         ids, needle, answer = _sample(llm.tokenizer, parts, length, rng)
         cache.reset(0)
         first = answer - 1  # the row that predicts the answer's first token
+        queries: list[torch.Tensor] = []
         for start in range(0, len(ids), chunk):
             part = ids[start:start + chunk]
             capture = max(0, first - start) if start + len(part) > first else None
             batch = Batch([Segment(0, part, logits_from=None, capture_from=capture)], cache)
             model(batch, cache)
+            batch.advance(cache)
             if capture is not None:  # (the answer's rows may straddle two chunks)
                 queries = [torch.cat(x) for x in zip(queries, batch.queries)] if start + capture > first else batch.queries
         n = cache.lengths[0]
