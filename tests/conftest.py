@@ -26,6 +26,7 @@ def gearshift_home(tmp_path_factory):
 def llm(gearshift_home):
     """The default model as users get it (int4 + int8 LM head), shared by every test module."""
     import gearshift
+
     return gearshift.load()
 
 
@@ -33,4 +34,5 @@ def llm(gearshift_home):
 def exact(gearshift_home):
     """The default model with float32 weights: the mode with no bf16 rounding to amplify differences."""
     import gearshift
+
     return gearshift.load(weights="float32")

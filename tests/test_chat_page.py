@@ -19,15 +19,27 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium (apt insta
 
 def test_chat_page_streams_keeps_the_conversation_and_reports(llm):
     from playwright.sync_api import sync_playwright
+
     app = create_app(lambda: LLM(llm.loaded, max_num_seqs=2, max_model_len=2048), ServerConfig(model_name="smollm2"))
-    shot = Path(os.environ.get("GEARSHIFT_SCREENSHOT", Path(__file__).resolve().parents[1] / "results" / "chat_page.png"))
+    shot = Path(
+        os.environ.get("GEARSHIFT_SCREENSHOT", Path(__file__).resolve().parents[1] / "results" / "chat_page.png")
+    )
     shot.parent.mkdir(parents=True, exist_ok=True)
     outside: list[str] = []
     with running(app) as url, sync_playwright() as pw:
         wait_ready(url)
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
         try:
             page = browser.new_page(viewport={"width": 1000, "height": 700})
             page.on("request", lambda r: outside.append(r.url) if not r.url.startswith(url) else None)

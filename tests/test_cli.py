@@ -14,8 +14,14 @@ from gearshift import hub
 
 
 def run(*args, stdin: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gearshift", *args], input=stdin, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "gearshift", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, pattern: str) -> None:
@@ -100,10 +106,16 @@ def test_prompt_longer_than_context(default_model):
     assert_one_line_error(run("generate", "word " * 9000, "--raw"), "context window is 8192")
 
 
-@pytest.mark.parametrize("args,pattern", [
-    (["--temperature", "-1"], "temperature"), (["--top-p", "0"], "top_p"), (["--top-k", "-5"], "top_k"),
-    (["--max-tokens", "0"], "max_tokens"), (["--weights", "int3"], "unknown weight format"),
-])
+@pytest.mark.parametrize(
+    "args,pattern",
+    [
+        (["--temperature", "-1"], "temperature"),
+        (["--top-p", "0"], "top_p"),
+        (["--top-k", "-5"], "top_k"),
+        (["--max-tokens", "0"], "max_tokens"),
+        (["--weights", "int3"], "unknown weight format"),
+    ],
+)
 def test_invalid_parameters(default_model, args, pattern):
     assert_one_line_error(run("generate", "hi", *args), pattern)
 
@@ -136,17 +148,40 @@ def test_unknown_drafter_is_a_one_line_error(default_model):
 
 
 def test_unsupported_rope_scaling_hf_dir(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({
-        "model_type": "llama", "vocab_size": 8, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
-        "num_attention_heads": 4, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "vocab_size": 8,
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 4,
+                "rope_scaling": {"rope_type": "yarn", "factor": 4.0},
+            }
+        )
+    )
     assert_one_line_error(run("info", str(tmp_path)), "unsupported RoPE scaling 'yarn'")
 
 
 def test_bench_batch_and_multiturn_write_json_and_plots(default_model, tmp_path):
     from PIL import Image
+
     out, png = tmp_path / "batch.json", tmp_path / "batch.png"
-    p = run("bench", "batch", "--concurrency", "1,2", "--requests", "2", "--max-tokens", "6", "--json", str(out),
-            "--plot", str(png))
+    p = run(
+        "bench",
+        "batch",
+        "--concurrency",
+        "1,2",
+        "--requests",
+        "2",
+        "--max-tokens",
+        "6",
+        "--json",
+        str(out),
+        "--plot",
+        str(png),
+    )
     assert p.returncode == 0, p.stderr
     r = json.loads(out.read_text())
     keys = {"tok_per_s", "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s"}
@@ -155,8 +190,20 @@ def test_bench_batch_and_multiturn_write_json_and_plots(default_model, tmp_path)
     assert r["levels"]["2"]["identical_to_1"] == 1.0  # batching changed no answer
     assert Image.open(png).size[0] > 0
     out, png = tmp_path / "turns.json", tmp_path / "turns.png"
-    p = run("bench", "multiturn", "--chats", "1", "--turns", "3", "--max-tokens", "6", "--json", str(out),
-            "--plot", str(png))
+    p = run(
+        "bench",
+        "multiturn",
+        "--chats",
+        "1",
+        "--turns",
+        "3",
+        "--max-tokens",
+        "6",
+        "--json",
+        str(out),
+        "--plot",
+        str(png),
+    )
     assert p.returncode == 0, p.stderr
     turns = json.loads(out.read_text())["turns"]
     assert [t["turn"] for t in turns] == [1, 2, 3]
@@ -169,6 +216,7 @@ def test_bench_batch_and_multiturn_write_json_and_plots(default_model, tmp_path)
 
 def test_llama_cpp_flags_turn_amx_off_and_avx512_on_only_where_reported():
     from gearshift.tools.llama_cpp import cmake_flags
+
     avx2 = cmake_flags({"avx2", "fma", "f16c", "amx_tile", "amx_bf16"})
     assert "-DGGML_AMX_TILE=OFF" in avx2 and "-DGGML_NATIVE=OFF" in avx2
     assert not any("AVX512" in f for f in avx2)
@@ -177,8 +225,9 @@ def test_llama_cpp_flags_turn_amx_off_and_avx512_on_only_where_reported():
 
 
 def test_bench_with_a_missing_llama_cpp_dir_is_a_one_line_error(tmp_path):
-    assert_one_line_error(run("bench", "--quick", "--llama-cpp", str(tmp_path / "nowhere")),
-                          "no llama.cpp binaries under")
+    assert_one_line_error(
+        run("bench", "--quick", "--llama-cpp", str(tmp_path / "nowhere")), "no llama.cpp binaries under"
+    )
 
 
 LLAMA_CPP = __import__("gearshift.tools.llama_cpp", fromlist=["default_dir"]).default_dir()  # the user's, at collection
@@ -189,6 +238,7 @@ def test_llama_server_anchor_completes_greedily_and_stops(llm):
     """The llama.cpp row of the benchmarks: the real server on loopback, same GGUF file; greedy is
     deterministic, and the server is gone after the block."""
     from gearshift.tools.llama_cpp import Server
+
     ids = llm.tokenizer.encode("The capital of France is")
     with Server(llm.loaded.path, threads=2, prefix=LLAMA_CPP) as server:
         a, b = server.complete(ids, 16), server.complete(ids, 16)
@@ -219,11 +269,31 @@ def test_serve_command_answers_the_openai_client_and_stops_on_sigint(default_mod
     import openai
 
     from gearshift.tools.llama_cpp import free_port
+
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "gearshift", "serve", "--port", str(port), "--max-num-seqs", "2",
-                             "--max-model-len", "1024", "--speculative-config", '{"method": "ngram"}',
-                             "--served-model-name", "tiny-chat", "--log-level", "warning"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gearshift",
+            "serve",
+            "--port",
+            str(port),
+            "--max-num-seqs",
+            "2",
+            "--max-model-len",
+            "1024",
+            "--speculative-config",
+            '{"method": "ngram"}',
+            "--served-model-name",
+            "tiny-chat",
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 120
         while True:
@@ -235,8 +305,9 @@ def test_serve_command_answers_the_openai_client_and_stops_on_sigint(default_mod
                 assert time.time() < deadline, "server never became ready"
                 time.sleep(0.2)
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
-        r = c.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "Hi!"}], max_tokens=8,
-                                      temperature=0)
+        r = c.chat.completions.create(
+            model="tiny-chat", messages=[{"role": "user", "content": "Hi!"}], max_tokens=8, temperature=0
+        )
         assert r.choices[0].message.content and r.model_extra["gearshift"]["strategy"] == "lookup"
     finally:
         proc.send_signal(signal.SIGINT)
@@ -248,8 +319,23 @@ def test_serve_command_answers_the_openai_client_and_stops_on_sigint(default_mod
 @pytest.mark.skipif(not (LLAMA_CPP / "bin" / "llama-server").is_file(), reason="llama.cpp not built (build-llama-cpp)")
 def test_bench_serve_compares_with_llama_server(tmp_path):
     out = tmp_path / "serve.json"
-    p = run("bench", "serve", "--compare-llama-cpp", "--concurrency", "2", "--requests", "2", "--max-tokens", "8",
-            "--max-num-seqs", "2", "--llama-cpp", str(LLAMA_CPP), "--json", str(out))
+    p = run(
+        "bench",
+        "serve",
+        "--compare-llama-cpp",
+        "--concurrency",
+        "2",
+        "--requests",
+        "2",
+        "--max-tokens",
+        "8",
+        "--max-num-seqs",
+        "2",
+        "--llama-cpp",
+        str(LLAMA_CPP),
+        "--json",
+        str(out),
+    )
     assert p.returncode == 0, p.stderr
     r = json.loads(out.read_text())
     for name in ("gearshift", "llama.cpp"):

@@ -30,9 +30,17 @@ QUESTION = [{"role": "user", "content": "Name three primary colors and say one t
 @pytest.fixture(scope="module")
 def cluster(llm, gearshift_home):
     from gearshift.server import cluster
-    config = cluster.ClusterConfig(replicas=2, threads=1, model=str(llm.loaded.path), engine=ENGINE,
-                                   server=ServerConfig(model_name=NAME), routing=RoutingConfig(balance_abs_threshold=4),
-                                   port=free_port(), home=gearshift_home)
+
+    config = cluster.ClusterConfig(
+        replicas=2,
+        threads=1,
+        model=str(llm.loaded.path),
+        engine=ENGINE,
+        server=ServerConfig(model_name=NAME),
+        routing=RoutingConfig(balance_abs_threshold=4),
+        port=free_port(),
+        home=gearshift_home,
+    )
     url = cluster.start(config)
     try:
         wait_ready(url)
@@ -68,30 +76,57 @@ def in_flight(url: str) -> dict[str, float]:
 
 # ------------------------------------------------------------------ the same API, the same answers
 
+
 def test_answers_streams_and_errors_equal_a_single_servers(cluster, single):
     def answers(url: str) -> list:
         c = client(url)
         chat = c.chat.completions.create(model=NAME, messages=QUESTION, max_tokens=24, temperature=0)
-        chunks = list(c.chat.completions.create(model=NAME, messages=QUESTION, max_tokens=24, temperature=0,
-                                                stream=True, stream_options={"include_usage": True}))
+        chunks = list(
+            c.chat.completions.create(
+                model=NAME,
+                messages=QUESTION,
+                max_tokens=24,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
         text = c.completions.create(model=NAME, prompt="Once upon a time", max_tokens=16, temperature=0)
-        text_chunks = list(c.completions.create(model=NAME, prompt=["Once upon a time", "The sky is"], max_tokens=8,
-                                                temperature=0, stream=True))
+        text_chunks = list(
+            c.completions.create(
+                model=NAME, prompt=["Once upon a time", "The sky is"], max_tokens=8, temperature=0, stream=True
+            )
+        )
         sampled = c.chat.completions.create(model=NAME, messages=QUESTION, max_tokens=12, temperature=1.0, seed=7, n=2)
-        errors = [httpx.post(url + "/v1/chat/completions", json=body) for body in (
-            {"messages": QUESTION, "speculative_config": {"method": "magic"}},  # refused by the replica's engine side
-            {"messages": QUESTION, "max_tokens": 2040},  # refused at the front
-            {"model": "gpt-4o", "messages": QUESTION})]
-        streamed_text = ["".join(ch.choices[0].text for ch in text_chunks if ch.choices and ch.choices[0].index == i)
-                         for i in (0, 1)]
-        return [chat.choices[0].message.content, chat.choices[0].finish_reason, chat.usage.prompt_tokens,
-                chat.usage.completion_tokens,
-                "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices),
-                [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1], chunks[-1].usage.completion_tokens,
-                text.choices[0].text, streamed_text, [x.message.content for x in sampled.choices],
-                [(r.status_code, {k: v for k, v in r.json()["error"].items()}) for r in errors],
-                httpx.post(url + "/tokenize", json={"messages": QUESTION}).json(),
-                [(m.id, m.model_extra["max_model_len"]) for m in client(url).models.list()]]
+        errors = [
+            httpx.post(url + "/v1/chat/completions", json=body)
+            for body in (
+                {
+                    "messages": QUESTION,
+                    "speculative_config": {"method": "magic"},
+                },  # refused by the replica's engine side
+                {"messages": QUESTION, "max_tokens": 2040},  # refused at the front
+                {"model": "gpt-4o", "messages": QUESTION},
+            )
+        ]
+        streamed_text = [
+            "".join(ch.choices[0].text for ch in text_chunks if ch.choices and ch.choices[0].index == i) for i in (0, 1)
+        ]
+        return [
+            chat.choices[0].message.content,
+            chat.choices[0].finish_reason,
+            chat.usage.prompt_tokens,
+            chat.usage.completion_tokens,
+            "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices),
+            [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1],
+            chunks[-1].usage.completion_tokens,
+            text.choices[0].text,
+            streamed_text,
+            [x.message.content for x in sampled.choices],
+            [(r.status_code, {k: v for k, v in r.json()["error"].items()}) for r in errors],
+            httpx.post(url + "/tokenize", json={"messages": QUESTION}).json(),
+            [(m.id, m.model_extra["max_model_len"]) for m in client(url).models.list()],
+        ]
 
     got, want = answers(cluster), answers(single)
     assert got == want
@@ -102,20 +137,27 @@ def test_answers_streams_and_errors_equal_a_single_servers(cluster, single):
 
 # ------------------------------------------------------------------ routing
 
+
 def test_multi_turn_sessions_return_to_their_replica(cluster, single):
     """Three conversations of three turns, turns in rotation: each conversation stays on one
     replica, and the cluster's prefix-cache hit rate (from /metrics) is the single server's. Each
     has its own system prompt, so no two share more than the template's first tokens (with the
     model's default system prompt they would all go where it is cached)."""
     follow = ["Which one is your favourite?", "Say that again in five words."]
-    sessions = [[{"role": "system", "content": f"You are assistant {name}; you answer in one sentence."},
-                 {"role": "user", "content": f"Tell me a short fact about the number {k}."}]
-                for name, k in (("Ada", 3), ("Bob", 5), ("Cy", 8))]
+    sessions = [
+        [
+            {"role": "system", "content": f"You are assistant {name}; you answer in one sentence."},
+            {"role": "user", "content": f"Tell me a short fact about the number {k}."},
+        ]
+        for name, k in (("Ada", 3), ("Bob", 5), ("Cy", 8))
+    ]
 
     def run(url: str) -> tuple[list[list[str]], float, list[list[str]]]:
         c = client(url)
-        hits0, queries0 = per_engine(url, "gearshift:prefix_cache_hits_total"), \
-            per_engine(url, "gearshift:prefix_cache_queries_total")
+        hits0, queries0 = (
+            per_engine(url, "gearshift:prefix_cache_hits_total"),
+            per_engine(url, "gearshift:prefix_cache_queries_total"),
+        )
         chats = [list(s) for s in sessions]
         replicas: list[list[str]] = [[] for _ in chats]
         texts: list[list[str]] = [[] for _ in chats]
@@ -127,8 +169,10 @@ def test_multi_turn_sessions_return_to_their_replica(cluster, single):
                 chat.append({"role": "assistant", "content": r.choices[0].message.content})
                 replicas[k].append(r.model_extra["gearshift"].get("replica", "0"))
                 texts[k].append(r.choices[0].message.content)
-        hits, queries = per_engine(url, "gearshift:prefix_cache_hits_total"), \
-            per_engine(url, "gearshift:prefix_cache_queries_total")
+        hits, queries = (
+            per_engine(url, "gearshift:prefix_cache_hits_total"),
+            per_engine(url, "gearshift:prefix_cache_queries_total"),
+        )
         rate = (sum(hits.values()) - sum(hits0.values())) / (sum(queries.values()) - sum(queries0.values()))
         return replicas, rate, texts
 
@@ -144,8 +188,10 @@ def test_bench_serve_sessions_against_the_cluster(cluster, tmp_path):
     """`gearshift bench serve --sessions --url`: multi-turn chats, hit rate and replica stickiness.
     (Before the fault test: right after a replica is replaced, a session was once seen to move.)"""
     from gearshift.tools.bench_serve import run_sessions
-    r = run_sessions(cluster, 2, 3, 8, None, None, 4, None, [], json_path=str(tmp_path / "s.json"),
-                     plot_path=str(tmp_path / "s.png"))
+
+    r = run_sessions(
+        cluster, 2, 3, 8, None, None, 4, None, [], json_path=str(tmp_path / "s.json"), plot_path=str(tmp_path / "s.png")
+    )
     s = json.loads((tmp_path / "s.json").read_text())["servers"][cluster]
     assert s == r["servers"][cluster] and s["errors"] == 0 and s["turns"] == 6
     assert s["sessions_on_one_replica"] == 2 and s["follow_up_hit_rate"] > 0.5 and s["output_tok_per_s"] > 0
@@ -154,6 +200,7 @@ def test_bench_serve_sessions_against_the_cluster(cluster, tmp_path):
 
 
 # ------------------------------------------------------------------ faults
+
 
 def read_stream(url: str, body: dict, started=None, timeout: float = 120) -> dict:
     """A raw SSE stream: its text, whether it ended with an error event, and [DONE]."""
@@ -181,6 +228,7 @@ def read_stream(url: str, body: dict, started=None, timeout: float = 120) -> dic
 
 def test_a_killed_replica_loses_no_request_that_had_not_started(cluster, llm):
     from gearshift.server.cluster import kill_replica, replica_ids, running_replicas
+
     before = replica_ids()
     assert len(before) == 2
     prompts = [[{"role": "user", "content": f"Write one sentence about the city number {i}."}] for i in range(6)]
@@ -195,10 +243,14 @@ def test_a_killed_replica_loses_no_request_that_had_not_started(cluster, llm):
         assert len(busy) == 1
         victim = busy[0]
         c = client(cluster)
-        short = [pool.submit(c.chat.completions.create, model=NAME, messages=p, max_tokens=12, temperature=0)
-                 for p in prompts[:4]]
-        streamed = [pool.submit(read_stream, cluster, {"model": NAME, "messages": p, "max_tokens": 12,
-                                                       "temperature": 0}) for p in prompts[4:]]
+        short = [
+            pool.submit(c.chat.completions.create, model=NAME, messages=p, max_tokens=12, temperature=0)
+            for p in prompts[:4]
+        ]
+        streamed = [
+            pool.submit(read_stream, cluster, {"model": NAME, "messages": p, "max_tokens": 12, "temperature": 0})
+            for p in prompts[4:]
+        ]
         deadline = time.time() + 20
         while in_flight(cluster).get(victim, 0) < 2 and time.time() < deadline:  # some land beside it
             time.sleep(0.05)

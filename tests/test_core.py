@@ -55,7 +55,7 @@ def run_all(core: EngineCore) -> dict:
 
 
 def request(llm: LLM, text: str, max_tokens: int = N, drafter=None, ead=None, **params) -> Request:
-    r, = llm.requests(chat(text), drafter=drafter, ead=ead, max_tokens=max_tokens, **params)
+    (r,) = llm.requests(chat(text), drafter=drafter, ead=ead, max_tokens=max_tokens, **params)
     return r
 
 
@@ -75,9 +75,11 @@ def test_batched_forward_rows_equal_each_alone(llm, kernel_impl):
     m = llm.model
     g = torch.Generator().manual_seed(0)
     prefixes = [torch.randint(0, 49152, (n,), generator=g).tolist() for n in (0, 20, 11)]
-    segments = [Segment(0, torch.randint(0, 49152, (30,), generator=g).tolist(), logits_from=0),
-                Segment(1, [1234], logits_from=0),
-                Segment(2, [5, 6, 7, 8, 9, 10], parents=[0, 0, 1, 2, 2], logits_from=0)]
+    segments = [
+        Segment(0, torch.randint(0, 49152, (30,), generator=g).tolist(), logits_from=0),
+        Segment(1, [1234], logits_from=0),
+        Segment(2, [5, 6, 7, 8, 9, 10], parents=[0, 0, 1, 2, 2], logits_from=0),
+    ]
     with torch.inference_mode():
         cache = m.new_cache(3, 128)
         for slot, prefix in enumerate(prefixes):
@@ -123,7 +125,7 @@ def test_join_mid_decode_abort_and_slot_reuse(llm, alone):
     core.abort(b)
     step()
     assert done[b].finish_reason == "abort" and done[b].token_ids == partial[b]
-    assert partial[b] == alone[1][:len(partial[b])]
+    assert partial[b] == alone[1][: len(partial[b])]
     assert core.seqs[d].slot == b_slot  # the freed slot went to the waiting sequence at once
     done.update(run_all(core))
     assert [done[i].token_ids for i in (a, c, d)] == [alone[6], alone[2], alone[3]]
@@ -135,9 +137,13 @@ def test_speculative_and_plain_sequences_share_steps(llm, alone, spec):
     """Speculative sequences (chains, trees) and plain ones decoded side by side: each still gets
     its output alone. (The tree drafter here verifies whole trees: no cost curve to prune them.)"""
     engine = LLM(llm.loaded, max_num_seqs=4, prefix_cache=False)
-    strategy = dict(ead=EAD(small="early-exit:4", tau=2.0, verify=True)) if spec == "ead+verify" else \
-        dict(drafter=TreeDrafter("recycling", [Recycling(49152)], max_nodes=12)) if spec == "recycling" else \
-        dict(drafter=engine.drafter(spec))
+    strategy = (
+        dict(ead=EAD(small="early-exit:4", tau=2.0, verify=True))
+        if spec == "ead+verify"
+        else dict(drafter=TreeDrafter("recycling", [Recycling(49152)], max_nodes=12))
+        if spec == "recycling"
+        else dict(drafter=engine.drafter(spec))
+    )
     order = [4, 1, 6, 2]  # speculative, plain, speculative, plain
     ids = [engine.core.add(request(engine, CHATS[i], **(strategy if j % 2 == 0 else {}))) for j, i in enumerate(order)]
     done = run_all(engine.core)
@@ -152,8 +158,11 @@ def test_seeded_sampling_does_not_depend_on_the_batch(llm, cold, drafter):
     ref = cold.generate(chat(CHATS[6]), drafter=drafter, **params).token_ids
     engine = LLM(llm.loaded, max_num_seqs=4)
     core = engine.core
-    others = [core.add(request(engine, CHATS[0])), core.add(request(engine, CHATS[4], drafter="lookup")),
-              core.add(request(engine, CHATS[5], temperature=1.0, seed=3))]
+    others = [
+        core.add(request(engine, CHATS[0])),
+        core.add(request(engine, CHATS[4], drafter="lookup")),
+        core.add(request(engine, CHATS[5], temperature=1.0, seed=3)),
+    ]
     for _ in range(3):
         core.step()
     mine = core.add(request(engine, CHATS[6], drafter=drafter, **params))
@@ -164,8 +173,9 @@ def test_seeded_sampling_does_not_depend_on_the_batch(llm, cold, drafter):
 
 def test_n_samples_are_seeded_one_after_another(llm):
     outs = llm.generate(chat(CHATS[1]), n=3, temperature=1.0, seed=5, max_tokens=12)
-    assert [o.token_ids for o in outs] == [llm.generate(chat(CHATS[1]), temperature=1.0, seed=5 + j,
-                                                         max_tokens=12).token_ids for j in range(3)]
+    assert [o.token_ids for o in outs] == [
+        llm.generate(chat(CHATS[1]), temperature=1.0, seed=5 + j, max_tokens=12).token_ids for j in range(3)
+    ]
 
 
 def test_prefix_cache_next_turn_is_exact(llm, cold):
@@ -199,8 +209,11 @@ def test_prefix_copied_from_a_running_sequence(llm, cold):
     assert done[b].token_ids == cold.generate(chat(q2), max_tokens=16).token_ids
 
 
-TEXTS = ["The history of the printing press begins", "Rivers carve valleys over millions of years because",
-         "A good recipe for bread needs flour, water,"]  # raw prompts: no shared chat-template prefix
+TEXTS = [
+    "The history of the printing press begins",
+    "Rivers carve valleys over millions of years because",
+    "A good recipe for bread needs flour, water,",
+]  # raw prompts: no shared chat-template prefix
 
 
 def test_host_lru_keeps_its_budget_and_evicted_entries_are_recomputed(llm, cold):
@@ -227,8 +240,13 @@ def test_host_lru_keeps_its_budget_and_evicted_entries_are_recomputed(llm, cold)
 
 @pytest.mark.parametrize("strategy", ["plain", "lookup", "ead"])
 def test_logprobs_agree_with_a_direct_forward(llm, cold, strategy):
-    kw = dict(drafter="lookup") if strategy == "lookup" else \
-        dict(ead=EAD(small="early-exit:4", tau=0.0)) if strategy == "ead" else {}
+    kw = (
+        dict(drafter="lookup")
+        if strategy == "lookup"
+        else dict(ead=EAD(small="early-exit:4", tau=0.0))
+        if strategy == "ead"
+        else {}
+    )
     c = llm.generate(chat(CHATS[4]), max_tokens=16, logprobs=5, **kw)
     prompt = llm.encode(chat(CHATS[4]))
     with torch.inference_mode():
@@ -318,7 +336,7 @@ class Faulty(LookupDrafter):
             return super().propose(context, k, params, gen)
         if self.fault == "raise":
             raise RuntimeError("injected drafter fault")
-        return Proposal([10 ** 9])
+        return Proposal([10**9])
 
 
 @pytest.mark.parametrize("fault", ["raise", "bad-token"])
@@ -334,6 +352,7 @@ def test_a_failing_sequence_ends_alone(llm, alone, fault):
     assert done[bad].finish_reason == "error" and done[bad].error
     assert core.running == 0 and not core.slots.owners and not core.seqs
     from gearshift import GearshiftError
+
     with pytest.raises(GearshiftError, match="generation failed"):  # the Python API raises it, to its own caller
         engine.generate(chat(CHATS[7]), drafter=Faulty(fault), max_tokens=N)
     assert engine.generate(chat(CHATS[7]), max_tokens=N).token_ids == alone[7]  # and the slot serves again
@@ -341,6 +360,7 @@ def test_a_failing_sequence_ends_alone(llm, alone, fault):
 
 def test_requests_the_engine_cannot_run(llm):
     from gearshift import GearshiftError
+
     with pytest.raises(GearshiftError, match="context window"):
         llm.core.add(Request(list(range(5000)) * 2, SamplingParams(), strategy_factory(llm.model)))
     with pytest.raises(GearshiftError, match="n must be"):
@@ -367,7 +387,7 @@ def imports_of(path: Path) -> set[str]:
         if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
             return
         if isinstance(node, ast.ImportFrom) and node.level:
-            mod = ".".join(package.split(".")[:-node.level] + ([node.module] if node.module else []))
+            mod = ".".join(package.split(".")[: -node.level] + ([node.module] if node.module else []))
             found.update(mod if node.module else f"{mod}.{a.name}" for a in node.names)
         elif isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
@@ -379,8 +399,10 @@ def imports_of(path: Path) -> set[str]:
 
 
 def test_layers_have_no_import_cycle_and_tools_stay_outside_the_core():
-    modules = {".".join(p.relative_to(SRC.parent).with_suffix("").parts).removesuffix(".__init__"): p
-               for p in SRC.rglob("*.py")}
+    modules = {
+        ".".join(p.relative_to(SRC.parent).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in SRC.rglob("*.py")
+    }
     graph = {m: {i for i in imports_of(p) if i in modules and i != m} for m, p in modules.items()}
     state: dict[str, int] = {}
 

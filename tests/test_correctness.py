@@ -36,8 +36,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 import gearshift
-from gearshift import hub
-from gearshift import LLM
+from gearshift import LLM, hub
 from gearshift.attention import Batch, Segment
 from gearshift.loading import load
 from gearshift.model import rope_inv_freq
@@ -63,8 +62,24 @@ def assert_nontrivial(logits: torch.Tensor) -> None:
 # ------------------------------------------------------------------ a tiny byte-level BPE tokenizer
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2
-WORDS = ["the", " the", " and", "ing", " hello", " world", " quick", " brown", " fox", "er", " a", " of",
-         "in", " to", " lazy", " dog"]
+WORDS = [
+    "the",
+    " the",
+    " and",
+    "ing",
+    " hello",
+    " world",
+    " quick",
+    " brown",
+    " fox",
+    "er",
+    " a",
+    " of",
+    "in",
+    " to",
+    " lazy",
+    " dog",
+]
 # ChatML, laid out the way real templates are (block tags on their own, indented lines), so the
 # rendering depends on jinja's trim_blocks/lstrip_blocks exactly as transformers sets them
 CHATML = """{{ bos_token }}
@@ -89,9 +104,9 @@ def tiny_vocab() -> tuple[tuple[str, ...], tuple[str, ...]]:
     for word in WORDS:
         s = "".join(b2u[b] for b in word.encode())
         for i in range(1, len(s)):
-            if s[:i + 1] not in tokens:
+            if s[: i + 1] not in tokens:
                 merges.append(f"{s[:i]} {s[i]}")
-                tokens.append(s[:i + 1])
+                tokens.append(s[: i + 1])
     return tuple(tokens), tuple(merges)
 
 
@@ -100,28 +115,36 @@ VOCAB = len(tiny_vocab()[0])
 
 def write_tiny_tokenizer(directory: Path) -> None:
     tokens, merges = tiny_vocab()
-    tok = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)},
-                                 merges=[tuple(m.split(" ")) for m in merges]))
+    tok = HFTokenizer(
+        models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[tuple(m.split(" ")) for m in merges])
+    )
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(SPECIALS)
     tok.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": CHATML}))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": CHATML})
+    )
 
 
 # ------------------------------------------------------------------ tiny random transformers models
 
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 64}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 VARIANTS = {
     "llama-gqa": dict(arch="llama", layers=2),
     "llama3-rope": dict(arch="llama", layers=3, rope_scaling=LLAMA3_ROPE),
     "llama-tied-sharded": dict(arch="llama", layers=2, tie=True, shard="40KB"),
     "qwen2-bias": dict(arch="qwen2", layers=2),
     # head_dim set apart from hidden/heads (as Mistral-Nemo, Qwen3 do), with linear RoPE scaling
-    "llama-headdim32-linear-rope": dict(arch="llama", layers=2, head_dim=32,
-                                        rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "llama-headdim32-linear-rope": dict(
+        arch="llama", layers=2, head_dim=32, rope_scaling={"rope_type": "linear", "factor": 2.0}
+    ),
 }
 
 
@@ -145,10 +168,21 @@ def hf_model(variant: str):
     spec = VARIANTS[variant]
     cls = LlamaConfig if spec["arch"] == "llama" else Qwen2Config
     extra = {k: spec[k] for k in ("rope_scaling", "head_dim", "attention_bias", "mlp_bias") if k in spec}
-    cfg = cls(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-              num_hidden_layers=spec["layers"], num_attention_heads=4, num_key_value_heads=2,
-              max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=spec.get("tie", False),
-              bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra)
+    cfg = cls(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=spec["layers"],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=spec.get("tie", False),
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        **extra,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
     randomize(model, seed=sorted(VARIANTS).index(variant) + 1)
@@ -189,8 +223,13 @@ def tiny(request, tmp_path_factory):
     else:
         ref.save_pretrained(path)
     write_tiny_tokenizer(path)
-    return SimpleNamespace(name=request.param, spec=spec, ref=ref, path=path,
-                           gs=load(path, weights="float32", device="cpu", use_cache=False))
+    return SimpleNamespace(
+        name=request.param,
+        spec=spec,
+        ref=ref,
+        path=path,
+        gs=load(path, weights="float32", device="cpu", use_cache=False),
+    )
 
 
 def test_hf_checkpoint_logits_match_transformers(tiny):
@@ -234,7 +273,7 @@ def test_incremental_decode_matches_full_sequence(tiny):
     parts, pos = [], 0
     with torch.no_grad():
         for size in [11, 1, 1, 4, 1, 1, 7, 1, 2, 1, 1, 1, 16]:
-            parts.append(model.run(tokens[0, pos:pos + size], cache))
+            parts.append(model.run(tokens[0, pos : pos + size], cache))
             pos += size
             assert cache.lengths[0] == pos
     assert pos == n
@@ -250,8 +289,13 @@ def test_incremental_decode_matches_full_sequence(tiny):
     assert_logits_close(tail, hf_logits(tiny.ref, other)[:, 30:])
 
 
-PROMPTS = [" hello world", "the quick brown fox jumps over the lazy dog, and the end", "a",
-           "<|im_start|>user\nhello<|im_end|>\n", " of the brown and the quick"]
+PROMPTS = [
+    " hello world",
+    "the quick brown fox jumps over the lazy dog, and the end",
+    "a",
+    "<|im_start|>user\nhello<|im_end|>\n",
+    " of the brown and the quick",
+]
 
 
 def test_batched_generate_equals_single_and_transformers(tiny):
@@ -266,9 +310,13 @@ def test_batched_generate_equals_single_and_transformers(tiny):
         single = llm.generate(prompt, max_tokens=n, ignore_eos=True)
         ids = llm.encode(prompt)
         with torch.no_grad():
-            out = tiny.ref.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                    do_sample=False, max_new_tokens=n)
-        expected = out[0, len(ids):].tolist()
+            out = tiny.ref.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                do_sample=False,
+                max_new_tokens=n,
+            )
+        expected = out[0, len(ids) :].tolist()
         assert len(expected) == n
         assert single.token_ids == expected, prompt
         assert b.token_ids == single.token_ids, prompt
@@ -282,8 +330,16 @@ def test_batched_generate_equals_single_and_transformers(tiny):
 def test_llama_biases_are_loaded(bias, tmp_path):
     """LlamaConfig(attention_bias=True) also gives o_proj a bias; mlp_bias=True gives gate/up/down
     one. Loading such a checkpoint must reproduce transformers."""
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **{bias: True})
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        **{bias: True},
+    )
     ref = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
     randomize(ref, seed=11)
     ref.save_pretrained(tmp_path)
@@ -296,9 +352,15 @@ def test_llama_biases_are_loaded(bias, tmp_path):
 # ------------------------------------------------------------------ tiny GGUF files
 
 GGUF_LAYER_NAMES = {
-    "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
 }
 GGUF_TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 
@@ -374,12 +436,26 @@ def write_gguf(path: Path, arch: str, hp: dict, tensors: dict[str, tuple[np.ndar
 
 def hparams(model) -> dict:
     c = model.config
-    return dict(hidden=c.hidden_size, layers=c.num_hidden_layers, intermediate=c.intermediate_size,
-                heads=c.num_attention_heads, kv_heads=c.num_key_value_heads)
+    return dict(
+        hidden=c.hidden_size,
+        layers=c.num_hidden_layers,
+        intermediate=c.intermediate_size,
+        heads=c.num_attention_heads,
+        kv_heads=c.num_key_value_heads,
+    )
 
 
-MIXED = {"token_embd": QT.Q4_1, "output": QT.Q8_0, "attn_q": QT.Q4_0, "attn_k": QT.Q4_1, "attn_v": QT.Q8_0,
-         "attn_output": QT.F16, "ffn_gate": QT.Q5_0, "ffn_up": QT.Q5_1, "ffn_down": QT.BF16}
+MIXED = {
+    "token_embd": QT.Q4_1,
+    "output": QT.Q8_0,
+    "attn_q": QT.Q4_0,
+    "attn_k": QT.Q4_1,
+    "attn_v": QT.Q8_0,
+    "attn_output": QT.F16,
+    "ffn_gate": QT.Q5_0,
+    "ffn_up": QT.Q5_1,
+    "ffn_down": QT.BF16,
+}
 
 
 def mixed_type(name: str) -> QT:
@@ -388,8 +464,10 @@ def mixed_type(name: str) -> QT:
 
 # case -> (source variant, arch written to the file, tensor type per 2-D tensor)
 GGUF_CASES = {
-    **{t: ("llama-gqa", "llama", lambda _, t=t: QT[t])
-       for t in ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]},
+    **{
+        t: ("llama-gqa", "llama", lambda _, t=t: QT[t])
+        for t in ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
+    },
     "mixed": ("llama-gqa", "llama", mixed_type),
     "Q8_0-tied": ("llama-tied-sharded", "llama", lambda _: QT.Q8_0),
     "qwen2-Q4_1": ("qwen2-bias", "qwen2", lambda _: QT.Q4_1),
@@ -398,8 +476,9 @@ GGUF_CASES = {
 
 def reference_from_gguf(path: Path):
     """transformers' own GGUF loader (it dequantizes to float32 and un-permutes q/k)."""
-    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
-                                                attn_implementation="eager").eval()
+    return AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
 
 
 @pytest.mark.parametrize("case", list(GGUF_CASES))
@@ -428,8 +507,12 @@ def random_kquant_rows(rows: int, cols: int, qtype: QT, rng: np.random.Generator
     data = rng.integers(0, 256, size=(rows, cols // block, nbytes), dtype=np.uint8)
 
     def f16(lo, hi):
-        return rng.uniform(lo, hi, size=(rows, cols // block)).astype(np.float16).view(np.uint8).reshape(
-            rows, cols // block, 2)
+        return (
+            rng.uniform(lo, hi, size=(rows, cols // block))
+            .astype(np.float16)
+            .view(np.uint8)
+            .reshape(rows, cols // block, 2)
+        )
 
     if qtype == QT.Q6_K:  # ql, qh, int8 scales, then d
         data[..., 208:210] = f16(5e-5, 2e-4)
@@ -447,9 +530,17 @@ def test_gguf_kquants_match_transformers(tmp_path):
     kinds = [QT.Q4_K, QT.Q5_K, QT.Q6_K]
     shapes = {"token_embd": (VOCAB, 256), "output": (VOCAB, 256)}
     for i in range(hp["layers"]):
-        shapes.update({f"blk.{i}.attn_q": (256, 256), f"blk.{i}.attn_k": (128, 256), f"blk.{i}.attn_v": (128, 256),
-                       f"blk.{i}.attn_output": (256, 256), f"blk.{i}.ffn_gate": (256, 256),
-                       f"blk.{i}.ffn_up": (256, 256), f"blk.{i}.ffn_down": (256, 256)})
+        shapes.update(
+            {
+                f"blk.{i}.attn_q": (256, 256),
+                f"blk.{i}.attn_k": (128, 256),
+                f"blk.{i}.attn_v": (128, 256),
+                f"blk.{i}.attn_output": (256, 256),
+                f"blk.{i}.ffn_gate": (256, 256),
+                f"blk.{i}.ffn_up": (256, 256),
+                f"blk.{i}.ffn_down": (256, 256),
+            }
+        )
     tensors = {}
     for j, (name, (rows, cols)) in enumerate(shapes.items()):
         qt = QT.Q6_K if name == "output" else kinds[j % 3]
@@ -470,8 +561,12 @@ def llama_cpp_rope_factors(cfg) -> np.ndarray:
     sc = cfg.rope_parameters
     dim = cfg.hidden_size // cfg.num_attention_heads
     freqs = 1.0 / (sc["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
-    factor, lo, hi, old = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"], \
-        sc["original_max_position_embeddings"]
+    factor, lo, hi, old = (
+        sc["factor"],
+        sc["low_freq_factor"],
+        sc["high_freq_factor"],
+        sc["original_max_position_embeddings"],
+    )
     out = []
     for f in freqs:
         wavelen = 2 * np.pi / f
@@ -511,8 +606,9 @@ def test_gguf_llama3_rope_freqs_and_conversion_cache(tmp_path, monkeypatch):
 def test_gguf_tokenizer_matches_transformers(tmp_path):
     """The tiny GGUF's tokenizer, as gearshift and transformers read it from the file."""
     src = hf_model("llama-gqa")
-    path = write_gguf(tmp_path / "tiny-tok.gguf", "llama", hparams(src),
-                      gguf_tensors_from_hf(src, "llama", lambda _: QT.Q8_0))
+    path = write_gguf(
+        tmp_path / "tiny-tok.gguf", "llama", hparams(src), gguf_tensors_from_hf(src, "llama", lambda _: QT.Q8_0)
+    )
     ref = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     tok = load(path, weights="float32", device="cpu", use_cache=False).tokenizer
     for text in PROMPTS + ["  the  lazy\n\ndog  ", "naïve 😀 <|endoftext|>x"]:
@@ -524,8 +620,11 @@ def test_gguf_tokenizer_matches_transformers(tmp_path):
         "<|im_start|>\n<|im_start|>user\nhi<|im_end|>\n": [{"role": "user", "content": "hi"}],
         "<|im_start|>\n<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
         "<|im_start|>assistant\nhello<|im_end|>\n<|im_start|>user\nthe fox?<|im_end|>\n": [
-            {"role": "system", "content": " be brief "}, {"role": "user", "content": "hi"},
-            {"role": "assistant", "content": "hello"}, {"role": "user", "content": "the fox?"}],
+            {"role": "system", "content": " be brief "},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "the fox?"},
+        ],
     }
     for rendered, msgs in chats.items():
         for gen in (True, False):
@@ -535,6 +634,7 @@ def test_gguf_tokenizer_matches_transformers(tmp_path):
 
 
 # ------------------------------------------------------------------ the default model
+
 
 @pytest.fixture(scope="module")
 def smol_path() -> Path:
@@ -548,8 +648,9 @@ def smol_ref_tokenizer(smol_path):
 
 @pytest.fixture(scope="module")
 def smol_ref_model(smol_path):
-    model = AutoModelForCausalLM.from_pretrained(str(smol_path.parent), gguf_file=smol_path.name,
-                                                 dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(smol_path.parent), gguf_file=smol_path.name, dtype=torch.float32
+    ).eval()
     model.generation_config.eos_token_id = None  # always exactly max_new_tokens; EOS is compared below
     return model
 
@@ -571,20 +672,24 @@ def test_default_model_greedy_matches_transformers(chat, smol_llm, smol_ref_mode
     """64 greedy tokens, both sides continuing past EOS (gearshift: ignore_eos; transformers: no EOS
     stopping), so every step is compared; then gearshift with EOS on stops exactly at the first EOS."""
     messages, n = CHATS[chat], 64
-    ids = smol_ref_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                 return_dict=False)
+    ids = smol_ref_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     assert smol_llm.encode(messages) == ids
     with torch.no_grad():
-        out = smol_ref_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                      do_sample=False, max_new_tokens=n)
-    expected = out[0, len(ids):].tolist()
+        out = smol_ref_model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=n,
+        )
+    expected = out[0, len(ids) :].tolist()
     assert len(expected) == n
 
     got = smol_llm.generate(messages, max_tokens=n, ignore_eos=True)
     first_diff = next((i for i, (a, b) in enumerate(zip(got.token_ids, expected)) if a != b), None)
     assert got.token_ids == expected, (
         f"diverges at token {first_diff}:\n gearshift:    {got.text!r}\n transformers: "
-        f"{smol_ref_tokenizer.decode(expected, skip_special_tokens=True)!r}")
+        f"{smol_ref_tokenizer.decode(expected, skip_special_tokens=True)!r}"
+    )
     assert got.text == smol_ref_tokenizer.decode(expected, skip_special_tokens=True)
     assert (got.prompt_tokens, got.finish_reason) == (len(ids), "length")
 
@@ -599,9 +704,9 @@ def test_default_model_greedy_matches_transformers(chat, smol_llm, smol_ref_mode
 TEXTS = [
     "Hello, world!",
     "  leading,   multiple   spaces,\t\ttabs\n\n\nnewlines and trailing   ",
-    "\u00dcn\u00efc\u00f6d\u00e9 \u2013 \u201cquotes\u201d \u2014 na\u00efve caf\u00e9, e\u0301 (combining), \u00a0nbsp",
-    "\u65e5\u672c\u8a9e\u306e\u6587\u7ae0 \u4e2d\u6587 \ud55c\uad6d\uc5b4 \u0645\u0631\u062d\u0628\u0627 \u05e9\u05dc\u05d5\u05dd \u0928\u092e\u0938\u094d\u0924\u0947",
-    "emoji \U0001F600\U0001F680 family \U0001F469\u200d\U0001F469\u200d\U0001F467\u200d\U0001F466 flag \U0001F1EB\U0001F1F7",
+    "\u00dcn\u00efc\u00f6d\u00e9 \u2013 \u201cquotes\u201d \u2014 na\u00efve caf\u00e9, e\u0301 (combining), \u00a0nbsp",  # noqa: E501
+    "\u65e5\u672c\u8a9e\u306e\u6587\u7ae0 \u4e2d\u6587 \ud55c\uad6d\uc5b4 \u0645\u0631\u062d\u0628\u0627 \u05e9\u05dc\u05d5\u05dd \u0928\u092e\u0938\u094d\u0924\u0947",  # noqa: E501
+    "emoji \U0001f600\U0001f680 family \U0001f469\u200d\U0001f469\u200d\U0001f467\u200d\U0001f466 flag \U0001f1eb\U0001f1f7",  # noqa: E501
     "def f(x):\n    return {'a': x ** 2}  # comment\n\tif x != 0: pass\r\n",
     "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
     "<|endoftext|>text<|endoftext|>",
@@ -641,7 +746,7 @@ CHAT_CASES = {
         {"role": "system", "content": "Be terse."},
         {"role": "user", "content": "What is 2+2?"},
         {"role": "assistant", "content": "4"},
-        {"role": "user", "content": "And 3+3? \U0001F914\n  (show work)"},
+        {"role": "user", "content": "And 3+3? \U0001f914\n  (show work)"},
     ],
     "multi-turn-no-system": [
         {"role": "user", "content": "Hello"},
@@ -655,10 +760,12 @@ CHAT_CASES = {
 @pytest.mark.parametrize("case", list(CHAT_CASES))
 def test_default_chat_template_matches_transformers(case, add_generation_prompt, smol_llm, smol_ref_tokenizer):
     messages = CHAT_CASES[case]
-    expected = smol_ref_tokenizer.apply_chat_template(messages, tokenize=False,
-                                                      add_generation_prompt=add_generation_prompt)
+    expected = smol_ref_tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
     got = smol_llm.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
     assert got == expected
     assert got.endswith("<|im_start|>assistant\n") == add_generation_prompt
     assert smol_llm.tokenizer.encode_chat(messages, add_generation_prompt) == smol_ref_tokenizer.apply_chat_template(
-        messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=False)
+        messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=False
+    )

@@ -59,11 +59,15 @@ def test_compacted_cache_attends_the_same_entries_on_cuda(tiny):
         m = gearshift.load(str(tiny), device=device, weights="float32").model
         cache = m.new_cache(1, 64)
         m.run(ids, cache)
-        per_head = [torch.tensor([0, 1, 17, 18, 19])] + [torch.tensor([0, 1, 2, 3, 15, 16, 17, 18, 19])] * (m.cfg.n_kv_heads - 1)
+        per_head = [torch.tensor([0, 1, 17, 18, 19])] + [torch.tensor([0, 1, 2, 3, 15, 16, 17, 18, 19])] * (
+            m.cfg.n_kv_heads - 1
+        )
         cache.compact(0, [per_head] * m.cfg.n_layers)
         with torch.inference_mode():
             logits[device] = m.run([5, 6], cache, logits_from=0).float().cpu()
-    assert torch.allclose(logits["cuda"], logits["cpu"], atol=1e-4, rtol=1e-4), (logits["cuda"] - logits["cpu"]).abs().max()
+    assert torch.allclose(logits["cuda"], logits["cpu"], atol=1e-4, rtol=1e-4), (
+        (logits["cuda"] - logits["cpu"]).abs().max()
+    )
     llm = gearshift.load(str(tiny), device="cuda", weights="float32")
     plain = llm.generate("a b c d a b c", max_tokens=30)
     for policy in ("snapkv", "h2o", "streaming"):

@@ -17,8 +17,15 @@ from gearshift.loading import load, load_exit_head, read_checkpoint
 from gearshift.model import ExitHead
 from gearshift.sampling import entropy
 from gearshift.strategies import make_drafter as build_drafter
-from gearshift.tools.distill import (DistillConfig, distill, distill_loss, exit_loss, export, self_prompts,
-                                     student_from_target)
+from gearshift.tools.distill import (
+    DistillConfig,
+    distill,
+    distill_loss,
+    exit_loss,
+    export,
+    self_prompts,
+    student_from_target,
+)
 from tiny import VOCAB, tiny_model_dir
 
 
@@ -27,15 +34,21 @@ def make_drafter(spec: str, llm: LLM):
 
 
 def cli(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "gearshift", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "gearshift", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("ead")
-    large = LLM(load(tiny_model_dir(root / "large", 3, seed=11, head_scale=0.5), weights="int8", device="cpu",
-                     use_cache=False))
+    large = LLM(
+        load(tiny_model_dir(root / "large", 3, seed=11, head_scale=0.5), weights="int8", device="cpu", use_cache=False)
+    )
     small_dir = tiny_model_dir(root / "small", 1, seed=12, head_scale=0.5)
     return large, small_dir
 
@@ -69,13 +82,13 @@ def test_ead_extremes_are_the_two_models_and_verify_is_lossless(pair):
         with torch.inference_mode():
             logits = small.model.run(ids, small.model.new_cache(1, 64), logits_from=len(prompt) - 1)
         tau = sorted(entropy(row) for row in logits)[len(logits) // 2]
-        mixed = large.generate(prompt, ead=EAD(small=spec, tau=tau, window=1, min_run=1), max_tokens=24,
-                               ignore_eos=True)
+        mixed = large.generate(
+            prompt, ead=EAD(small=spec, tau=tau, window=1, min_run=1), max_tokens=24, ignore_eos=True
+        )
         assert 0 < mixed.metrics["large_fraction"] < 1
         assert only_small.metrics["relative_compute"] < mixed.metrics["relative_compute"] < 1.5
         for tau in (0.0, tau, 0.5, 1.0, 2.0, 100.0):
-            verified = large.generate(prompt, ead=EAD(small=spec, tau=tau, verify=True), max_tokens=24,
-                                      ignore_eos=True)
+            verified = large.generate(prompt, ead=EAD(small=spec, tau=tau, verify=True), max_tokens=24, ignore_eos=True)
             assert verified.token_ids == ref.token_ids
             m = verified.metrics  # the small model produced what the large one accepted of its drafts
             assert m["small_tokens"] == m["accepted"] and m["large_tokens"] + m["small_tokens"] == 24
@@ -109,8 +122,17 @@ def test_distill_trains_resumes_and_drafts_losslessly(pair, tmp_path):
     large, _ = pair
     g = torch.Generator().manual_seed(0)
     prompts = [" ".join(chr(97 + int(t)) for t in torch.randint(0, VOCAB, (6,), generator=g)) for _ in range(24)]
-    cfg = DistillConfig(out=tmp_path / "draft", layers=[0], prompts=prompts, max_new_tokens=16, gen_batch=8,
-                        batch_tokens=96, steps=20, save_every=10, lr=3e-3)
+    cfg = DistillConfig(
+        out=tmp_path / "draft",
+        layers=[0],
+        prompts=prompts,
+        max_new_tokens=16,
+        gen_batch=8,
+        batch_tokens=96,
+        steps=20,
+        save_every=10,
+        lr=3e-3,
+    )
     first = distill(large, cfg)
     assert first["steps"] == 20 and first["answers"] == 24
     data = torch.load(cfg.out / "data.pt")
@@ -129,16 +151,26 @@ def test_distill_trains_resumes_and_drafts_losslessly(pair, tmp_path):
     drafter = make_drafter(f"model:{cfg.out}", large)
     for prompt in prompts[:6]:
         ids = large.encode(prompt)
-        assert large.generate(ids, drafter=drafter, max_tokens=16, ignore_eos=True).token_ids == \
-            large.generate(ids, max_tokens=16, ignore_eos=True).token_ids
+        assert (
+            large.generate(ids, drafter=drafter, max_tokens=16, ignore_eos=True).token_ids
+            == large.generate(ids, max_tokens=16, ignore_eos=True).token_ids
+        )
 
 
 def test_early_exit_head_trains_and_drafts_losslessly(pair, tmp_path):
     large, _ = pair
     g = torch.Generator().manual_seed(1)
     prompts = [" ".join(chr(97 + int(t)) for t in torch.randint(0, VOCAB, (5,), generator=g)) for _ in range(16)]
-    cfg = DistillConfig(out=tmp_path / "exit", layers=[0], prompts=prompts, max_new_tokens=12, gen_batch=8,
-                        batch_tokens=64, steps=40, lr=1e-2)
+    cfg = DistillConfig(
+        out=tmp_path / "exit",
+        layers=[0],
+        prompts=prompts,
+        max_new_tokens=12,
+        gen_batch=8,
+        batch_tokens=64,
+        steps=40,
+        lr=1e-2,
+    )
     summary = distill(large, cfg, early_exit=True, rank=4)
     assert summary["kind"] == "early-exit head"
     assert not (cfg.out / "model.safetensors").exists()  # nothing of the target is copied
@@ -154,8 +186,10 @@ def test_early_exit_head_trains_and_drafts_losslessly(pair, tmp_path):
     drafter = make_drafter(f"early-exit:{cfg.out}", large)
     for prompt in prompts[:6]:
         ids = large.encode(prompt)
-        assert large.generate(ids, drafter=drafter, max_tokens=12, ignore_eos=True).token_ids == \
-            large.generate(ids, max_tokens=12, ignore_eos=True).token_ids
+        assert (
+            large.generate(ids, drafter=drafter, max_tokens=12, ignore_eos=True).token_ids
+            == large.generate(ids, max_tokens=12, ignore_eos=True).token_ids
+        )
     other = LLM(load(tiny_model_dir(tmp_path / "other", 3, seed=5), device="cpu", use_cache=False))
     with pytest.raises(GearshiftError, match="was trained for"):
         make_drafter(f"early-exit:{cfg.out}", other)
@@ -174,14 +208,31 @@ def test_distill_cli_errors(pair, tmp_path):
     assert p.returncode != 0 and p.stderr.strip().splitlines()[-1].startswith("gearshift: error:")
     assert "exactly one of" in p.stderr
     (tmp_path / "bad.jsonl").write_text("not json\n")
-    p = cli("distill", "--out", str(tmp_path / "d"), "--layers", "1", "--model", str(large.loaded.path),
-            "--prompts-file", str(tmp_path / "bad.jsonl"))
+    p = cli(
+        "distill",
+        "--out",
+        str(tmp_path / "d"),
+        "--layers",
+        "1",
+        "--model",
+        str(large.loaded.path),
+        "--prompts-file",
+        str(tmp_path / "bad.jsonl"),
+    )
     assert p.returncode != 0 and "cannot read training prompts" in p.stderr and "Traceback" not in p.stderr
-    p = cli("distill", "--out", str(tmp_path / "d"), "--layers", "1", "--model", str(large.loaded.path),
-            "--self-prompts", "-3")
+    p = cli(
+        "distill",
+        "--out",
+        str(tmp_path / "d"),
+        "--layers",
+        "1",
+        "--model",
+        str(large.loaded.path),
+        "--self-prompts",
+        "-3",
+    )
     assert p.returncode != 0 and "--self-prompts" in p.stderr and "Traceback" not in p.stderr
-    p = cli("distill", "--out", str(tmp_path / "d"), "--layers", "1", "--model", str(large.loaded.path),
-            "--steps", "0")
+    p = cli("distill", "--out", str(tmp_path / "d"), "--layers", "1", "--model", str(large.loaded.path), "--steps", "0")
     assert p.returncode != 0 and "must be positive" in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "d").exists()  # refused before anything was written
 
@@ -197,13 +248,37 @@ def test_generate_cli_with_ead():
 
 def test_bench_ead_writes_json_and_plot(tmp_path):
     out, png = tmp_path / "ead.json", tmp_path / "ead.png"
-    p = cli("bench", "ead", "--limit", "2", "--taus", "0,1.5,100", "--max-tokens", "16", "--small", "early-exit:4",
-            "--verify", "--json", str(out), "--plot", str(png))
+    p = cli(
+        "bench",
+        "ead",
+        "--limit",
+        "2",
+        "--taus",
+        "0,1.5,100",
+        "--max-tokens",
+        "16",
+        "--small",
+        "early-exit:4",
+        "--verify",
+        "--json",
+        str(out),
+        "--plot",
+        str(png),
+    )
     assert p.returncode == 0, p.stderr
     r = json.loads(out.read_text())
     assert r["small"] == "early-exit:4" and r["large"].endswith(".gguf")
-    keys = {"tau", "large_fraction", "relative_compute", "tok_per_s", "quality_retained", "loglik_ratio", "agreement",
-            "rouge_l", "exact_match"}
+    keys = {
+        "tau",
+        "large_fraction",
+        "relative_compute",
+        "tok_per_s",
+        "quality_retained",
+        "loglik_ratio",
+        "agreement",
+        "rouge_l",
+        "exact_match",
+    }
     assert [p["tau"] for p in r["points"]] == [0.0, 1.5, 100.0] and all(set(p) >= keys for p in r["points"])
     large_only, small_only = r["points"][0], r["points"][-1]
     assert large_only["large_fraction"] == 1.0 and large_only["quality_retained"] == pytest.approx(1.0)
@@ -219,10 +294,15 @@ def test_bench_ead_writes_json_and_plot(tmp_path):
 def test_ead_large_only_is_plain_decoding_on_the_default_model(llm):
     """tau 0: the large model writes every token, each from the same one-row computation as plain
     decoding, so the output is plain greedy's token for token."""
-    chats = [[{"role": "user", "content": q}] for q in (
-        "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
-        "How many clips did Natalia sell altogether in April and May?",
-        "Write a short poem about the sea.", "Explain what a hash table is.")]
+    chats = [
+        [{"role": "user", "content": q}]
+        for q in (
+            "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+            "How many clips did Natalia sell altogether in April and May?",
+            "Write a short poem about the sea.",
+            "Explain what a hash table is.",
+        )
+    ]
     ead = llm.generate(chats, ead=EAD(small="early-exit:4", tau=0.0), max_tokens=96)
     assert [c.token_ids for c in ead] == [c.token_ids for c in llm.generate(chats, max_tokens=96)]
     assert all(c.metrics["large_fraction"] == 1.0 for c in ead)

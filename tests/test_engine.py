@@ -100,9 +100,21 @@ def test_prompt_longer_than_context(llm):
         llm.generate("word " * (llm.model.cfg.max_seq_len + 10), max_tokens=4)
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2),
-                                 dict(max_tokens=0), dict(temperature=math.nan), dict(stop=[""]),
-                                 dict(logprobs=-1), dict(logprobs=True), dict(logprobs=2.0)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(temperature=-1),
+        dict(top_p=0),
+        dict(top_p=1.5),
+        dict(top_k=-2),
+        dict(max_tokens=0),
+        dict(temperature=math.nan),
+        dict(stop=[""]),
+        dict(logprobs=-1),
+        dict(logprobs=True),
+        dict(logprobs=2.0),
+    ],
+)
 def test_invalid_sampling_parameters(bad):
     with pytest.raises(GearshiftError):
         SamplingParams(**bad)

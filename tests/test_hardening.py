@@ -78,8 +78,14 @@ def bystander(url: str, llm, tokens: int = 64, key: str = "unused"):
         try:
             c = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=300)
             text = ""
-            for chunk in c.chat.completions.create(model=NAME, messages=BYSTANDER, max_tokens=tokens, temperature=0,
-                                                   stream=True, extra_body={"ignore_eos": True}):
+            for chunk in c.chat.completions.create(
+                model=NAME,
+                messages=BYSTANDER,
+                max_tokens=tokens,
+                temperature=0,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            ):
                 started.set()
                 if chunk.choices:
                     text += chunk.choices[0].delta.content or ""
@@ -109,19 +115,22 @@ CHAT = "/v1/chat/completions"
 
 # ------------------------------------------------------------------ 1. tiny temperatures
 
+
 def test_a_tiny_temperature_is_greedy_and_ends_nobody_elses_stream(url, client, llm):
     greedy = llm.generate(QUESTION, max_tokens=16).text
     with bystander(url, llm):
         for t in (1e-40, 1e-6):
             r = client.chat.completions.create(model=NAME, messages=QUESTION, max_tokens=16, temperature=t)
             assert r.choices[0].message.content == greedy
-        chunks = client.chat.completions.create(model=NAME, messages=QUESTION, max_tokens=16, temperature=1e-40,
-                                                stream=True)
+        chunks = client.chat.completions.create(
+            model=NAME, messages=QUESTION, max_tokens=16, temperature=1e-40, stream=True
+        )
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == greedy
     wait_idle(url)
 
 
 # ------------------------------------------------------------------ 2. drafters: chosen, never loaded
+
 
 def test_requests_choose_among_drafters_built_at_start_and_name_no_file(served, llm):
     url, app = served
@@ -129,10 +138,17 @@ def test_requests_choose_among_drafters_built_at_start_and_name_no_file(served, 
     built = set(backend.llm._drafters)
     assert {"lookup", "suffix", "recycling", "hybrid", "early-exit", "early-exit:3"} <= built  # built at start
     gguf = str(llm.loaded.path)
-    refused = [{"model": "/etc/shadow"}, {"model": "/no/such/model.gguf"}, {"model": gguf}, {"model": "./" + gguf},
-               {"method": "draft_model", "model": gguf}, {"method": "early-exit", "num_layers": "/etc"},
-               {"method": "early-exit", "num_layers": 99}, {"method": "ead", "small": f"model:{gguf}"},
-               {"method": "ead+verify", "small": "model:/etc/shadow"}]
+    refused = [
+        {"model": "/etc/shadow"},
+        {"model": "/no/such/model.gguf"},
+        {"model": gguf},
+        {"model": "./" + gguf},
+        {"method": "draft_model", "model": gguf},
+        {"method": "early-exit", "num_layers": "/etc"},
+        {"method": "early-exit", "num_layers": 99},
+        {"method": "ead", "small": f"model:{gguf}"},
+        {"method": "ead+verify", "small": "model:/etc/shadow"},
+    ]
     messages = set()
     with bystander(url, llm):
         for cfg in refused:
@@ -142,8 +158,11 @@ def test_requests_choose_among_drafters_built_at_start_and_name_no_file(served, 
             messages.add(err["message"])
     assert len(messages) == 1 and "/etc" not in messages.pop()  # one answer, whatever exists on the server
     plain = llm.generate(QUESTION, max_tokens=24).text
-    for cfg in ({"method": "early-exit", "num_layers": 3}, {"method": "ead+verify", "small": "early-exit:3"},
-                {"method": "recycling", "num_speculative_tokens": 5}):  # training-free: always offered
+    for cfg in (
+        {"method": "early-exit", "num_layers": 3},
+        {"method": "ead+verify", "small": "early-exit:3"},
+        {"method": "recycling", "num_speculative_tokens": 5},
+    ):  # training-free: always offered
         r = post(url, CHAT, {"messages": QUESTION, "max_tokens": 24, "temperature": 0, "speculative_config": cfg})
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == plain, (cfg, r.text)
     assert set(backend.llm._drafters) == built  # nothing was built for a request
@@ -156,17 +175,29 @@ def test_a_draft_model_the_operator_offers_is_loaded_at_start_and_chosen_by_its_
     app = create_app(lambda: LLM(llm.loaded, max_num_seqs=2, max_model_len=1024), config)
     plain = llm.generate(QUESTION, max_tokens=24).text
     with serving(app) as url:
-        r = post(url, CHAT, {"messages": QUESTION, "max_tokens": 24, "temperature": 0,
-                             "speculative_config": {"model": gguf, "num_speculative_tokens": 3}})
+        r = post(
+            url,
+            CHAT,
+            {
+                "messages": QUESTION,
+                "max_tokens": 24,
+                "temperature": 0,
+                "speculative_config": {"model": gguf, "num_speculative_tokens": 3},
+            },
+        )
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == plain
         assert r.json()["gearshift"]["strategy"] == f"model:{gguf}"
-        envelope(post(url, CHAT, {"messages": QUESTION, "speculative_config": {"model": "./" + gguf}}), 400,
-                 "speculative_config")
+        envelope(
+            post(url, CHAT, {"messages": QUESTION, "speculative_config": {"model": "./" + gguf}}),
+            400,
+            "speculative_config",
+        )
         default = post(url, CHAT, {"messages": QUESTION, "max_tokens": 4})
         assert default.json()["gearshift"]["strategy"] == "plain"  # offered is not the default: the first is
 
 
 # ------------------------------------------------------------------ 3. large bodies, long prompts
+
 
 def test_bodies_over_the_limit_get_413_and_long_prompts_are_refused_before_tokenizing(served, llm):
     url, app = served
@@ -177,8 +208,12 @@ def test_bodies_over_the_limit_get_413_and_long_prompts_are_refused_before_token
         err = envelope(post(url, CHAT, big), 413, None)
         assert err["code"] == "request_too_large" and str(limit) in err["message"]
         chunks = (b" " * 65536 for _ in range(limit // 65536 + 2))  # no Content-Length: counted as it arrives
-        envelope(httpx.post(url + "/v1/completions", content=chunks, headers={"content-type": "application/json"},
-                            timeout=60), 413)
+        envelope(
+            httpx.post(
+                url + "/v1/completions", content=chunks, headers={"content-type": "application/json"}, timeout=60
+            ),
+            413,
+        )
         # under the body limit, but more characters than 2048 tokens can hold: refused without tokenizing
         chars = 2 * window * llm.tokenizer.longest_piece + 1
         err = envelope(post(url, "/v1/completions", {"prompt": "x" * chars, "max_tokens": 1}), 400, "prompt")
@@ -191,27 +226,45 @@ def test_bodies_over_the_limit_get_413_and_long_prompts_are_refused_before_token
 
 # ------------------------------------------------------------------ 4. stop lists
 
+
 def test_stop_lists_are_bounded(url, client, llm):
     with bystander(url, llm):
-        err = envelope(post(url, CHAT, {"messages": QUESTION, "stop": [f"s{i}" for i in range(MAX_STOP + 1)]}), 400,
-                       "stop")
+        err = envelope(
+            post(url, CHAT, {"messages": QUESTION, "stop": [f"s{i}" for i in range(MAX_STOP + 1)]}), 400, "stop"
+        )
         assert str(MAX_STOP) in err["message"]
         envelope(post(url, CHAT, {"messages": QUESTION, "stop": "z" * (MAX_STOP_CHARS + 1)}), 400, "stop")
         envelope(post(url, CHAT, {"messages": QUESTION, "stop": ["ok", "z" * (MAX_STOP_CHARS + 1)]}), 400, "stop")
         envelope(post(url, CHAT, {"messages": QUESTION, "stop": ["ok", ""]}), 400, "stop")
-        r = client.chat.completions.create(model=NAME, messages=QUESTION, max_tokens=8, temperature=0,
-                                           stop=[chr(0x2600 + i) * MAX_STOP_CHARS for i in range(MAX_STOP)])
+        r = client.chat.completions.create(
+            model=NAME,
+            messages=QUESTION,
+            max_tokens=8,
+            temperature=0,
+            stop=[chr(0x2600 + i) * MAX_STOP_CHARS for i in range(MAX_STOP)],
+        )
         assert r.choices[0].message.content == llm.generate(QUESTION, max_tokens=8).text
     wait_idle(url)
 
 
 # ------------------------------------------------------------------ 5. integer (and float) ranges
 
-@pytest.mark.parametrize("field,value,path", [
-    ("seed", 2 ** 64, CHAT), ("seed", -2 ** 63 - 1, CHAT), ("max_tokens", 2 ** 40, CHAT), ("top_k", 2 ** 70, CHAT),
-    ("kv_budget", 2 ** 70, CHAT), ("n", 10 ** 30, CHAT), ("max_completion_tokens", 2 ** 64, CHAT),
-    ("top_logprobs", 10 ** 20, CHAT), ("logprobs", 2 ** 64, "/v1/completions"), ("best_of", 2 ** 64, "/v1/completions"),
-])
+
+@pytest.mark.parametrize(
+    "field,value,path",
+    [
+        ("seed", 2**64, CHAT),
+        ("seed", -(2**63) - 1, CHAT),
+        ("max_tokens", 2**40, CHAT),
+        ("top_k", 2**70, CHAT),
+        ("kv_budget", 2**70, CHAT),
+        ("n", 10**30, CHAT),
+        ("max_completion_tokens", 2**64, CHAT),
+        ("top_logprobs", 10**20, CHAT),
+        ("logprobs", 2**64, "/v1/completions"),
+        ("best_of", 2**64, "/v1/completions"),
+    ],
+)
 def test_integers_out_of_range_are_400s(url, field, value, path):
     body = {"messages": QUESTION} if path == CHAT else {"prompt": "Hello"}
     for stream in (False, True):  # streamed, the refusal is still a 400, not an error inside a 200
@@ -220,28 +273,38 @@ def test_integers_out_of_range_are_400s(url, field, value, path):
 
 def test_ranges_the_server_accepts_and_the_rest_it_refuses(url, client, llm):
     with bystander(url, llm):
-        for seed in (-2 ** 63, 2 ** 63 - 1):  # int64's ends; with n = 2 the second sample is seeded seed + 1
+        for seed in (-(2**63), 2**63 - 1):  # int64's ends; with n = 2 the second sample is seeded seed + 1
             r = client.chat.completions.create(model=NAME, messages=QUESTION, max_tokens=4, seed=seed, n=2)
             assert len(r.choices) == 2
-        spec = [{"method": "ead", "window": 10 ** 30}, {"method": "ead", "tau": "hot"}, {"method": "ead", "min_run": 0},
-                {"method": "ngram", "num_speculative_tokens": 2 ** 70}, {"method": "early-exit", "num_layers": 1.5}]
+        spec = [
+            {"method": "ead", "window": 10**30},
+            {"method": "ead", "tau": "hot"},
+            {"method": "ead", "min_run": 0},
+            {"method": "ngram", "num_speculative_tokens": 2**70},
+            {"method": "early-exit", "num_layers": 1.5},
+        ]
         for cfg in spec:
             envelope(post(url, CHAT, {"messages": QUESTION, "speculative_config": cfg}), 400, "speculative_config")
-        for raw in (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
-                    b'{"messages": [{"role": "user", "content": "hi"}], "top_p": Infinity}'):
+        for raw in (
+            b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
+            b'{"messages": [{"role": "user", "content": "hi"}], "top_p": Infinity}',
+        ):
             envelope(post(url, CHAT, raw), 400)
     wait_idle(url)
 
 
 # ------------------------------------------------------------------ 6. lone surrogates
 
+
 def test_lone_surrogates_are_400s_in_the_envelope(url, llm):
-    bodies = [(CHAT, b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}'),
-              ("/v1/completions", b'{"prompt": "\\udfff"}'),
-              ("/v1/completions", b'{"prompt": ["ok", "\\ud800"]}'),
-              ("/tokenize", b'{"prompt": "\\ud800"}'),
-              (CHAT, b'{"model": "\\ud800", "messages": [{"role": "user", "content": "hi"}]}'),
-              (CHAT, b'{"messages": [{"role": "user", "content": "\xed\xa0\x80"}]}')]  # a surrogate as raw bytes
+    bodies = [
+        (CHAT, b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}'),
+        ("/v1/completions", b'{"prompt": "\\udfff"}'),
+        ("/v1/completions", b'{"prompt": ["ok", "\\ud800"]}'),
+        ("/tokenize", b'{"prompt": "\\ud800"}'),
+        (CHAT, b'{"model": "\\ud800", "messages": [{"role": "user", "content": "hi"}]}'),
+        (CHAT, b'{"messages": [{"role": "user", "content": "\xed\xa0\x80"}]}'),
+    ]  # a surrogate as raw bytes
     with bystander(url, llm):
         for path, raw in bodies:
             r = post(url, path, raw)
@@ -252,11 +315,16 @@ def test_lone_surrogates_are_400s_in_the_envelope(url, llm):
 
 # ------------------------------------------------------------------ 7. a model that cannot load
 
+
 def test_serve_exits_non_zero_with_one_line_when_the_model_cannot_load(tmp_path):
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"GGUF" + os.urandom(4096))
-    proc = subprocess.run([sys.executable, "-m", "gearshift", "serve", str(broken), "--port", str(free_port())],
-                          capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gearshift", "serve", str(broken), "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 1, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("gearshift: error: the model could not be loaded"), proc.stderr
@@ -264,6 +332,7 @@ def test_serve_exits_non_zero_with_one_line_when_the_model_cannot_load(tmp_path)
 
 
 # ------------------------------------------------------------------ 8, 10: never-fit requests; keys first
+
 
 @pytest.fixture(scope="module")
 def small(llm):
@@ -297,6 +366,7 @@ def test_the_api_key_is_checked_before_the_body_is_read(small):
 
 # ------------------------------------------------------------------ 9. stalled connections
 
+
 def closed(s: socket.socket) -> bool:
     try:
         s.setblocking(False)
@@ -329,7 +399,7 @@ def test_stalled_connections_are_closed_and_the_connection_count_is_capped(url, 
                 return
             for s in slow:
                 with contextlib.suppress(OSError):
-                    s.send(line[i:i + 1])
+                    s.send(line[i : i + 1])
             time.sleep(0.2)
 
     threading.Thread(target=drip, daemon=True).start()
@@ -361,6 +431,7 @@ def test_headers_too_large_get_431(url):
 
 # ------------------------------------------------------------------ vLLM's abort test, ported
 
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -381,8 +452,9 @@ def test_aborted_requests_leave_the_others_identical_and_nothing_behind(url, llm
         async def one(i: int):
             q = questions[i % 20]
             if i in aborted and i % 2:
-                stream = await c.chat.completions.create(model=NAME, messages=q, max_tokens=24, temperature=0,
-                                                         stream=True)
+                stream = await c.chat.completions.create(
+                    model=NAME, messages=q, max_tokens=24, temperature=0, stream=True
+                )
                 k, n = rng.randrange(0, 8), 0
                 async for _ in stream:
                     n += 1
@@ -405,8 +477,9 @@ def test_aborted_requests_leave_the_others_identical_and_nothing_behind(url, llm
     rss = []
     for round_no in range(3):
         results, aborted = asyncio.run(one_round(round_no))
-        assert [r for i, r in enumerate(results) if i not in aborted] == \
-            [refs[i % 20] for i in range(100) if i not in aborted]
+        assert [r for i, r in enumerate(results) if i not in aborted] == [
+            refs[i % 20] for i in range(100) if i not in aborted
+        ]
         m = wait_idle(url, timeout=30)
         assert m["gearshift:kv_cache_entries"] == 0 and m["gearshift:kv_cache_bytes"] == 0
         rss.append(rss_bytes())
@@ -415,9 +488,11 @@ def test_aborted_requests_leave_the_others_identical_and_nothing_behind(url, llm
 
 # ------------------------------------------------------------------ the fuzzer
 
-junk = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12),
-                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
-                    max_leaves=6)
+junk = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
 
 
 def either(plausible):
@@ -425,66 +500,157 @@ def either(plausible):
 
 
 text = st.text(max_size=40)
-message = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "developer", "tool", "x"]),
-                                 "content": either(st.one_of(text, st.lists(st.fixed_dictionaries(
-                                     {"type": st.sampled_from(["text", "image_url"]), "text": text}), max_size=2)))})
+message = st.fixed_dictionaries(
+    {
+        "role": st.sampled_from(["system", "user", "assistant", "developer", "tool", "x"]),
+        "content": either(
+            st.one_of(
+                text,
+                st.lists(
+                    st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url"]), "text": text}), max_size=2
+                ),
+            )
+        ),
+    }
+)
 COMMON = {
     "model": either(st.sampled_from([NAME, "gpt-4o", ""])),
     "max_tokens": either(st.integers(-2, 40) | st.integers()),
     "temperature": either(st.floats(-1, 3) | st.sampled_from([0, 1e-40, 1e-5, 2])),
-    "top_p": either(st.floats(-0.5, 1.5)), "top_k": either(st.integers(-3, 100)),
-    "seed": either(st.integers()), "n": either(st.integers(-1, 20)),
+    "top_p": either(st.floats(-0.5, 1.5)),
+    "top_k": either(st.integers(-3, 100)),
+    "seed": either(st.integers()),
+    "n": either(st.integers(-1, 20)),
     "stop": either(st.one_of(text, st.lists(st.text(max_size=300), max_size=20))),
-    "stream": either(st.booleans()), "stream_options": either(st.fixed_dictionaries({"include_usage": st.booleans()})),
+    "stream": either(st.booleans()),
+    "stream_options": either(st.fixed_dictionaries({"include_usage": st.booleans()})),
     "ignore_eos": either(st.booleans()),
-    "speculative_config": either(st.fixed_dictionaries({}, optional={
-        "method": st.sampled_from(["ngram", "suffix", "recycling", "hybrid", "early-exit", "ead", "ead+verify",
-                                   "none", "draft_model", "magic"]),
-        "model": st.sampled_from(["/etc/passwd", "x", ""]), "num_speculative_tokens": st.integers(-1, 70),
-        "num_layers": st.integers(-1, 40) | st.text(max_size=5), "tau": st.floats(-1, 10),
-        "small": st.sampled_from(["early-exit", "early-exit:2", "model:/etc/passwd", "lookup"]),
-        "window": st.integers(0, 10), "min_run": st.integers(0, 10)})),
-    "kv_policy": either(st.sampled_from(["snapkv", "streaming", "h2o", "pyramid", "duo", "int8", "int4", "snapkv+int4",
-                                         "lru", ""])),
+    "speculative_config": either(
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "method": st.sampled_from(
+                    [
+                        "ngram",
+                        "suffix",
+                        "recycling",
+                        "hybrid",
+                        "early-exit",
+                        "ead",
+                        "ead+verify",
+                        "none",
+                        "draft_model",
+                        "magic",
+                    ]
+                ),
+                "model": st.sampled_from(["/etc/passwd", "x", ""]),
+                "num_speculative_tokens": st.integers(-1, 70),
+                "num_layers": st.integers(-1, 40) | st.text(max_size=5),
+                "tau": st.floats(-1, 10),
+                "small": st.sampled_from(["early-exit", "early-exit:2", "model:/etc/passwd", "lookup"]),
+                "window": st.integers(0, 10),
+                "min_run": st.integers(0, 10),
+            },
+        )
+    ),
+    "kv_policy": either(
+        st.sampled_from(["snapkv", "streaming", "h2o", "pyramid", "duo", "int8", "int4", "snapkv+int4", "lru", ""])
+    ),
     "kv_budget": either(st.integers(-1, 300)),
-    "presence_penalty": either(st.floats(-2, 2)), "logit_bias": either(st.dictionaries(text, st.integers())),
+    "presence_penalty": either(st.floats(-2, 2)),
+    "logit_bias": either(st.dictionaries(text, st.integers())),
 }
-CHAT_BODY = st.fixed_dictionaries({}, optional={
-    **COMMON, "messages": either(st.lists(message, max_size=3)), "logprobs": either(st.booleans()),
-    "top_logprobs": either(st.integers(-1, 25)), "max_completion_tokens": either(st.integers(-1, 40)),
-    "tools": either(st.lists(junk, max_size=1)), "response_format": either(st.fixed_dictionaries(
-        {"type": st.sampled_from(["text", "json_object"])}))})
-COMPLETION_BODY = st.fixed_dictionaries({}, optional={
-    **COMMON, "prompt": either(st.one_of(text, st.lists(st.integers(-5, 50000), max_size=12),
-                                         st.lists(text, max_size=3), st.lists(st.lists(st.integers(-1, 50000),
-                                                                                       max_size=5), max_size=3))),
-    "logprobs": either(st.integers(-1, 25)), "echo": either(st.booleans()), "best_of": either(st.integers(-1, 5))})
-REQUEST = st.one_of(st.tuples(st.just(CHAT), CHAT_BODY), st.tuples(st.just("/v1/completions"), COMPLETION_BODY),
-                    st.tuples(st.just("/tokenize"), st.fixed_dictionaries({}, optional={
-                        "prompt": either(text), "messages": either(st.lists(message, max_size=2)),
-                        "add_special_tokens": either(st.booleans())})),
-                    st.tuples(st.just("/detokenize"), st.fixed_dictionaries({}, optional={
-                        "tokens": either(st.lists(st.integers(-2, 60000), max_size=8))})))
+CHAT_BODY = st.fixed_dictionaries(
+    {},
+    optional={
+        **COMMON,
+        "messages": either(st.lists(message, max_size=3)),
+        "logprobs": either(st.booleans()),
+        "top_logprobs": either(st.integers(-1, 25)),
+        "max_completion_tokens": either(st.integers(-1, 40)),
+        "tools": either(st.lists(junk, max_size=1)),
+        "response_format": either(st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object"])})),
+    },
+)
+COMPLETION_BODY = st.fixed_dictionaries(
+    {},
+    optional={
+        **COMMON,
+        "prompt": either(
+            st.one_of(
+                text,
+                st.lists(st.integers(-5, 50000), max_size=12),
+                st.lists(text, max_size=3),
+                st.lists(st.lists(st.integers(-1, 50000), max_size=5), max_size=3),
+            )
+        ),
+        "logprobs": either(st.integers(-1, 25)),
+        "echo": either(st.booleans()),
+        "best_of": either(st.integers(-1, 5)),
+    },
+)
+REQUEST = st.one_of(
+    st.tuples(st.just(CHAT), CHAT_BODY),
+    st.tuples(st.just("/v1/completions"), COMPLETION_BODY),
+    st.tuples(
+        st.just("/tokenize"),
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "prompt": either(text),
+                "messages": either(st.lists(message, max_size=2)),
+                "add_special_tokens": either(st.booleans()),
+            },
+        ),
+    ),
+    st.tuples(
+        st.just("/detokenize"),
+        st.fixed_dictionaries({}, optional={"tokens": either(st.lists(st.integers(-2, 60000), max_size=8))}),
+    ),
+)
 # and bodies every field of which is in range, in any combination (speculation with KV policies,
 # logprobs, n, streams, stop strings): they run, and must run without a server error
 word = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=1, max_size=12)
 VALID_COMMON = {
-    "max_tokens": st.integers(1, 24), "temperature": st.sampled_from([0, 1e-30, 0.5, 1.0, 2.0]),
-    "top_p": st.floats(0.05, 1.0), "top_k": st.integers(-1, 50), "seed": st.integers(-2 ** 63, 2 ** 63 - 1),
-    "n": st.integers(1, 3), "stop": st.lists(word, max_size=3), "stream": st.booleans(),
-    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}), "ignore_eos": st.booleans(),
-    "speculative_config": st.sampled_from([{"method": m} for m in ("ngram", "suffix", "recycling", "hybrid",
-                                                                   "early-exit", "ead", "ead+verify", "none")]
-                                          + [{"method": "early-exit", "num_layers": 2, "num_speculative_tokens": 2}]),
+    "max_tokens": st.integers(1, 24),
+    "temperature": st.sampled_from([0, 1e-30, 0.5, 1.0, 2.0]),
+    "top_p": st.floats(0.05, 1.0),
+    "top_k": st.integers(-1, 50),
+    "seed": st.integers(-(2**63), 2**63 - 1),
+    "n": st.integers(1, 3),
+    "stop": st.lists(word, max_size=3),
+    "stream": st.booleans(),
+    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+    "ignore_eos": st.booleans(),
+    "speculative_config": st.sampled_from(
+        [{"method": m} for m in ("ngram", "suffix", "recycling", "hybrid", "early-exit", "ead", "ead+verify", "none")]
+        + [{"method": "early-exit", "num_layers": 2, "num_speculative_tokens": 2}]
+    ),
     "kv_policy": st.sampled_from(["snapkv", "streaming", "h2o", "pyramid", "int8", "int4", "snapkv+int8"]),
-    "kv_budget": st.integers(40, 96)}
+    "kv_budget": st.integers(40, 96),
+}
 VALID = st.one_of(
-    st.tuples(st.just(CHAT), st.fixed_dictionaries({"messages": st.lists(st.fixed_dictionaries(
-        {"role": st.sampled_from(["user", "system"]), "content": word}), min_size=1, max_size=2)}, optional={
-        **VALID_COMMON, "logprobs": st.just(True), "top_logprobs": st.integers(0, 5)})),
-    st.tuples(st.just("/v1/completions"), st.fixed_dictionaries({"prompt": st.one_of(
-        word, st.lists(st.integers(0, 49151), min_size=1, max_size=12))}, optional={
-        **VALID_COMMON, "logprobs": st.integers(0, 5)})))
+    st.tuples(
+        st.just(CHAT),
+        st.fixed_dictionaries(
+            {
+                "messages": st.lists(
+                    st.fixed_dictionaries({"role": st.sampled_from(["user", "system"]), "content": word}),
+                    min_size=1,
+                    max_size=2,
+                )
+            },
+            optional={**VALID_COMMON, "logprobs": st.just(True), "top_logprobs": st.integers(0, 5)},
+        ),
+    ),
+    st.tuples(
+        st.just("/v1/completions"),
+        st.fixed_dictionaries(
+            {"prompt": st.one_of(word, st.lists(st.integers(0, 49151), min_size=1, max_size=12))},
+            optional={**VALID_COMMON, "logprobs": st.integers(0, 5)},
+        ),
+    ),
+)
 FUZZ = int(os.environ.get("GEARSHIFT_FUZZ", "160"))  # bodies; `make fuzz` sends 3,000
 STATUS: collections.Counter = collections.Counter()  # what the fuzzed bodies got, printed at the end
 
@@ -507,12 +673,17 @@ def fuzzed(llm):
         yield url
 
 
-@settings(max_examples=max(1, FUZZ // 8), deadline=None, derandomize="GEARSHIFT_FUZZ" not in os.environ,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=max(1, FUZZ // 8),
+    deadline=None,
+    derandomize="GEARSHIFT_FUZZ" not in os.environ,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(batch=st.lists(st.one_of(REQUEST, VALID), min_size=8, max_size=8))
 def test_fuzzed_bodies_get_no_5xx_and_every_4xx_in_the_envelope(fuzzed, batch):
     """Eight bodies at a time, sent concurrently: OpenAI-shaped ones with values in and out of range,
     junk in every field."""
+
     def send(item):
         path, body = item
         raw = json.dumps(body).encode()  # (NaN and infinities as Python writes them: not JSON, but sent)

@@ -24,8 +24,12 @@ def passkey(n: int, key: int = 71432) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return gearshift.load(str(tiny_model_dir(tmp_path_factory.mktemp("kv") / "tiny", layers=2, seed=0)),
-                          weights="float32", max_model_len=64, max_num_seqs=2)
+    return gearshift.load(
+        str(tiny_model_dir(tmp_path_factory.mktemp("kv") / "tiny", layers=2, seed=0)),
+        weights="float32",
+        max_model_len=64,
+        max_num_seqs=2,
+    )
 
 
 def filled_cache(layers=2, kvh=2, n=40, d=8, seed=0) -> KVCache:
@@ -38,6 +42,7 @@ def filled_cache(layers=2, kvh=2, n=40, d=8, seed=0) -> KVCache:
 
 
 # ------------------------------------------------------------------ each policy keeps what it says
+
 
 def test_streaming_keeps_the_sinks_and_the_recent_window():
     c = filled_cache()
@@ -147,6 +152,7 @@ def test_quantized_kv_round_trips_within_its_stated_error(fmt):
 
 # ------------------------------------------------------------------ attention with dropped entries
 
+
 def test_native_and_pytorch_attention_skip_the_same_holes(tiny, monkeypatch):
     """Per-head holes (head 0 kept 5 entries, head 1 kept 9): both implementations attend the same
     entries (and they differ from the uncompacted cache's result, so the holes matter)."""
@@ -236,6 +242,7 @@ def test_streaming_rerotates_kept_keys_to_their_slot_positions(tiny):
 
 # ------------------------------------------------------------------ through the engine
 
+
 @pytest.mark.parametrize("policy", ["streaming", "snapkv", "h2o", "pyramid"])
 def test_a_budget_that_holds_everything_changes_nothing(llm, policy):
     q = passkey(5)
@@ -259,8 +266,11 @@ def test_quantized_kv_keeps_the_key_in_a_fraction_of_the_bytes(llm):
     key; the bytes attention reads shrink by what each format says."""
     q = passkey(20)
     full = llm.generate(q, max_tokens=16)
-    for policy, most in ((KVPolicy("int8"), 0.29), (KVPolicy("int4"), 0.3),  # (int4: 128 of ~1,000 in float32)
-                         (KVPolicy("snapkv+int4", budget=128, residual=32), 0.06)):
+    for policy, most in (
+        (KVPolicy("int8"), 0.29),
+        (KVPolicy("int4"), 0.3),  # (int4: 128 of ~1,000 in float32)
+        (KVPolicy("snapkv+int4", budget=128, residual=32), 0.06),
+    ):
         c = llm.generate(q, max_tokens=16, kv_policy=policy)
         assert "71432" in c.text, policy
         assert c.metrics["kv_bytes"] < most * full.metrics["kv_bytes"], policy
@@ -297,10 +307,26 @@ def test_calibrated_duo_heads_keep_the_key(llm, tmp_path):
     """`gearshift calibrate-duo` on generated passkeys finds a few heads that look at the needle
     (far above the median head); duo keeps those whole and streams the rest, and still retrieves."""
     from gearshift.cli import main
+
     out = tmp_path / "heads.json"
-    assert main(["calibrate-duo", "--samples", "3", "--length", "1000", "--out", str(out), "--plot",
-                 str(tmp_path / "heads.png")]) == 0
+    assert (
+        main(
+            [
+                "calibrate-duo",
+                "--samples",
+                "3",
+                "--length",
+                "1000",
+                "--out",
+                str(out),
+                "--plot",
+                str(tmp_path / "heads.png"),
+            ]
+        )
+        == 0
+    )
     import json
+
     scores = torch.tensor(json.loads(out.read_text())["scores"])
     assert scores.shape == (llm.model.cfg.n_layers, llm.model.cfg.n_kv_heads)
     assert scores.max() > 20 * scores.median() and (tmp_path / "heads.png").stat().st_size > 0
@@ -308,7 +334,9 @@ def test_calibrated_duo_heads_keep_the_key(llm, tmp_path):
     c = llm.generate(q, max_tokens=16, kv_policy=KVPolicy("duo", budget=64, heads=str(out), retrieval=0.5))
     assert "71432" in c.text and c.metrics["kv_bytes"] < 0.6 * c.metrics["kv_full_bytes"]
     control = tmp_path / "random.json"  # as many heads kept whole, chosen at random: the key is lost
-    control.write_text(json.dumps({"scores": torch.rand(scores.shape, generator=torch.Generator().manual_seed(0)).tolist()}))
+    control.write_text(
+        json.dumps({"scores": torch.rand(scores.shape, generator=torch.Generator().manual_seed(0)).tolist()})
+    )
     c = llm.generate(q, max_tokens=16, kv_policy=KVPolicy("duo", budget=64, heads=str(control), retrieval=0.5))
     assert "71432" not in c.text
 
@@ -353,14 +381,17 @@ def test_a_follow_up_turn_continues_its_compressed_cache_in_place(llm):
 
 # ------------------------------------------------------------------ the benchmark's data and scoring
 
+
 def test_benchmark_data_is_scbench_shaped_and_deterministic_from_its_seed(llm):
     from gearshift.tools.bench_kv import TASKS, generate
+
     a, b = generate(llm.tokenizer, 1000, seed=3), generate(llm.tokenizer, 1000, seed=3)
     assert a == b and generate(llm.tokenizer, 1000, seed=4) != a
     assert [i["task"] for i in a] == list(TASKS[:-1]) + ["needle"] * 4
     for item in a:
         assert {"id", "context", "multi_turns"} <= set(item) and len(item["multi_turns"]) == (
-            1 if item["task"] == "needle" else 4)
+            1 if item["task"] == "needle" else 4
+        )
         for turn in item["multi_turns"]:
             assert set(turn) == {"input", "answer"} and turn["answer"]
             if item["task"] != "manyshot":
@@ -372,6 +403,7 @@ def test_benchmark_data_is_scbench_shaped_and_deterministic_from_its_seed(llm):
 
 def test_benchmark_scoring_is_scbenchs():
     from gearshift.tools.bench_kv import score
+
     assert score("substring", "The pass key is 48213.", "48213") and not score("substring", "4821 3", "48213")
     assert score("first_int", "VAR X holds 48213, not 7", "48213") and not score("first_int", "7 then 48213", "48213")
     assert score("first_word", " kesh\nInput", "kesh") and not score("first_word", "it is kesh", "kesh")
@@ -379,13 +411,36 @@ def test_benchmark_scoring_is_scbenchs():
 
 def test_bench_kv_writes_results_flags_and_plots(tmp_path):
     from gearshift.tools.bench_kv import run_kv
-    r = run_kv(None, [600], ["snapkv"], [128], ["multi-request"], ["passkey", "manyshot"], max_tokens=8,
-               json_path=str(tmp_path / "kv.json"), plot_path=str(tmp_path / "kv.png"))
+
+    r = run_kv(
+        None,
+        [600],
+        ["snapkv"],
+        [128],
+        ["multi-request"],
+        ["passkey", "manyshot"],
+        max_tokens=8,
+        json_path=str(tmp_path / "kv.json"),
+        plot_path=str(tmp_path / "kv.png"),
+    )
     rows = {(x["task"], x["policy"]): x for x in r["results"]}
     assert set(rows) == {("passkey", "full"), ("passkey", "snapkv"), ("manyshot", "full"), ("manyshot", "snapkv")}
     for x in r["results"]:
-        assert {"task", "mode", "length", "policy", "budget", "accuracy", "full_accuracy", "relative_accuracy",
-                "kv_bytes", "full_kv_bytes", "decode_tok_per_s", "full_decode_tok_per_s", "prefill_s"} <= set(x)
+        assert {
+            "task",
+            "mode",
+            "length",
+            "policy",
+            "budget",
+            "accuracy",
+            "full_accuracy",
+            "relative_accuracy",
+            "kv_bytes",
+            "full_kv_bytes",
+            "decode_tok_per_s",
+            "full_decode_tok_per_s",
+            "prefill_s",
+        } <= set(x)
         assert x["full_solves"] == (x["full_accuracy"] >= 0.5)
     assert rows[("passkey", "snapkv")]["kv_bytes"] < rows[("passkey", "full")]["kv_bytes"] / 2
     assert (tmp_path / "kv.png").stat().st_size > 0

@@ -85,20 +85,25 @@ def test_round_robin_cycles_and_ignores_the_cache():
     assert firsts == ["a", "b", "a", "b"] and r.tree.size == 0 and r.decisions == {"round-robin": 4}
 
 
-@pytest.mark.parametrize("bad", [dict(policy="random"), dict(cache_threshold=1.5), dict(balance_rel_threshold=0.5),
-                                 dict(max_tree_tokens=0)])
+@pytest.mark.parametrize(
+    "bad", [dict(policy="random"), dict(cache_threshold=1.5), dict(balance_rel_threshold=0.5), dict(max_tree_tokens=0)]
+)
 def test_bad_routing_settings_are_refused(bad):
     from gearshift.errors import GearshiftError
+
     with pytest.raises(GearshiftError):
         RoutingConfig(**bad)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--replicas", "0"], "--replicas must be at least 1"),
-    (["--routing", "round-robin"], "--routing needs --replicas"),
-    (["--ray-address", "auto"], "--ray-address needs --replicas"),
-    (["--replicas", "2", "--cache-threshold", "2"], "cache_threshold must be from 0 to 1"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--replicas", "0"], "--replicas must be at least 1"),
+        (["--routing", "round-robin"], "--routing needs --replicas"),
+        (["--ray-address", "auto"], "--ray-address needs --replicas"),
+        (["--replicas", "2", "--cache-threshold", "2"], "cache_threshold must be from 0 to 1"),
+    ],
+)
 def test_cluster_flags_fail_with_one_line(argv, message, capsys):
     assert main(["serve", *argv]) == 1
     err = capsys.readouterr().err

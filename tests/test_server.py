@@ -93,6 +93,7 @@ def client(server):
 
 # ------------------------------------------------------------------ answers equal the engine's
 
+
 def test_chat_equals_generate_and_reports_usage(client, llm):
     ref = llm.generate(QUESTION, max_tokens=40)
     r = client.chat.completions.create(model=NAME, messages=QUESTION, max_tokens=40, temperature=0)
@@ -121,8 +122,9 @@ def test_completion_with_logprobs_equals_generate(client, llm):
 
 def test_chat_logprobs_equal_generate(client, llm):
     ref = llm.generate(QUESTION, max_tokens=10, logprobs=2)
-    r = client.chat.completions.create(model=NAME, messages=QUESTION, max_tokens=10, temperature=0, logprobs=True,
-                                       top_logprobs=2)
+    r = client.chat.completions.create(
+        model=NAME, messages=QUESTION, max_tokens=10, temperature=0, logprobs=True, top_logprobs=2
+    )
     content = r.choices[0].logprobs.content
     assert [e.token for e in content] == [e.token for e in ref.logprobs]
     assert [e.logprob for e in content] == pytest.approx([e.logprob for e in ref.logprobs], abs=1e-4)
@@ -132,8 +134,16 @@ def test_chat_logprobs_equal_generate(client, llm):
 
 def test_stream_is_openais_shape_and_equals_the_plain_answer(client, llm):
     ref = llm.generate(QUESTION, max_tokens=30)
-    chunks = list(client.chat.completions.create(model=NAME, messages=QUESTION, max_tokens=30, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=NAME,
+            messages=QUESTION,
+            max_tokens=30,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert len({c.id for c in chunks}) == 1 and all(c.object == "chat.completion.chunk" for c in chunks)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -146,8 +156,9 @@ def test_stream_is_openais_shape_and_equals_the_plain_answer(client, llm):
 
 def test_completion_stream(client, llm):
     ref = llm.generate("Once upon a time", max_tokens=16)
-    chunks = list(client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=16, temperature=0,
-                                            stream=True))
+    chunks = list(
+        client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=16, temperature=0, stream=True)
+    )
     assert "".join(c.choices[0].text for c in chunks) == ref.text
     assert chunks[-1].choices[0].finish_reason == ref.finish_reason
 
@@ -161,15 +172,19 @@ def test_n_samples_and_seed_reproducibility(client):
     c = client.chat.completions.create(**{**args, "seed": 99})
     assert [x.message.content for x in c.choices] != [x.message.content for x in a.choices]
     assert 2 <= a.usage.completion_tokens <= 32
-    assert a.usage.prompt_tokens == client.chat.completions.create(model=NAME, messages=QUESTION, max_tokens=1,
-                                                                   temperature=0).usage.prompt_tokens
+    assert (
+        a.usage.prompt_tokens
+        == client.chat.completions.create(
+            model=NAME, messages=QUESTION, max_tokens=1, temperature=0
+        ).usage.prompt_tokens
+    )
 
 
 def test_stop_strings_cut_the_answer(client, llm):
     full = llm.generate(QUESTION, max_tokens=40).text
     stop = full.split()[3]
     r = client.chat.completions.create(model=NAME, messages=QUESTION, max_tokens=40, temperature=0, stop=[stop, "zzzz"])
-    assert r.choices[0].message.content == full[:full.index(stop)]
+    assert r.choices[0].message.content == full[: full.index(stop)]
     assert r.choices[0].finish_reason == "stop"
 
 
@@ -177,8 +192,13 @@ def test_stop_strings_cut_the_answer(client, llm):
 def test_speculative_request_equals_plain(client, llm, method):
     """Per-request strategies (speculative, and EAD's lossless form) give the plain greedy answer."""
     ref = llm.generate(QUESTION, max_tokens=40)
-    r = client.chat.completions.create(model=NAME, messages=QUESTION, max_tokens=40, temperature=0,
-                                       extra_body={"speculative_config": {"method": method}})
+    r = client.chat.completions.create(
+        model=NAME,
+        messages=QUESTION,
+        max_tokens=40,
+        temperature=0,
+        extra_body={"speculative_config": {"method": method}},
+    )
     assert r.choices[0].message.content == ref.text
     report = r.model_extra["gearshift"]
     assert report["strategy"].startswith(parse_speculative_config({"method": method}).label)  # e.g. early-exit:4
@@ -186,15 +206,22 @@ def test_speculative_request_equals_plain(client, llm, method):
 
 
 def test_server_wide_speculative_config(llm):
-    config = ServerConfig(model_name=NAME, speculative=parse_speculative_config('{"method": "ngram", "num_speculative_tokens": 3}'))
+    config = ServerConfig(
+        model_name=NAME, speculative=parse_speculative_config('{"method": "ngram", "num_speculative_tokens": 3}')
+    )
     app = create_app(lambda: LLM(llm.loaded, max_num_seqs=2, max_model_len=1024), config)
     ref = llm.generate(QUESTION, max_tokens=30)
     with serving(app) as url:
         c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         r = c.chat.completions.create(model=NAME, messages=QUESTION, max_tokens=30, temperature=0)
         assert r.choices[0].message.content == ref.text and r.model_extra["gearshift"]["strategy"] == "lookup"
-        plain = c.chat.completions.create(model=NAME, messages=QUESTION, max_tokens=30, temperature=0,
-                                          extra_body={"speculative_config": {"method": "none"}})
+        plain = c.chat.completions.create(
+            model=NAME,
+            messages=QUESTION,
+            max_tokens=30,
+            temperature=0,
+            extra_body={"speculative_config": {"method": "none"}},
+        )
         assert plain.model_extra["gearshift"]["strategy"] == "plain"
         m = metrics(url)
         assert m["gearshift:spec_decode_num_drafts_total"] > 0
@@ -204,8 +231,10 @@ def test_server_wide_speculative_config(llm):
 def test_second_turn_hits_the_prefix_cache_and_equals_generate(client, llm):
     turn1 = QUESTION
     a = client.chat.completions.create(model=NAME, messages=turn1, max_tokens=30, temperature=0)
-    turn2 = turn1 + [{"role": "assistant", "content": a.choices[0].message.content},
-                     {"role": "user", "content": "Now name one secondary color."}]
+    turn2 = turn1 + [
+        {"role": "assistant", "content": a.choices[0].message.content},
+        {"role": "user", "content": "Now name one secondary color."},
+    ]
     b = client.chat.completions.create(model=NAME, messages=turn2, max_tokens=30, temperature=0)
     assert b.usage.prompt_tokens_details.cached_tokens >= a.usage.prompt_tokens
     assert b.choices[0].message.content == llm.generate(turn2, max_tokens=30).text
@@ -213,8 +242,9 @@ def test_second_turn_hits_the_prefix_cache_and_equals_generate(client, llm):
 
 def test_metrics_count_what_was_served(server, client):
     before = metrics(server)
-    r = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Say hello."}], max_tokens=12,
-                                       temperature=0)
+    r = client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": "Say hello."}], max_tokens=12, temperature=0
+    )
     after = wait_idle(server)
     delta = {k: after[k] - before.get(k, 0.0) for k in after}
     assert delta["gearshift:generation_tokens_total"] == r.usage.completion_tokens
@@ -229,14 +259,16 @@ def test_metrics_count_what_was_served(server, client):
 def test_kv_policy_per_request(client, llm):
     q = [{"role": "user", "content": "The grass is green. " * 60 + "What color is the grass?"}]
     ref = llm.generate(q, max_tokens=12, kv_policy="snapkv", kv_budget=64)
-    r = client.chat.completions.create(model=NAME, messages=q, max_tokens=12, temperature=0,
-                                       extra_body={"kv_policy": "snapkv", "kv_budget": 64})
+    r = client.chat.completions.create(
+        model=NAME, messages=q, max_tokens=12, temperature=0, extra_body={"kv_policy": "snapkv", "kv_budget": 64}
+    )
     assert r.choices[0].message.content == ref.text
     report = r.model_extra["gearshift"]
     assert report["kv_bytes"] < report["kv_full_bytes"] / 3
     ref = llm.generate(q, max_tokens=12, kv_policy="snapkv+int8", kv_budget=64)  # composed with quantization
-    r = client.chat.completions.create(model=NAME, messages=q, max_tokens=12, temperature=0,
-                                       extra_body={"kv_policy": "snapkv+int8", "kv_budget": 64})
+    r = client.chat.completions.create(
+        model=NAME, messages=q, max_tokens=12, temperature=0, extra_body={"kv_policy": "snapkv+int8", "kv_budget": 64}
+    )
     assert r.choices[0].message.content == ref.text
     assert r.model_extra["gearshift"]["kv_bytes"] < report["kv_bytes"] / 3
     with pytest.raises(openai.BadRequestError) as e:
@@ -252,7 +284,7 @@ def test_tokenize_and_detokenize(server, llm):
     assert chat["tokens"] == llm.tokenizer.encode_chat(QUESTION)
     d = httpx.post(server + "/detokenize", json={"tokens": t["tokens"]}).json()
     assert d["prompt"].endswith("Hello world")
-    bad = httpx.post(server + "/detokenize", json={"tokens": [10 ** 9]})
+    bad = httpx.post(server + "/detokenize", json={"tokens": [10**9]})
     assert bad.status_code == 400 and "token ids" in bad.json()["error"]["message"]
 
 
@@ -264,16 +296,20 @@ def test_chat_page_is_one_file_with_nothing_from_the_internet(server):
 
 # ------------------------------------------------------------------ disconnects, errors, load
 
+
 def test_client_that_leaves_mid_stream_frees_its_slot(server, client):
     before = metrics(server)
-    stream = client.chat.completions.create(model=NAME, messages=QUESTION, max_tokens=1500, temperature=0,
-                                            stream=True, extra_body={"ignore_eos": True})
+    stream = client.chat.completions.create(
+        model=NAME, messages=QUESTION, max_tokens=1500, temperature=0, stream=True, extra_body={"ignore_eos": True}
+    )
     for i, _ in enumerate(stream):
         if i == 3:
             break
     stream.close()
     after = wait_idle(server)
-    assert after["gearshift:request_success_total[abort]"] - before.get("gearshift:request_success_total[abort]", 0) == 1
+    assert (
+        after["gearshift:request_success_total[abort]"] - before.get("gearshift:request_success_total[abort]", 0) == 1
+    )
     assert after["gearshift:generation_tokens_total"] - before["gearshift:generation_tokens_total"] < 1500
 
 
@@ -296,9 +332,12 @@ def test_errors_come_in_openais_envelope(server, client):
     envelope(httpx.post(chat, json={"messages": "hello"}), 400, "messages")
     envelope(httpx.post(chat, json={}), 400, "messages")
     envelope(httpx.post(chat, json={"messages": QUESTION, "tools": [{"type": "function"}]}), 400, "tools")
-    envelope(httpx.post(chat, json={"messages": QUESTION, "speculative_config": {"method": "magic"}}), 400,
-             "speculative_config")
-    envelope(httpx.post(server + "/v1/completions", json={"prompt": [10 ** 9]}), 400, "prompt")
+    envelope(
+        httpx.post(chat, json={"messages": QUESTION, "speculative_config": {"method": "magic"}}),
+        400,
+        "speculative_config",
+    )
+    envelope(httpx.post(server + "/v1/completions", json={"prompt": [10**9]}), 400, "prompt")
     envelope(httpx.get(server + "/v1/nothing-here"), 404)
     with pytest.raises(openai.NotFoundError) as e:
         client.chat.completions.create(model="gpt-4o", messages=QUESTION)
@@ -337,8 +376,9 @@ def test_api_key_queue_full_and_loading(llm):
             openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
         c = openai.OpenAI(base_url=url + "/v1", api_key="sesame", max_retries=0)
         assert [m.id for m in c.models.list()] == [NAME]
-        stream = c.chat.completions.create(model=NAME, messages=QUESTION, max_tokens=400, stream=True,
-                                           extra_body={"ignore_eos": True})
+        stream = c.chat.completions.create(
+            model=NAME, messages=QUESTION, max_tokens=400, stream=True, extra_body={"ignore_eos": True}
+        )
         next(iter(stream))  # the one slot is now taken
         full = httpx.post(url + "/v1/chat/completions", json=body, headers=key)
         assert envelope(full, 503)["code"] == "queue_full" and full.headers["retry-after"] == "1"
@@ -358,8 +398,12 @@ def test_bounded_load_every_request_completes_and_equals_sequential(server, llm)
         async def one(q):
             async with gate:
                 if len(q[0]["content"]) % 2:  # half of them streamed
-                    chunks = [ch async for ch in await c.chat.completions.create(
-                        model=NAME, messages=q, max_tokens=24, temperature=0, stream=True)]
+                    chunks = [
+                        ch
+                        async for ch in await c.chat.completions.create(
+                            model=NAME, messages=q, max_tokens=24, temperature=0, stream=True
+                        )
+                    ]
                     return "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
                 r = await c.chat.completions.create(model=NAME, messages=q, max_tokens=24, temperature=0)
                 return r.choices[0].message.content
@@ -376,14 +420,24 @@ def test_bounded_load_every_request_completes_and_equals_sequential(server, llm)
 
 def test_bench_serve_against_a_running_server(server, tmp_path):
     from gearshift.tools.bench_serve import run_serve
+
     out = tmp_path / "serve.json"
-    r = run_serve(server, [1, 2], 2, 8, None, False, None, 4, None, json_path=str(out), plot_path=str(tmp_path / "s.png"))
+    r = run_serve(
+        server, [1, 2], 2, 8, None, False, None, 4, None, json_path=str(out), plot_path=str(tmp_path / "s.png")
+    )
     saved = json.loads(out.read_text())
     levels = saved["servers"][server]
     assert set(levels) == {"1", "2"} and r["servers"][server]["2"]["errors"] == 0
     for s in levels.values():
         assert s["output_tok_per_s"] > 0 and s["requests"] == 2 and 0 < s["ttft_p50_s"] <= s["ttft_p99_s"]
-        assert set(s) >= {"requests_per_s", "output_tok_per_s", "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s",
-                          "errors"}
+        assert set(s) >= {
+            "requests_per_s",
+            "output_tok_per_s",
+            "ttft_p50_s",
+            "ttft_p99_s",
+            "itl_p50_s",
+            "itl_p99_s",
+            "errors",
+        }
     assert (tmp_path / "s.png").stat().st_size > 0
     wait_idle(server)

@@ -25,6 +25,7 @@ def make_drafter(spec: str, llm: LLM):
     """A fresh drafter for `llm` by its command-line name."""
     return build_drafter(spec, llm.model, llm.tokenizer, llm.loaded.path)
 
+
 PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about autumn.",
@@ -55,17 +56,32 @@ def write_truncated_draft(src: LLM, path: Path, layers: int, vocab: int) -> None
     vocabulary cut or padded to `vocab` (to exercise the vocabulary alignment)."""
     ck = read_checkpoint(src.loaded.path)
     cfg = ck.config
-    tensors = {k: v for k, v in ck.tensors.items()
-               if ".layers." not in k or int(k.split(".layers.")[1].split(".")[0]) < layers}
+    tensors = {
+        k: v for k, v in ck.tensors.items() if ".layers." not in k or int(k.split(".layers.")[1].split(".")[0]) < layers
+    }
     emb = tensors["model.embed_tokens.weight"]
-    tensors["model.embed_tokens.weight"] = emb[:vocab] if vocab <= len(emb) else \
-        torch.cat([emb, emb.new_zeros(vocab - len(emb), emb.shape[1])])
+    tensors["model.embed_tokens.weight"] = (
+        emb[:vocab] if vocab <= len(emb) else torch.cat([emb, emb.new_zeros(vocab - len(emb), emb.shape[1])])
+    )
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"))
-    (path / "config.json").write_text(json.dumps({
-        "model_type": "llama", "vocab_size": vocab, "hidden_size": cfg.dim, "intermediate_size": cfg.hidden_dim,
-        "num_hidden_layers": layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
-        "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.max_seq_len,
-        "tie_word_embeddings": True, "eos_token_id": cfg.eos_token_ids}))
+    (path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "vocab_size": vocab,
+                "hidden_size": cfg.dim,
+                "intermediate_size": cfg.hidden_dim,
+                "num_hidden_layers": layers,
+                "num_attention_heads": cfg.n_heads,
+                "num_key_value_heads": cfg.n_kv_heads,
+                "rms_norm_eps": cfg.norm_eps,
+                "rope_theta": cfg.rope_theta,
+                "max_position_embeddings": cfg.max_seq_len,
+                "tie_word_embeddings": True,
+                "eos_token_id": cfg.eos_token_ids,
+            }
+        )
+    )
     src.tokenizer.save(path)
 
 
@@ -145,6 +161,7 @@ def test_unknown_drafter(llm):
 
 # ------------------------------------------------------------------ tiny models
 
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
@@ -158,11 +175,14 @@ def test_greedy_property_random_prompts_tiny(tiny):
     identical to plain decoding of each prompt alone."""
     target, draft = tiny
     g = torch.Generator().manual_seed(0)
-    drafters = [LookupDrafter(), ModelDrafter(draft.model, VOCAB, "model", confidence=0.0),
-                ModelDrafter(target.model, VOCAB, "early-exit:1", n_layers=1, confidence=0.0),
-                TreeDrafter("recycling", [Recycling(VOCAB, k=4)], max_nodes=16),  # no cost curve: full trees
-                TreeDrafter("suffix", [Suffix(corpus=[1, 2, 3, 4] * 8)], max_nodes=16),
-                TreeDrafter("hybrid", [Recycling(VOCAB, k=4), Suffix()], max_nodes=16)]
+    drafters = [
+        LookupDrafter(),
+        ModelDrafter(draft.model, VOCAB, "model", confidence=0.0),
+        ModelDrafter(target.model, VOCAB, "early-exit:1", n_layers=1, confidence=0.0),
+        TreeDrafter("recycling", [Recycling(VOCAB, k=4)], max_nodes=16),  # no cost curve: full trees
+        TreeDrafter("suffix", [Suffix(corpus=[1, 2, 3, 4] * 8)], max_nodes=16),
+        TreeDrafter("hybrid", [Recycling(VOCAB, k=4), Suffix()], max_nodes=16),
+    ]
     prompts = []
     for case in range(40):
         base = torch.randint(0, VOCAB, (int(torch.randint(2, 12, (1,), generator=g)),), generator=g).tolist()
@@ -186,8 +206,17 @@ def chi_square(target: LLM, drafter, prompt: list[int], p: SamplingParams, n: in
     truth = exact_pair_distribution(target, prompt, p)
     counts = torch.zeros(VOCAB * VOCAB)
     wide = LLM(target.loaded, max_num_seqs=64)  # n samples (seeds 0 .. n - 1), 64 decoded side by side
-    for c in wide.generate(prompt, drafter=drafter, n=n, seed=0, max_tokens=2, ignore_eos=True,
-                           temperature=p.temperature, top_k=p.top_k, top_p=p.top_p):
+    for c in wide.generate(
+        prompt,
+        drafter=drafter,
+        n=n,
+        seed=0,
+        max_tokens=2,
+        ignore_eos=True,
+        temperature=p.temperature,
+        top_k=p.top_k,
+        top_p=p.top_p,
+    ):
         counts[c.token_ids[0] * VOCAB + c.token_ids[1]] += 1
     assert counts[truth == 0].sum() == 0  # nothing outside the target's support
     keep = truth * n >= 5  # pool rare cells, as the chi-square approximation needs
@@ -217,8 +246,11 @@ def test_sampling_keeps_target_distribution(tiny, monkeypatch, rule, which):
     """`tree`: Token Recycling trees branch 4 ways at every node, so siblings are really tried in turn."""
     target, draft = tiny
     prompt = [1, 2, 3, 1, 2]
-    drafter = {"model": lambda: ModelDrafter(draft.model, VOCAB, "model", confidence=0.0), "lookup": LookupDrafter,
-               "tree": lambda: TreeDrafter("recycling", [Recycling(VOCAB, k=4)], max_nodes=12)}[which]()
+    drafter = {
+        "model": lambda: ModelDrafter(draft.model, VOCAB, "model", confidence=0.0),
+        "lookup": LookupDrafter,
+        "tree": lambda: TreeDrafter("recycling", [Recycling(VOCAB, k=4)], max_nodes=12),
+    }[which]()
     if rule == "broken":
         monkeypatch.setattr(verify_module, "residual", broken_residual)
     chi2, df = chi_square(target, drafter, prompt, SAMPLING, n=3000)
@@ -270,15 +302,16 @@ def test_suffix_automaton_matches_brute_force():
         text = torch.randint(0, 3, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g).tolist()
         sam = SuffixAutomaton(text)
         state, length = sam.repeat()
-        earlier = [n for n in range(1, len(text)) if any(text[i:i + n] == text[-n:] for i in range(len(text) - n))]
+        earlier = [n for n in range(1, len(text)) if any(text[i : i + n] == text[-n:] for i in range(len(text) - n))]
         assert length == max(earlier, default=0)
         if length:
-            follow = {text[i + length] for i in range(len(text) - length) if text[i:i + length] == text[-length:]}
+            follow = {text[i + length] for i in range(len(text) - length) if text[i : i + length] == text[-length:]}
             assert {b[0] for b in sam.branches(state, 10, 4)} == follow
         probe = torch.randint(0, 3, (6,), generator=g).tolist()
         _, n = sam.match(probe)
-        assert n == max((k for k in range(7) if any(text[i:i + k] == probe[6 - k:] for i in range(len(text) - k + 1))),
-                        default=0)
+        assert n == max(
+            (k for k in range(7) if any(text[i : i + k] == probe[6 - k :] for i in range(len(text) - k + 1))), default=0
+        )
 
 
 def test_recycling_matrix_memory_template_and_warm_start(tmp_path):

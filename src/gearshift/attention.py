@@ -41,11 +41,13 @@ class Segment:
     With `parents`, the last len(parents) tokens are a tree below the token before them (the
     root, itself a plain row): `parents` as in `Proposal.parents`, 0 = the root. Rows from
     `logits_from` on return logits (None: no row does, e.g. a prefill chunk)."""
+
     slot: int
     tokens: list[int]
     parents: list[int] | None = None
     logits_from: int | None = None
     capture_from: int | None = None  # keep the queries of rows from this one on (a KV policy scores with them)
+    features: bool = False  # keep every row's last-block output (the target features a draft head reads)
 
 
 def tree_paths(parents: list[int]) -> list[list[int]]:
@@ -61,6 +63,7 @@ def tree_paths(parents: list[int]) -> list[list[int]]:
 @dataclass
 class _Run:
     """A segment as rows of the flat batch: where its rows start, where its entries go."""
+
     slot: int
     row: int  # first row of the segment in the batch
     start: int  # cache position of its first token
@@ -83,6 +86,8 @@ class Batch:
         tokens, positions, write, out, runs = [], [], [], [], []
         self.out_slices: list[slice] = []  # per segment: its rows in the output
         self.capture: dict[int, slice] = {}  # segment index -> its rows whose queries are kept
+        self.feature_rows: dict[int, slice] = {}  # segment index -> its rows in `features`
+        feature_index: list[int] = []
         for i, seg in enumerate(segments):
             start, row = cache.lengths[seg.slot], len(tokens)
             # RoPE takes token positions; the cache, slot positions (a re-rotated slot: slot positions too)
@@ -99,6 +104,9 @@ class Batch:
             positions += range(start + shift, start + n_plain + shift)
             if paths:
                 positions += [root + shift + len(p) - 1 for p in paths[1:]]  # a tree node's position: its depth
+            if seg.features:
+                self.feature_rows[i] = slice(len(feature_index), len(feature_index) + len(seg.tokens))
+                feature_index += range(row, row + len(seg.tokens))
             if seg.capture_from is not None:  # plain rows only: a draft's rows may be rejected
                 self.capture[i] = slice(row + seg.capture_from, row + n_plain)
             write += range(seg.slot * cache.max_len + start, seg.slot * cache.max_len + start + len(seg.tokens))
@@ -109,6 +117,8 @@ class Batch:
             runs.append(_Run(seg.slot, row, start, n_plain, paths))
         self.segments, self.runs, self.exact = segments, runs, exact
         self.queries: list[torch.Tensor] = []  # per layer, the captured rows' queries (RoPE applied)
+        self.feature_index = torch.tensor(feature_index, device=dev) if feature_index else None
+        self.features: torch.Tensor | None = None  # set by the forward: [feature rows, dim]
         self.holes = cache.holes if any(cache.compacted[s.slot] for s in segments) else None
         # quantized slots: per format, the batch rows whose entries get a quantized copy, and where
         groups: dict[str, tuple[list[int], list[int]]] = {}
@@ -116,8 +126,12 @@ class Batch:
             if fmt := cache.formats[seg.slot]:
                 rows_, at = groups.setdefault(fmt, ([], []))
                 rows_ += range(run.row, run.row + len(seg.tokens))
-                at += range(seg.slot * cache.max_len + run.start, seg.slot * cache.max_len + run.start + len(seg.tokens))
-        self.quantized = [(fmt, torch.tensor(r, device=dev), torch.tensor(w, device=dev)) for fmt, (r, w) in groups.items()]
+                at += range(
+                    seg.slot * cache.max_len + run.start, seg.slot * cache.max_len + run.start + len(seg.tokens)
+                )
+        self.quantized = [
+            (fmt, torch.tensor(r, device=dev), torch.tensor(w, device=dev)) for fmt, (r, w) in groups.items()
+        ]
         self.paths = kernels.paths(cache.k.device.type, cache.k.dtype)
         native = exact and self.paths.attention
         self.native = (kernels.attend_q() if self.quantized else kernels.attend()) if native else None
@@ -138,7 +152,7 @@ class Batch:
         mask = torch.arange(end)[None, :] <= torch.arange(run.start, end)[:, None]
         if run.paths:
             base = run.start + run.n_plain - 1
-            mask[run.n_plain:, base + 1:] = False
+            mask[run.n_plain :, base + 1 :] = False
             for node, path in enumerate(run.paths[1:], start=1):
                 mask[run.n_plain - 1 + node, [base + a for a in path[1:]]] = True
         return mask.to(dev)
@@ -162,8 +176,7 @@ class Batch:
             cache.lengths[seg.slot] = run.start + len(seg.tokens)
 
 
-def cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, layer: int,
-           batch: Batch) -> torch.Tensor:
+def cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, layer: int, batch: Batch) -> torch.Tensor:
     """q [T, H, D], k/v [T, KVH, D] (RoPE applied): write k/v into the slots, attend every row exactly."""
     rows_k, rows_v = cache.rows[layer]
     rows_k.index_copy_(0, batch.write, k)
@@ -191,8 +204,11 @@ def cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, la
         for i in range(run.n_plain):
             n = run.start + i + 1
             keys, values = cache.read(layer, run.slot, n, live)  # [1, KVH, n, D]
-            out.append(F.scaled_dot_product_attention(qg[run.row + i], keys, values,
-                                                      attn_mask=None if live is None else live[..., :n]))
+            out.append(
+                F.scaled_dot_product_attention(
+                    qg[run.row + i], keys, values, attn_mask=None if live is None else live[..., :n]
+                )
+            )
         if run.paths:
             out += _tree_rows(qg, k, v, cache, layer, run, live)
     return torch.stack(out).view(t, h, d)
@@ -217,11 +233,12 @@ def _tree_rows(qg, k, v, cache: KVCache, layer: int, run: _Run, live) -> list[to
     slot_keys, slot_values, fmt = cache.k[layer, run.slot], cache.v[layer, run.slot], cache.formats[run.slot]
 
     def lay(at: int, idx: torch.Tensor) -> None:  # rows idx of this step into slot positions at, at + 1, ...
-        slot_keys[at:at + len(idx)] = k[idx]
-        slot_values[at:at + len(idx)] = v[idx]
+        slot_keys[at : at + len(idx)] = k[idx]
+        slot_values[at : at + len(idx)] = v[idx]
         if fmt:
-            cache.write_quantized(layer, fmt, run.slot * cache.max_len + at + torch.arange(len(idx), device=k.device),
-                                  k[idx], v[idx])
+            cache.write_quantized(
+                layer, fmt, run.slot * cache.max_len + at + torch.arange(len(idx), device=k.device), k[idx], v[idx]
+            )
 
     base = run.start + run.n_plain - 1  # the root's position; nodes were written at base + node
     first = run.row + run.n_plain - 1  # the root's row
@@ -232,11 +249,14 @@ def _tree_rows(qg, k, v, cache: KVCache, layer: int, run: _Run, live) -> list[to
         d = next((j for j, (a, b) in enumerate(zip(laid, path)) if a != b), len(path))
         if d < len(path):
             lay(base + d, torch.tensor(path[d:], device=k.device) + first)
-            laid[d:len(path)] = path[d:]
+            laid[d : len(path)] = path[d:]
         n = base + len(path)
         keys, values = cache.read(layer, run.slot, n, live)
-        rows.append(F.scaled_dot_product_attention(qg[first + node], keys, values,
-                                                   attn_mask=None if live is None else live[..., :n]))
+        rows.append(
+            F.scaled_dot_product_attention(
+                qg[first + node], keys, values, attn_mask=None if live is None else live[..., :n]
+            )
+        )
     if laid != list(range(len(run.paths))):  # leave the entries in node order for the caller to compact
         lay(base, torch.arange(first, first + len(laid), device=k.device))
     return rows
@@ -249,13 +269,12 @@ def batched(q: torch.Tensor, cache: KVCache, layer: int, batch: Batch) -> torch.
     for run, seg, mask in zip(batch.runs, batch.segments, batch.masks):
         n = len(seg.tokens)
         end = run.start + n
-        qr = q[run.row:run.row + n].transpose(0, 1)[None]  # [1, H, n, D]
+        qr = q[run.row : run.row + n].transpose(0, 1)[None]  # [1, H, n, D]
         live = holes_mask(cache, layer, run.slot)
         keys, values = cache.read(layer, run.slot, end, live)  # (quantized: as the segment's last row sees them)
         if live is not None:  # per KV head, repeated for its query heads
             mask = mask & live[0, :, :, :end].repeat_interleave(q.shape[1] // keys.shape[1], dim=0)
-        y = F.scaled_dot_product_attention(qr, keys, values, attn_mask=mask,
-                                           enable_gqa=q.shape[1] != keys.shape[1])
+        y = F.scaled_dot_product_attention(qr, keys, values, attn_mask=mask, enable_gqa=q.shape[1] != keys.shape[1])
         out.append(y[0].transpose(0, 1))
     return torch.cat(out)
 

@@ -6,17 +6,22 @@ import argparse
 import json
 import sys
 
-
-from .config import EngineConfig as E, ServerLimits as L
+from .config import EngineConfig as E
+from .config import ServerLimits as L
 from .errors import GearshiftError
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", default=None, help="GGUF file or Hugging Face directory (default: SmolLM2-135M-Instruct Q4_1)")
+    p.add_argument(
+        "--model", "-m", default=None, help="GGUF file or Hugging Face directory (default: SmolLM2-135M-Instruct Q4_1)"
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--weights", default="auto",
-                   help="weight format: auto (GGUF 4-bit -> int4, 8-bit -> int8, float -> float32; bf16 on CUDA), "
-                        "float32 (matches transformers), bfloat16, float16, int8, int4")
+    p.add_argument(
+        "--weights",
+        default="auto",
+        help="weight format: auto (GGUF 4-bit -> int4, 8-bit -> int8, float -> float32; bf16 on CUDA), "
+        "float32 (matches transformers), bfloat16, float16, int8, int4",
+    )
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -26,40 +31,56 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--drafter", default=None,
-                   help="speculative decoding (lossless): lookup, early-exit[:L|:DIR], model:PATH, recycling[:PATH] "
-                        "(the matrix is loaded from and saved to PATH), suffix[:CORPUS], hybrid, or auto")
-    p.add_argument("--strategy", choices=["ead", "ead+verify"], default=None,
-                   help="entropy-adaptive decoding: the small model writes while its rolling entropy stays under "
-                        "--tau (ead: lossy; ead+verify: the large model verifies, lossless)")
+    p.add_argument(
+        "--drafter",
+        default=None,
+        help="speculative decoding (lossless): lookup, early-exit[:L|:DIR], model:PATH, eagle:DIR, recycling[:PATH] "
+        "(the matrix is loaded from and saved to PATH), suffix[:CORPUS], hybrid, or auto",
+    )
+    p.add_argument(
+        "--strategy",
+        choices=["ead", "ead+verify"],
+        default=None,
+        help="entropy-adaptive decoding: the small model writes while its rolling entropy stays under "
+        "--tau (ead: lossy; ead+verify: the large model verifies, lossless)",
+    )
     p.add_argument("--small", default="early-exit", help="ead's small model: early-exit[:L] or model:PATH")
     p.add_argument("--tau", type=float, default=2.0, help="ead entropy threshold, nats")
     p.add_argument("--window", type=int, default=5, help="ead rolling window, tokens")
     p.add_argument("--min-run", type=int, default=4, help="ead: tokens before the schedule may switch again")
-    p.add_argument("--kv-policy", default=None,
-                   help="which KV cache entries to keep past --kv-budget: streaming, snapkv, h2o, pyramid, duo "
-                        "(after calibrate-duo); int8 / int4 quantize, alone or composed, e.g. snapkv+int4 "
-                        "(default: all, float32)")
+    p.add_argument(
+        "--kv-policy",
+        default=None,
+        help="which KV cache entries to keep past --kv-budget: streaming, snapkv, h2o, pyramid, duo "
+        "(after calibrate-duo); int8 / int4 quantize, alone or composed, e.g. snapkv+int4 "
+        "(default: all, float32)",
+    )
     p.add_argument("--kv-budget", type=int, default=None, help="KV entries kept per layer and head (default 1024)")
 
 
 def _sampling(a: argparse.Namespace) -> dict:
     """The sampling options, validated before any model is loaded."""
     from .sampling import SamplingParams
-    params = dict(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                  seed=a.seed, stop=a.stop)
+
+    params = dict(
+        max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed, stop=a.stop
+    )
     SamplingParams(**params)
     from .kv_policy import KVPolicy
+
     params["kv_policy"] = KVPolicy.of(a.kv_policy, a.kv_budget)
     if a.strategy:
         from .ead import EAD
-        params["ead"] = EAD(small=a.small, tau=a.tau, window=a.window, min_run=a.min_run,
-                            verify=a.strategy == "ead+verify")
+
+        params["ead"] = EAD(
+            small=a.small, tau=a.tau, window=a.window, min_run=a.min_run, verify=a.strategy == "ead+verify"
+        )
     return params
 
 
 def _load(a: argparse.Namespace):
     from .llm import load
+
     return load(a.model, device=a.device, weights=a.weights)
 
 
@@ -68,21 +89,27 @@ def _stats(c) -> str:
     spec = f", MAT {st.work.mat:.2f}, acceptance {st.spec.acceptance_rate:.0%}" if st.spec is not None else ""
     cached = f" ({st.cached_tokens} prompt tokens cached)" if st.cached_tokens else ""
     if st.kv_bytes < st.kv_full_bytes:
-        cached += f", KV cache {st.kv_bytes / 2 ** 20:.1f} of {st.kv_full_bytes / 2 ** 20:.1f} MiB"
-    return (f"[{st.generated} tokens, {st.tok_per_s:.1f} tok/s{spec}, "
-            f"first token {st.timing.ttft_s * 1000:.0f} ms{cached}, finish: {c.finish_reason}]")
+        cached += f", KV cache {st.kv_bytes / 2**20:.1f} of {st.kv_full_bytes / 2**20:.1f} MiB"
+    return (
+        f"[{st.generated} tokens, {st.tok_per_s:.1f} tok/s{spec}, "
+        f"first token {st.timing.ttft_s * 1000:.0f} ms{cached}, finish: {c.finish_reason}]"
+    )
 
 
 def cmd_pull(a) -> None:
     from .hub import pull
+
     print(pull(force=a.force))
 
 
 def cmd_generate(a) -> None:
     params = _sampling(a)
     llm = _load(a)
-    prompt = a.prompt if a.raw or not llm.tokenizer.chat_template else \
-        ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": a.prompt}]
+    prompt = (
+        a.prompt
+        if a.raw or not llm.tokenizer.chat_template
+        else ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": a.prompt}]
+    )
     drafter = llm.drafter(a.drafter)
     c = _print_stream(llm.stream(prompt, drafter=drafter, **params))
     _save_drafter(drafter)
@@ -101,6 +128,7 @@ def _print_stream(stream):
 def _save_drafter(drafter) -> None:
     """Keep what a learning drafter (recycling:PATH) learned, for the next run to start warm."""
     from .drafters import TreeDrafter
+
     if isinstance(drafter, TreeDrafter):
         drafter.save()
 
@@ -133,17 +161,29 @@ def cmd_chat(a) -> None:
 
 def cmd_info(a) -> None:
     from .loading import load
+
     loaded = load(a.model_path or a.model, device=a.device, weights=a.weights)
     m, cfg = loaded.model, loaded.model.cfg
     weight_bytes = sum(b.nbytes for b in m.buffers())
     kv_per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * m.dtype.itemsize
     info = {
-        "path": str(loaded.path), "architecture": cfg.arch, "parameters": cfg.n_params(),
-        "layers": cfg.n_layers, "dim": cfg.dim, "heads": cfg.n_heads, "kv_heads": cfg.n_kv_heads,
-        "vocab": cfg.vocab_size, "context": cfg.max_seq_len, "tied_embeddings": cfg.tie_embeddings,
-        "file_quantization": loaded.quantization, "runtime_weights": m.fmts, "compute_dtype": str(m.dtype),
-        "device": str(m.device), "weight_memory_mb": round(weight_bytes / 2**20, 1),
-        "kv_cache_kb_per_token": round(kv_per_token / 1024, 1), "load_seconds": round(loaded.load_seconds, 2),
+        "path": str(loaded.path),
+        "architecture": cfg.arch,
+        "parameters": cfg.n_params(),
+        "layers": cfg.n_layers,
+        "dim": cfg.dim,
+        "heads": cfg.n_heads,
+        "kv_heads": cfg.n_kv_heads,
+        "vocab": cfg.vocab_size,
+        "context": cfg.max_seq_len,
+        "tied_embeddings": cfg.tie_embeddings,
+        "file_quantization": loaded.quantization,
+        "runtime_weights": m.fmts,
+        "compute_dtype": str(m.dtype),
+        "device": str(m.device),
+        "weight_memory_mb": round(weight_bytes / 2**20, 1),
+        "kv_cache_kb_per_token": round(kv_per_token / 1024, 1),
+        "load_seconds": round(loaded.load_seconds, 2),
         "conversion_cache": "hit" if loaded.cached else "miss",
     }
     if a.json:
@@ -166,8 +206,11 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 def _check_llama_cpp(prefix: str | None) -> None:
     from .tools import llama_cpp
+
     if prefix is not None and not llama_cpp.binary("llama-server", prefix):
-        raise GearshiftError(f"no llama.cpp binaries under {prefix}/bin: run gearshift build-llama-cpp --prefix {prefix}")
+        raise GearshiftError(
+            f"no llama.cpp binaries under {prefix}/bin: run gearshift build-llama-cpp --prefix {prefix}"
+        )
 
 
 def cmd_bench(a) -> None:
@@ -178,6 +221,7 @@ def cmd_bench(a) -> None:
     from .ead import EAD
     from .tools.bench import run_ead, run_quick, run_spec_bench
     from .tools.bench_engine import run_batch, run_multiturn
+
     if a.suite == "serve":
         cmd_bench_serve(a)
     elif a.suite == "kv":
@@ -186,34 +230,79 @@ def cmd_bench(a) -> None:
         levels = _int_list(a.concurrency or "1,2,4,8,16", "--concurrency")
         if a.rate is not None and a.rate <= 0:
             raise GearshiftError("--rate is requests per second and must be positive")
-        run_batch(a.model, levels, n_requests=a.requests_given or 16, max_new_tokens=a.max_tokens, rate=a.rate,
-                  prefix_cache=not a.no_prefix_cache, repeats=a.repeats, json_path=a.json, plot_path=a.plot,
-                  device=a.device)
+        run_batch(
+            a.model,
+            levels,
+            n_requests=a.requests_given or 16,
+            max_new_tokens=a.max_tokens,
+            rate=a.rate,
+            prefix_cache=not a.no_prefix_cache,
+            repeats=a.repeats,
+            json_path=a.json,
+            plot_path=a.plot,
+            device=a.device,
+        )
     elif a.suite == "multiturn":
         if a.chats < 1 or a.turns < 1:
             raise GearshiftError("--chats and --turns must be positive")
-        run_multiturn(a.model, n_chats=a.chats, n_turns=a.turns, max_new_tokens=a.max_tokens, json_path=a.json,
-                      plot_path=a.plot, device=a.device)
+        run_multiturn(
+            a.model,
+            n_chats=a.chats,
+            n_turns=a.turns,
+            max_new_tokens=a.max_tokens,
+            json_path=a.json,
+            plot_path=a.plot,
+            device=a.device,
+        )
     elif a.suite == "ead":
         try:
             taus = [float(t) for t in a.taus.split(",")]
         except ValueError:
             raise GearshiftError(f"--taus takes comma-separated numbers, got {a.taus!r}") from None
         EAD(tau=min(taus), window=a.window, min_run=a.min_run)  # refuses bad settings before any work
-        run_ead(a.model, small=a.small, taus=taus, n_questions=a.limit or 20, max_new_tokens=a.max_tokens,
-                window=a.window, min_run=a.min_run, verify=a.verify, json_path=a.json, plot_path=a.plot,
-                device=a.device)
+        run_ead(
+            a.model,
+            small=a.small,
+            taus=taus,
+            n_questions=a.limit or 20,
+            max_new_tokens=a.max_tokens,
+            window=a.window,
+            min_run=a.min_run,
+            verify=a.verify,
+            json_path=a.json,
+            plot_path=a.plot,
+            device=a.device,
+        )
     elif a.suite == "spec-bench":
         _check_llama_cpp(a.llama_cpp)
-        run_spec_bench(a.model, per_category=a.limit_per_category, max_new_tokens=a.max_tokens, draft=a.draft,
-                       drafters=a.drafter, json_path=a.json, plot_path=a.plot,
-                       with_transformers=not a.no_transformers, device=a.device, llama_cpp_dir=a.llama_cpp)
+        run_spec_bench(
+            a.model,
+            per_category=a.limit_per_category,
+            max_new_tokens=a.max_tokens,
+            draft=a.draft,
+            drafters=a.drafter,
+            json_path=a.json,
+            plot_path=a.plot,
+            with_transformers=not a.no_transformers,
+            device=a.device,
+            llama_cpp_dir=a.llama_cpp,
+        )
     elif a.quick:
         _check_llama_cpp(a.llama_cpp)
-        run_quick(a.model, n_questions=a.limit or 10, max_new_tokens=a.max_tokens, json_path=a.json, plot_path=a.plot,
-                  with_transformers=not a.no_transformers, device=a.device, llama_cpp_dir=a.llama_cpp)
+        run_quick(
+            a.model,
+            n_questions=a.limit or 10,
+            max_new_tokens=a.max_tokens,
+            json_path=a.json,
+            plot_path=a.plot,
+            with_transformers=not a.no_transformers,
+            device=a.device,
+            llama_cpp_dir=a.llama_cpp,
+        )
     else:
-        raise GearshiftError("choose a benchmark: gearshift bench --quick, or bench spec-bench, ead, batch, multiturn, serve or kv")
+        raise GearshiftError(
+            "choose a benchmark: gearshift bench --quick, or bench spec-bench, ead, batch, multiturn, serve or kv"
+        )
 
 
 def _lengths(text: str) -> list[int]:
@@ -229,6 +318,7 @@ def _lengths(text: str) -> list[int]:
 
 def cmd_bench_kv(a) -> None:
     from .tools.bench_kv import TASKS, run_kv
+
     lengths = _lengths(a.lengths)
     budgets = _int_list(a.budgets, "--budgets")
     policies = a.policies.split(",")
@@ -238,12 +328,25 @@ def cmd_bench_kv(a) -> None:
         raise GearshiftError(f"--modes takes multi-request and/or multi-turn, got {a.modes!r}")
     if any(t not in TASKS for t in tasks):
         raise GearshiftError(f"--tasks takes some of {', '.join(TASKS)}, got {a.tasks!r}")
-    run_kv(a.model, lengths, policies, budgets, modes, tasks, seed=a.seed, max_tokens=a.max_tokens or 16,
-           data_out=a.data_out, json_path=a.json, plot_path=a.plot, device=a.device)
+    run_kv(
+        a.model,
+        lengths,
+        policies,
+        budgets,
+        modes,
+        tasks,
+        seed=a.seed,
+        max_tokens=a.max_tokens or 16,
+        data_out=a.data_out,
+        json_path=a.json,
+        plot_path=a.plot,
+        device=a.device,
+    )
 
 
 def cmd_bench_serve(a) -> None:
     from .tools import bench_serve
+
     levels = _int_list(a.concurrency or "1,4,8,16", "--concurrency")
     if a.requests_given is not None and a.requests_given < 1:
         raise GearshiftError("--requests must be positive")
@@ -252,19 +355,32 @@ def cmd_bench_serve(a) -> None:
     if a.compare_llama_cpp:
         _check_llama_cpp(a.llama_cpp)
         from .tools import llama_cpp
+
         if not llama_cpp.binary("llama-server", a.llama_cpp):
             raise GearshiftError("--compare-llama-cpp needs llama-server: run `gearshift build-llama-cpp` first")
     if a.url and not a.url.startswith(("http://", "https://")):
         raise GearshiftError(f"--url must start with http:// or https://, got {a.url!r}")
     if a.sessions is not None or a.replicas is not None:
         return _bench_sessions(a)
-    bench_serve.run_serve(a.url, levels, a.requests_given, a.max_tokens, a.api_key, a.compare_llama_cpp, a.model,
-                          a.max_num_seqs, a.llama_cpp, json_path=a.json, plot_path=a.plot)
+    bench_serve.run_serve(
+        a.url,
+        levels,
+        a.requests_given,
+        a.max_tokens,
+        a.api_key,
+        a.compare_llama_cpp,
+        a.model,
+        a.max_num_seqs,
+        a.llama_cpp,
+        json_path=a.json,
+        plot_path=a.plot,
+    )
 
 
 def _bench_sessions(a) -> None:
     """bench serve --sessions: multi-turn chats, per routing policy on --replicas N and on one replica."""
     from .tools import bench_serve
+
     sessions = a.sessions if a.sessions is not None else 8
     if sessions < 1 or a.turns < 1:
         raise GearshiftError("--sessions and --turns must be positive")
@@ -273,40 +389,72 @@ def _bench_sessions(a) -> None:
         raise GearshiftError(f"--routing takes cache-aware and/or round-robin, got {a.routing!r}")
     if a.threads is not None and a.threads < 1:
         raise GearshiftError("--threads must be positive")
-    if a.max_body_bytes < 1024 or a.max_connections < 1 or min(a.timeout_headers, a.timeout_body,
-                                                               a.timeout_keep_alive) <= 0:
-        raise GearshiftError("--max-body-bytes must be at least 1024, --max-connections at least 1, and the "
-                             "timeouts positive")
+    if (
+        a.max_body_bytes < 1024
+        or a.max_connections < 1
+        or min(a.timeout_headers, a.timeout_body, a.timeout_keep_alive) <= 0
+    ):
+        raise GearshiftError(
+            "--max-body-bytes must be at least 1024, --max-connections at least 1, and the timeouts positive"
+        )
     if a.replicas is not None:
         if a.replicas < 1:
             raise GearshiftError(f"--replicas must be at least 1, got {a.replicas}")
         _need_ray()
     elif not a.url:
         raise GearshiftError("bench serve --sessions needs --url URL or --replicas N")
-    bench_serve.run_sessions(a.url, sessions, a.turns, a.max_tokens, a.api_key, a.model, a.max_num_seqs, a.replicas,
-                             policies, a.threads, json_path=a.json, plot_path=a.plot)
+    bench_serve.run_sessions(
+        a.url,
+        sessions,
+        a.turns,
+        a.max_tokens,
+        a.api_key,
+        a.model,
+        a.max_num_seqs,
+        a.replicas,
+        policies,
+        a.threads,
+        json_path=a.json,
+        plot_path=a.plot,
+    )
 
 
 def cmd_serve(a) -> None:
     import logging
 
-    from .server import ServerConfig, create_app, default_model_name, parse_speculative_configs, serve
     from .hub import default_model_path
-    engine = dict(max_num_seqs=a.max_num_seqs, max_batched_tokens=max(a.max_batched_tokens, a.max_num_seqs),
-                  max_model_len=a.max_model_len)
+    from .server import ServerConfig, create_app, default_model_name, parse_speculative_configs, serve
+
+    engine = dict(
+        max_num_seqs=a.max_num_seqs,
+        max_batched_tokens=max(a.max_batched_tokens, a.max_num_seqs),
+        max_model_len=a.max_model_len,
+    )
     E(**engine)  # bad settings fail before the model loads
-    limits = L(max_queue=a.max_queue, max_body_bytes=a.max_body_bytes, timeout_headers=a.timeout_headers,
-               timeout_body=a.timeout_body, timeout_keep_alive=a.timeout_keep_alive, max_connections=a.max_connections)
+    limits = L(
+        max_queue=a.max_queue,
+        max_body_bytes=a.max_body_bytes,
+        timeout_headers=a.timeout_headers,
+        timeout_body=a.timeout_body,
+        timeout_keep_alive=a.timeout_keep_alive,
+        max_connections=a.max_connections,
+    )
     if not 0 < a.port < 65536:
         raise GearshiftError(f"--port must be from 1 to 65535, got {a.port}")
     if a.threads is not None and a.threads < 1:
         raise GearshiftError("--threads must be positive")
     routing = _routing(a)  # refuses cluster flags without --replicas, and bad values, before anything starts
     import os
+
     api_key = a.api_key or os.environ.get("GEARSHIFT_API_KEY") or None
     strategies = parse_speculative_configs(a.speculative_config)
-    config = ServerConfig(model_name=a.served_model_name or default_model_name(a.model or default_model_path()),
-                          api_key=api_key, speculative=strategies[0], offered=strategies[1:], **vars(limits))
+    config = ServerConfig(
+        model_name=a.served_model_name or default_model_name(a.model or default_model_path()),
+        api_key=api_key,
+        speculative=strategies[0],
+        offered=strategies[1:],
+        **vars(limits),
+    )
     logging.basicConfig(level=getattr(logging, a.log_level.upper(), logging.INFO), format="%(levelname)s: %(message)s")
     if a.replicas is not None:
         return _serve_replicas(a, config, engine, routing)
@@ -315,11 +463,14 @@ def cmd_serve(a) -> None:
         import torch
 
         from .llm import load as load_llm
+
         if a.threads:
             torch.set_num_threads(a.threads)
         return load_llm(a.model, device=a.device, weights=a.weights, **engine)
 
-    print(f"gearshift: serving {config.model_name} on http://{a.host}:{a.port} (the chat page is at /)", file=sys.stderr)
+    print(
+        f"gearshift: serving {config.model_name} on http://{a.host}:{a.port} (the chat page is at /)", file=sys.stderr
+    )
     serve(create_app(load, config), a.host, a.port, log_level=a.log_level)
 
 
@@ -327,15 +478,20 @@ def _need_ray() -> None:
     try:
         import ray.serve  # noqa: F401
     except ImportError:
-        raise GearshiftError("--replicas needs Ray Serve, which is not installed: pip install 'gearshift[cluster]'") \
-            from None
+        raise GearshiftError(
+            "--replicas needs Ray Serve, which is not installed: pip install 'gearshift[cluster]'"
+        ) from None
 
 
 def _routing(a):
     """The cluster's routing settings (None without --replicas), checked before Ray is touched."""
-    cluster_flags = {"--ray-address": a.ray_address, "--routing": a.routing, "--cache-threshold": a.cache_threshold,
-                     "--balance-abs-threshold": a.balance_abs_threshold,
-                     "--balance-rel-threshold": a.balance_rel_threshold}
+    cluster_flags = {
+        "--ray-address": a.ray_address,
+        "--routing": a.routing,
+        "--cache-threshold": a.cache_threshold,
+        "--balance-abs-threshold": a.balance_abs_threshold,
+        "--balance-rel-threshold": a.balance_rel_threshold,
+    }
     if a.replicas is None:
         given = [flag for flag, value in cluster_flags.items() if value is not None]
         if given:
@@ -345,8 +501,16 @@ def _routing(a):
         raise GearshiftError(f"--replicas must be at least 1, got {a.replicas}")
     _need_ray()
     from .server.routing import RoutingConfig
-    given = {k: v for k, v in (("cache_threshold", a.cache_threshold), ("balance_abs_threshold", a.balance_abs_threshold),
-                               ("balance_rel_threshold", a.balance_rel_threshold)) if v is not None}
+
+    given = {
+        k: v
+        for k, v in (
+            ("cache_threshold", a.cache_threshold),
+            ("balance_abs_threshold", a.balance_abs_threshold),
+            ("balance_rel_threshold", a.balance_rel_threshold),
+        )
+        if v is not None
+    }
     # SGLang's 32 suits GPU servers batching hundreds of sequences; a quarter of a replica's slots here
     given.setdefault("balance_abs_threshold", max(1, a.max_num_seqs // 4))
     return RoutingConfig(policy=a.routing or "cache-aware", **given)
@@ -358,12 +522,24 @@ def _serve_replicas(a, config, engine: dict, routing) -> None:
 
     from . import hub
     from .server.cluster import ClusterConfig, serve_forever
+
     threads = a.threads or max(1, (os.cpu_count() or 1) // a.replicas)
     model = str(hub.resolve_model(a.model).resolve())  # fails here, once, if missing; replicas load this path
-    cluster = ClusterConfig(replicas=a.replicas, threads=threads, model=model, device=a.device, weights=a.weights,
-                            engine=engine, server=config, routing=routing, host=a.host, port=a.port,
-                            ray_address=a.ray_address, home=os.environ.get("GEARSHIFT_HOME"),
-                            log_level="warning" if a.log_level == "info" else a.log_level)
+    cluster = ClusterConfig(
+        replicas=a.replicas,
+        threads=threads,
+        model=model,
+        device=a.device,
+        weights=a.weights,
+        engine=engine,
+        server=config,
+        routing=routing,
+        host=a.host,
+        port=a.port,
+        ray_address=a.ray_address,
+        home=os.environ.get("GEARSHIFT_HOME"),
+        log_level="warning" if a.log_level == "info" else a.log_level,
+    )
     try:
         serve_forever(cluster)
     except KeyboardInterrupt:
@@ -375,6 +551,7 @@ def _serve_replicas(a, config, engine: dict, routing) -> None:
 
 def cmd_build_llama_cpp(a) -> None:
     from .tools import llama_cpp
+
     out = llama_cpp.build(a.prefix, version=a.version, jobs=a.jobs)
     print(f"llama.cpp {a.version} built into {out}: {', '.join(llama_cpp.TARGETS)}")
 
@@ -385,37 +562,63 @@ def cmd_distill(a) -> None:
     from .llm import load
     from .tools.data import data_dir
     from .tools.distill import DistillConfig, distill, gsm8k_prompts, pick_layers
+
     llm = load(a.model, device=a.device)
-    layers = pick_layers(llm.model.cfg.n_layers, a.layers, a.every)
+    if a.head == "eagle" and (a.layers is not None or a.every is not None or a.early_exit):
+        raise GearshiftError("--head eagle reads the target's features: no --layers, --every or --early-exit")
+    if a.vocab < 256:
+        raise GearshiftError("--vocab must be at least 256")
+    layers = [] if a.head == "eagle" else pick_layers(llm.model.cfg.n_layers, a.layers, a.every)
     if a.prompts < 0 or a.self_prompts < 0:
         raise GearshiftError("--prompts and --self-prompts count prompts: use 0 or more")
-    if min(a.steps, a.batch_tokens, a.max_new_tokens, a.rank) < 1 or a.lr <= 0 or \
-            (a.minutes is not None and a.minutes <= 0):
+    if (
+        min(a.steps, a.batch_tokens, a.max_new_tokens, a.rank) < 1
+        or a.lr <= 0
+        or (a.minutes is not None and a.minutes <= 0)
+    ):
         raise GearshiftError("--steps, --batch-tokens, --max-new-tokens, --rank, --lr and --minutes must be positive")
-    prompts = gsm8k_prompts(Path(a.prompts_file) if a.prompts_file else data_dir() / "gsm8k" / "train.jsonl",
-                            0, a.prompts)
+    prompts = gsm8k_prompts(
+        Path(a.prompts_file) if a.prompts_file else data_dir() / "gsm8k" / "train.jsonl", 0, a.prompts
+    )
     if not prompts and not a.self_prompts:
         raise GearshiftError("no training prompts")
-    cfg = DistillConfig(out=Path(a.out), layers=layers, prompts=prompts, self_prompts=a.self_prompts,
-                        max_new_tokens=a.max_new_tokens, steps=a.steps, minutes=a.minutes,
-                        batch_tokens=a.batch_tokens, lr=a.lr)
-    summary = distill(llm, cfg, early_exit=a.early_exit, rank=a.rank)
+    cfg = DistillConfig(
+        out=Path(a.out),
+        layers=layers,
+        prompts=prompts,
+        self_prompts=a.self_prompts,
+        max_new_tokens=a.max_new_tokens,
+        steps=a.steps,
+        minutes=a.minutes,
+        batch_tokens=a.batch_tokens,
+        lr=a.lr,
+    )
+    if a.head == "eagle":
+        from .tools.eagle import train_eagle
+
+        summary = train_eagle(llm, cfg, vocab_size=a.vocab)
+    else:
+        summary = distill(llm, cfg, early_exit=a.early_exit, rank=a.rank)
     print(json.dumps(summary, indent=1))
-    use = f"early-exit:{a.out}" if a.early_exit else f"model:{a.out}"
+    use = f"eagle:{a.out}" if a.head == "eagle" else f"early-exit:{a.out}" if a.early_exit else f"model:{a.out}"
     print(f"written to {a.out}: use it with --drafter {use}", file=sys.stderr)
 
 
 def cmd_calibrate_duo(a) -> None:
     from .llm import load
     from .tools.duo import calibrate
+
     if a.samples < 1 or a.length < 64:
         raise GearshiftError("--samples must be >= 1 and --length >= 64")
     llm = load(a.model, device=a.device)
     r = calibrate(llm, a.out, a.samples, a.length, a.seed, a.plot)
     import torch
+
     s = torch.tensor(r["scores"])
-    print(f"head scores written to {r['path']} (layers x KV heads {tuple(s.shape)}; top head {s.max():.3f}, "
-          f"median {s.median():.4f}): use it with --kv-policy duo")
+    print(
+        f"head scores written to {r['path']} (layers x KV heads {tuple(s.shape)}; top head {s.max():.3f}, "
+        f"median {s.median():.4f}): use it with --kv-policy duo"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -442,44 +645,106 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (or $GEARSHIFT_API_KEY)")
     p.add_argument("--served-model-name", default=None, help="the name clients send as `model` (default: file name)")
-    p.add_argument("--max-num-seqs", type=int, default=E.max_num_seqs,
-                   help=f"sequences decoded side by side (KV cache slots; default {E.max_num_seqs})")
-    p.add_argument("--max-batched-tokens", type=int, default=E.max_batched_tokens,
-                   help=f"rows per step (prompt chunks + decode; default {E.max_batched_tokens})")
+    p.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=E.max_num_seqs,
+        help=f"sequences decoded side by side (KV cache slots; default {E.max_num_seqs})",
+    )
+    p.add_argument(
+        "--max-batched-tokens",
+        type=int,
+        default=E.max_batched_tokens,
+        help=f"rows per step (prompt chunks + decode; default {E.max_batched_tokens})",
+    )
     p.add_argument("--max-model-len", type=int, default=None, help="context per sequence (default: the model's)")
-    p.add_argument("--max-queue", type=int, default=L.max_queue,
-                   help=f"requests that may wait for a slot; more get 503 (default {L.max_queue})")
-    p.add_argument("--speculative-config", default=None,
-                   help='server-wide strategy, as JSON shaped like vLLM\'s: {"method": "ngram"}, {"method": "suffix"}, '
-                        '{"method": "early-exit", "num_layers": 4}, {"model": PATH, "num_speculative_tokens": 4}, '
-                        '{"method": "ead+verify", "tau": 2.0}; or a JSON list of them: the first is the default, '
-                        'and a request may choose any of them (or a training-free one) as its `speculative_config`')
-    p.add_argument("--max-body-bytes", type=int, default=L.max_body_bytes,
-                   help=f"larger request bodies get 413 (default {L.max_body_bytes})")
-    p.add_argument("--timeout-headers", type=float, default=L.timeout_headers,
-                   help=f"seconds a connection has to send a request's headers (default {L.timeout_headers:g})")
-    p.add_argument("--timeout-body", type=float, default=L.timeout_body,
-                   help=f"seconds a request has to send its body after its headers (default {L.timeout_body:g})")
-    p.add_argument("--timeout-keep-alive", type=float, default=L.timeout_keep_alive,
-                   help=f"seconds an idle keep-alive connection stays open (default {L.timeout_keep_alive:g})")
-    p.add_argument("--max-connections", type=int, default=L.max_connections,
-                   help=f"open connections beyond this are closed at once (default {L.max_connections})")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (default: PyTorch's); with --replicas, per replica (default: cores / replicas)")
-    p.add_argument("--replicas", type=int, default=None,
-                   help="run N engine replicas as Ray Serve deployments behind this one API (needs gearshift[cluster])")
-    p.add_argument("--ray-address", default=None,
-                   help="--replicas: join this Ray cluster (e.g. auto, or HEAD_IP:6379) instead of starting a local one")
-    p.add_argument("--routing", default=None, choices=["cache-aware", "round-robin"],
-                   help="--replicas: cache-aware (default: to the replica holding the longest prefix, else the least "
-                        "loaded) or round-robin")
-    p.add_argument("--cache-threshold", type=float, default=None,
-                   help="cache-aware: share of the prompt a replica must hold to get it (default 0.5, SGLang's)")
-    p.add_argument("--balance-abs-threshold", type=int, default=None,
-                   help="cache-aware: go to the least loaded replica when max - min load exceeds this "
-                        "(and the relative threshold): default --max-num-seqs / 4")
-    p.add_argument("--balance-rel-threshold", type=float, default=None,
-                   help="cache-aware: ... and max load exceeds min load times this (default 1.0001, SGLang's)")
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=L.max_queue,
+        help=f"requests that may wait for a slot; more get 503 (default {L.max_queue})",
+    )
+    p.add_argument(
+        "--speculative-config",
+        default=None,
+        help='server-wide strategy, as JSON shaped like vLLM\'s: {"method": "ngram"}, {"method": "suffix"}, '
+        '{"method": "early-exit", "num_layers": 4}, {"model": PATH, "num_speculative_tokens": 4}, '
+        '{"method": "ead+verify", "tau": 2.0}; or a JSON list of them: the first is the default, '
+        "and a request may choose any of them (or a training-free one) as its `speculative_config`",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=L.max_body_bytes,
+        help=f"larger request bodies get 413 (default {L.max_body_bytes})",
+    )
+    p.add_argument(
+        "--timeout-headers",
+        type=float,
+        default=L.timeout_headers,
+        help=f"seconds a connection has to send a request's headers (default {L.timeout_headers:g})",
+    )
+    p.add_argument(
+        "--timeout-body",
+        type=float,
+        default=L.timeout_body,
+        help=f"seconds a request has to send its body after its headers (default {L.timeout_body:g})",
+    )
+    p.add_argument(
+        "--timeout-keep-alive",
+        type=float,
+        default=L.timeout_keep_alive,
+        help=f"seconds an idle keep-alive connection stays open (default {L.timeout_keep_alive:g})",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=L.max_connections,
+        help=f"open connections beyond this are closed at once (default {L.max_connections})",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (default: PyTorch's); with --replicas, per replica (default: cores / replicas)",
+    )
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        help="run N engine replicas as Ray Serve deployments behind this one API (needs gearshift[cluster])",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="--replicas: join this Ray cluster (e.g. auto, or HEAD_IP:6379) instead of starting a local one",
+    )
+    p.add_argument(
+        "--routing",
+        default=None,
+        choices=["cache-aware", "round-robin"],
+        help="--replicas: cache-aware (default: to the replica holding the longest prefix, else the least "
+        "loaded) or round-robin",
+    )
+    p.add_argument(
+        "--cache-threshold",
+        type=float,
+        default=None,
+        help="cache-aware: share of the prompt a replica must hold to get it (default 0.5, SGLang's)",
+    )
+    p.add_argument(
+        "--balance-abs-threshold",
+        type=int,
+        default=None,
+        help="cache-aware: go to the least loaded replica when max - min load exceeds this "
+        "(and the relative threshold): default --max-num-seqs / 4",
+    )
+    p.add_argument(
+        "--balance-rel-threshold",
+        type=float,
+        default=None,
+        help="cache-aware: ... and max load exceeds min load times this (default 1.0001, SGLang's)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--weights", default="auto", help="weight format, as for generate")
@@ -490,32 +755,61 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=cmd_info)
     p = sub.add_parser("bench", help="measure decoding speed (against transformers, under load, across turns)")
-    p.add_argument("suite", nargs="?", choices=["spec-bench", "ead", "batch", "multiturn", "serve", "kv"],
-                   help="spec-bench: every drafter, per category; ead: entropy-adaptive decoding, cost vs quality; "
-                        "batch: continuous batching at several concurrency levels; multiturn: the prefix cache "
-                        "across chat turns; serve: load on an OpenAI-compatible server; kv: KV cache policies on "
-                        "long contexts (SCBench-style)")
+    p.add_argument(
+        "suite",
+        nargs="?",
+        choices=["spec-bench", "ead", "batch", "multiturn", "serve", "kv"],
+        help="spec-bench: every drafter, per category; ead: entropy-adaptive decoding, cost vs quality; "
+        "batch: continuous batching at several concurrency levels; multiturn: the prefix cache "
+        "across chat turns; serve: load on an OpenAI-compatible server; kv: KV cache policies on "
+        "long contexts (SCBench-style)",
+    )
     p.add_argument("--concurrency", default=None, help="batch (default 1,2,4,8,16), serve (default 1,4,8,16): levels")
-    p.add_argument("--requests", type=int, default=None, dest="requests_given",
-                   help="batch: questions per level (default 16); serve: requests per level (default 2 x c, >= 8)")
+    p.add_argument(
+        "--requests",
+        type=int,
+        default=None,
+        dest="requests_given",
+        help="batch: questions per level (default 16); serve: requests per level (default 2 x c, >= 8)",
+    )
     p.add_argument("--url", default=None, help="serve: the server to load (any OpenAI-compatible one)")
     p.add_argument("--api-key", default=None, help="serve: sent as a bearer token with --url")
-    p.add_argument("--compare-llama-cpp", action="store_true",
-                   help="serve: start gearshift serve and llama-server on loopback and load each in turn")
-    p.add_argument("--max-num-seqs", type=int, default=E.max_num_seqs,
-                   help="serve: slots of both servers (llama-server -np)")
-    p.add_argument("--sessions", type=int, default=None,
-                   help="serve: multi-turn chats at once instead of single questions (default 8 with --replicas)")
-    p.add_argument("--replicas", type=int, default=None,
-                   help="serve: start gearshift serve --replicas N per --routing policy, and one replica, in turn")
-    p.add_argument("--routing", default=None,
-                   help="serve --replicas: policies to compare (default cache-aware,round-robin)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="serve --replicas: CPU threads in all, split over the replicas (default: all cores)")
+    p.add_argument(
+        "--compare-llama-cpp",
+        action="store_true",
+        help="serve: start gearshift serve and llama-server on loopback and load each in turn",
+    )
+    p.add_argument(
+        "--max-num-seqs", type=int, default=E.max_num_seqs, help="serve: slots of both servers (llama-server -np)"
+    )
+    p.add_argument(
+        "--sessions",
+        type=int,
+        default=None,
+        help="serve: multi-turn chats at once instead of single questions (default 8 with --replicas)",
+    )
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        help="serve: start gearshift serve --replicas N per --routing policy, and one replica, in turn",
+    )
+    p.add_argument(
+        "--routing", default=None, help="serve --replicas: policies to compare (default cache-aware,round-robin)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="serve --replicas: CPU threads in all, split over the replicas (default: all cores)",
+    )
     p.add_argument("--lengths", default="1k,2k,4k,8k", help="kv: context lengths (k = 1000 tokens)")
-    p.add_argument("--policies", default="streaming,snapkv,h2o,pyramid,int8,int4",
-                   help="kv: policies against the full cache (also duo, after calibrate-duo, and compositions "
-                        "such as snapkv+int4)")
+    p.add_argument(
+        "--policies",
+        default="streaming,snapkv,h2o,pyramid,int8,int4",
+        help="kv: policies against the full cache (also duo, after calibrate-duo, and compositions "
+        "such as snapkv+int4)",
+    )
     p.add_argument("--budgets", default="256,1024", help="kv: budgets (entries per layer and KV head)")
     p.add_argument("--modes", default="multi-request,multi-turn", help="kv: SCBench's modes")
     p.add_argument("--tasks", default="passkey,kv,prefix_suffix,multihop,manyshot,needle", help="kv: tasks")
@@ -534,15 +828,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="ead: also run ead+verify (lossless) at every tau")
     p.add_argument("--limit-per-category", type=int, default=2)
     p.add_argument("--draft", default=None, help="draft model for model:PATH and transformers' assistant_model")
-    p.add_argument("--drafter", action="append", default=None,
-                   help="drafters to run (default: lookup, early-exit, recycling, suffix, hybrid)")
+    p.add_argument(
+        "--drafter",
+        action="append",
+        default=None,
+        help="drafters to run (default: lookup, early-exit, recycling, suffix, hybrid)",
+    )
     p.add_argument("--limit", type=int, default=None, help="questions (--quick: 10, ead: 20)")
     p.add_argument("--max-tokens", type=int, default=None, help="new tokens per request (kv: 16, others: 128)")
     p.add_argument("--json", default=None, help="write results to this JSON file")
     p.add_argument("--plot", default=None, help="draw tokens/s per engine to this PNG")
     p.add_argument("--no-transformers", action="store_true")
-    p.add_argument("--llama-cpp", default=None, metavar="DIR",
-                   help="--quick, spec-bench: llama.cpp built under DIR (default: $GEARSHIFT_HOME/llama.cpp, used when built)")
+    p.add_argument(
+        "--llama-cpp",
+        default=None,
+        metavar="DIR",
+        help="--quick, spec-bench: llama.cpp built under DIR (default: $GEARSHIFT_HOME/llama.cpp, used when built)",
+    )
     p.add_argument("--model", "-m", default=None)
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_bench)
@@ -555,12 +857,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory for the draft (also holds data and checkpoints: resumable)")
     p.add_argument("--layers", type=int, default=None, help="start from the target's first L blocks")
     p.add_argument("--every", type=int, default=None, help="start from every k-th block of the target")
-    p.add_argument("--early-exit", action="store_true",
-                   help="train an exit head (norm + low-rank adapter) on the target's first --layers blocks instead")
+    p.add_argument(
+        "--early-exit",
+        action="store_true",
+        help="train an exit head (norm + low-rank adapter) on the target's first --layers blocks instead",
+    )
     p.add_argument("--rank", type=int, default=32, help="--early-exit: adapter rank")
+    p.add_argument(
+        "--head",
+        choices=["eagle"],
+        default=None,
+        help="train an EAGLE draft head on the target's own features instead (one block, a trimmed vocabulary)",
+    )
+    p.add_argument("--vocab", type=int, default=8192, help="--head eagle: tokens the head scores (FR-Spec)")
     p.add_argument("--prompts", type=int, default=800, help="training questions (from the start of the file)")
-    p.add_argument("--self-prompts", type=int, default=0,
-                   help="also train on this many requests the target writes itself (general text, Magpie-style)")
+    p.add_argument(
+        "--self-prompts",
+        type=int,
+        default=0,
+        help="also train on this many requests the target writes itself (general text, Magpie-style)",
+    )
     p.add_argument("--prompts-file", default=None, help="GSM8K-style JSONL (default: ../shared/data/gsm8k/train.jsonl)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="length of the target's answers")
     p.add_argument("--steps", type=int, default=400)

@@ -31,13 +31,15 @@ class EngineConfig:
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise GearshiftError(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
         if self.max_batched_tokens < self.max_num_seqs:  # else decode rows alone could starve every prompt
-            raise GearshiftError(f"max_batched_tokens ({self.max_batched_tokens}) must be at least max_num_seqs "
-                                 f"({self.max_num_seqs})")
+            raise GearshiftError(
+                f"max_batched_tokens ({self.max_batched_tokens}) must be at least max_num_seqs ({self.max_num_seqs})"
+            )
 
 
 @dataclass
 class ServerLimits:
     """What one server lets its clients have (the README's Limits table)."""
+
     max_queue: int = 256  # requests that may wait for a slot beyond max_num_seqs; more get 503
     max_body_bytes: int = 2 * 1024 * 1024  # larger request bodies get 413
     # connections (server/http.py): headers must arrive within, and then the body within, so many

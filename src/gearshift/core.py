@@ -54,8 +54,7 @@ FAILED = object()  # what `_isolated` returns when the sequence's own work raise
 
 
 class EngineCore:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, eos_ids: set[int],
-                 config: EngineConfig | None = None):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, eos_ids: set[int], config: EngineConfig | None = None):
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, eos_ids
         self.config = config or EngineConfig()
         self.window = min(model.cfg.max_seq_len, self.config.max_model_len or model.cfg.max_seq_len)
@@ -128,8 +127,8 @@ class EngineCore:
             outputs.append(self._fail(seq, error))
         if tasks:
             fwd = self.runner.forward(tasks)
-            for task, logits, queries in zip(tasks, fwd.logits, fwd.queries):
-                out = self._isolated(task.seq, outputs, self._after_forward, task, logits, fwd.seconds, queries)
+            for task, logits, queries, feats in zip(tasks, fwd.logits, fwd.queries, fwd.features):
+                out = self._isolated(task.seq, outputs, self._after_forward, task, logits, fwd.seconds, queries, feats)
                 if out is not None and out is not FAILED:
                     outputs.append(out)
         for seq in plan.alone:
@@ -164,8 +163,16 @@ class EngineCore:
         seq.strategy = seq.request.strategy()
         seq.strategy.start(seq)
 
-    def _after_forward(self, task: Task, logits: torch.Tensor, forward_s: float,
-                       queries: list[torch.Tensor] | None) -> StepOutput | None:
+    def _after_forward(
+        self,
+        task: Task,
+        logits: torch.Tensor,
+        forward_s: float,
+        queries: list[torch.Tensor] | None,
+        features: torch.Tensor | None,
+    ) -> StepOutput | None:
+        if features is not None:  # its drafter reads the target's features (rows from task.start on)
+            task.seq.strategy.see(task.seq, task.start, task.take, features)
         out = self._accept(task, logits, forward_s)
         seq = task.seq
         if seq.kv is not None and seq.finish_reason is None:

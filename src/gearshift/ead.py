@@ -90,7 +90,7 @@ class EntropyGate:
         return proposal
 
     def observe(self, verdict: Verdict, target_logits: torch.Tensor) -> None:
-        for h in self.inner.entropies[:verdict.accepted]:
+        for h in self.inner.entropies[: verdict.accepted]:
             self.schedule.push(h)
         self.schedule.push(entropy(target_logits[verdict.accepted]))
         if self.drafted:  # otherwise the small model sat this step out; it catches up when drafting again

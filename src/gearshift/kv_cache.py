@@ -53,7 +53,7 @@ def quantize(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
         lo, hi = h.amin(-1, keepdim=True), h.amax(-1, keepdim=True)
         s = ((hi - lo) / 15).clamp(min=1e-12)
         parts.append(torch.round((h - lo) / s).clamp(0, 15).to(torch.uint8))
-        scales[..., 2 * i:2 * i + 1], scales[..., 2 * i + 1:2 * i + 2] = s, lo
+        scales[..., 2 * i : 2 * i + 1], scales[..., 2 * i + 1 : 2 * i + 2] = s, lo
     codes[..., :half] = parts[0] | (parts[1] << 4)
     return codes, scales
 
@@ -64,13 +64,26 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, fmt: str) -> torch.Ten
         return codes.view(torch.int8).float() * scales[..., :1]
     half = codes.shape[-1] // 2
     b = codes[..., :half]
-    return torch.cat([(b & 15).float() * scales[..., 0:1] + scales[..., 1:2],
-                      (b >> 4).float() * scales[..., 2:3] + scales[..., 3:4]], dim=-1)
+    return torch.cat(
+        [
+            (b & 15).float() * scales[..., 0:1] + scales[..., 1:2],
+            (b >> 4).float() * scales[..., 2:3] + scales[..., 3:4],
+        ],
+        dim=-1,
+    )
 
 
 class KVCache:
-    def __init__(self, n_layers: int, slots: int, n_kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str):
+    def __init__(
+        self,
+        n_layers: int,
+        slots: int,
+        n_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
         shape = (n_layers, slots, max_len, n_kv_heads, head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
@@ -81,10 +94,14 @@ class KVCache:
         self.compacted = [False] * slots  # whether a policy dropped entries of the slot's sequence
         # views made once: per layer, every slot's rows for writes, and each slot as [1, kv heads, positions, D]
         # (4-D: the shape scaled_dot_product_attention's fused CPU kernel takes; 3-D falls back to a slow path)
-        self.rows = [(self.k[i].view(-1, n_kv_heads, head_dim), self.v[i].view(-1, n_kv_heads, head_dim))
-                     for i in range(n_layers)]
-        self.heads = [[(self.k[i, s].transpose(0, 1)[None], self.v[i, s].transpose(0, 1)[None]) for s in range(slots)]
-                      for i in range(n_layers)]
+        self.rows = [
+            (self.k[i].view(-1, n_kv_heads, head_dim), self.v[i].view(-1, n_kv_heads, head_dim))
+            for i in range(n_layers)
+        ]
+        self.heads = [
+            [(self.k[i, s].transpose(0, 1)[None], self.v[i, s].transpose(0, 1)[None]) for s in range(slots)]
+            for i in range(n_layers)
+        ]
         self.rope_at_slot = [False] * slots  # keys re-rotated to their slot positions (StreamingLLM)
         self.inv_freq: torch.Tensor | None = None  # RoPE's frequencies (set by the model), for re-rotating
         self.formats: list[str | None] = [None] * slots  # a slot's quantized copy, if any
@@ -113,8 +130,10 @@ class KVCache:
         """Forget everything of `slot` from token `position` on (e.g. rejected draft tokens)."""
         at = position - self.shift[slot]
         if not 0 <= at <= self.lengths[slot] or (self.compacted[slot] and at < self.holes[:, slot, :, 1].max()):
-            raise ValueError(f"cannot roll back to {position}: slot {slot} holds {self.lengths[slot]} positions"
-                             + (f" after dropping {self.shift[slot]}" if self.shift[slot] else ""))
+            raise ValueError(
+                f"cannot roll back to {position}: slot {slot} holds {self.lengths[slot]} positions"
+                + (f" after dropping {self.shift[slot]}" if self.shift[slot] else "")
+            )
         self.lengths[slot] = at
 
     def reset(self, slot: int) -> None:
@@ -147,8 +166,9 @@ class KVCache:
         if kernels.paths(self.k.device.type, self.k.dtype).attention:
             write = slot * self.max_len + torch.arange(start, end)
             for layer in range(self.k.shape[0]):
-                torch.ops.gearshift.quantize_into(self.k[layer, slot, start:end], self.v[layer, slot, start:end],
-                                                  write, *self.quantized_layer(layer))
+                torch.ops.gearshift.quantize_into(
+                    self.k[layer, slot, start:end], self.v[layer, slot, start:end], write, *self.quantized_layer(layer)
+                )
             return
         for src, codes, scales in ((self.k, self.kq, self.ks), (self.v, self.vq, self.vs)):
             codes[:, slot, start:end], scales[:, slot, start:end] = quantize(src[:, slot, start:end], fmt)
@@ -165,7 +185,9 @@ class KVCache:
             codes[layer].view(-1, kvh, d).index_copy_(0, write, c)
             scales[layer].view(-1, kvh, 4).index_copy_(0, write, s)
 
-    def read(self, layer: int, slot: int, n: int, live: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(
+        self, layer: int, slot: int, n: int, live: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [1, KVH, n, D] as a row attending positions 0..n-1 of the slot sees them:
         for a quantized slot, dequantized but for each head's `recent` last live entries (PyTorch
         attention's path; the native kernel does the same per row)."""
@@ -174,8 +196,11 @@ class KVCache:
         if not fmt:
             return keys[:, :, :n], values[:, :, :n]
         recent = int(self.qfmt[slot, 1])
-        counted = (live[0, :, 0, :n] if live is not None
-                   else torch.ones(keys.shape[1], n, dtype=torch.bool, device=keys.device)).long()
+        counted = (
+            live[0, :, 0, :n]
+            if live is not None
+            else torch.ones(keys.shape[1], n, dtype=torch.bool, device=keys.device)
+        ).long()
         after = counted.flip(-1).cumsum(-1).flip(-1)  # live entries at or after each position
         exact = (after <= recent)[..., None]  # [KVH, n, 1]
         out = []
@@ -238,8 +263,10 @@ class KVCache:
     def held(self, slot: int) -> int:
         """Entries the slot holds, over every layer and KV head (holes excluded)."""
         h = self.holes[:, slot]
-        return int(self.lengths[slot] * h.shape[0] * h.shape[1] - (h[..., 1].clamp(max=self.lengths[slot])
-                                                                    - h[..., 0]).clamp(min=0).sum())
+        return int(
+            self.lengths[slot] * h.shape[0] * h.shape[1]
+            - (h[..., 1].clamp(max=self.lengths[slot]) - h[..., 0]).clamp(min=0).sum()
+        )
 
     def keep(self, slot: int, start: int, nodes: list[int]) -> None:
         """After scoring a token tree whose root sits at token position `start`: move the accepted

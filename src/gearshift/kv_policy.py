@@ -57,6 +57,7 @@ QUANTIZED = ("int8", "int4")
 @dataclass
 class KVPolicy:
     """What a request asks of its cache: a policy and a budget (entries per layer and KV head)."""
+
     name: str = "full"
     budget: int = 1024
     sinks: int = 4
@@ -73,8 +74,10 @@ class KVPolicy:
         if name in QUANTIZED and not quant:
             name, quant = "full", name
         if name not in EVICTIONS or (quant and quant not in QUANTIZED) or (quant and self.quant not in (None, quant)):
-            raise GearshiftError(f"unknown kv_policy {self.name!r}; choose {', '.join(POLICIES)}, "
-                                 f"or a policy and a quantization, e.g. snapkv+int4")
+            raise GearshiftError(
+                f"unknown kv_policy {self.name!r}; choose {', '.join(POLICIES)}, "
+                f"or a policy and a quantization, e.g. snapkv+int4"
+            )
         self.name, self.quant = name, quant or self.quant
         if not 0 <= self.retrieval <= 1:
             raise GearshiftError(f"kv retrieval fraction must be in [0, 1], got {self.retrieval!r}")
@@ -152,8 +155,10 @@ def retrieval_heads(p: KVPolicy, n_layers: int, n_kv_heads: int) -> torch.Tensor
         _HEADS[p.heads] = scores
     scores = _HEADS[p.heads]
     if tuple(scores.shape) != (n_layers, n_kv_heads):
-        raise GearshiftError(f"duo head file {p.heads} is for {tuple(scores.shape)} layers x KV heads, "
-                             f"this model has ({n_layers}, {n_kv_heads})")
+        raise GearshiftError(
+            f"duo head file {p.heads} is for {tuple(scores.shape)} layers x KV heads, "
+            f"this model has ({n_layers}, {n_kv_heads})"
+        )
     k = round(p.retrieval * scores.numel())
     mask = torch.zeros(scores.numel(), dtype=torch.bool)
     mask[scores.flatten().topk(k).indices] = True
@@ -162,10 +167,12 @@ def retrieval_heads(p: KVPolicy, n_layers: int, n_kv_heads: int) -> torch.Tensor
 
 # ---------------------------------------------------------------- the policies
 
+
 class Eviction:
     """An eviction policy's behaviour: the hooks `KVState.after_step` calls, and how it scores.
     The base class is the full cache (nothing dropped); a policy overrides what differs. Adding a
     policy is a subclass here and a line in `EVICTIONS`."""
+
     in_decode = False  # drops entries while decoding too (not only at the end of the prompt)
     needs_queries = False  # scores with the prompt window's queries
     rerotate = False  # kept keys are re-rotated to their slot positions (`KVCache.compact`)
@@ -194,8 +201,9 @@ class Eviction:
     def on_prompt_end(self, state: KVState, cache: KVCache, slot: int) -> None:
         compress(slot, state, cache, decoding=False)
 
-    def on_step(self, state: KVState, cache: KVCache, slot: int, queries: list[torch.Tensor] | None,
-                first: int) -> None:
+    def on_step(
+        self, state: KVState, cache: KVCache, slot: int, queries: list[torch.Tensor] | None, first: int
+    ) -> None:
         """After a decoding step (queries: its rows' queries, when `capture_from` asked for them)."""
         if self.in_decode:
             compress(slot, state, cache, decoding=True)
@@ -203,6 +211,7 @@ class Eviction:
 
 class Recency(Eviction):
     """StreamingLLM: the first `sinks` entries and the most recent ones, re-rotated into place."""
+
     in_decode = rerotate = unbounded = True
 
     def scores(self, state, cache, slot, layer, live):
@@ -211,6 +220,7 @@ class Recency(Eviction):
 
 class SnapKV(Eviction):
     """The prompt window's queries vote at the end of the prompt; nothing is dropped while decoding."""
+
     needs_queries = True
 
     def scores(self, state, cache, slot, layer, live):
@@ -232,13 +242,14 @@ class Pyramid(SnapKV):
 
 class H2O(Eviction):
     """Heavy hitters: attention accumulated over every query an entry has seen, prompt and decode."""
+
     in_decode = needs_queries = True
 
     def capture_from(self, p, start, take, prompt_len):
         return 0 if start >= prompt_len else super().capture_from(p, start, take, prompt_len)
 
     def scores(self, state, cache, slot, layer, live):
-        return state.acc[layer, :, :live.shape[1]]
+        return state.acc[layer, :, : live.shape[1]]
 
     def on_prompt_end(self, state, cache, slot):
         if state.window:
@@ -253,6 +264,7 @@ class H2O(Eviction):
 
 class Duo(Recency):
     """DuoAttention: retrieval heads keep everything, the others stream (no re-rotation)."""
+
     rerotate = unbounded = False
 
     def head_budgets(self, p, n_layers, n_kv_heads):
@@ -265,13 +277,21 @@ class Duo(Recency):
             return p
         heads = duo_path(model_path)  # this model's calibrated head file
         if not heads.exists():
-            raise GearshiftError(f"kv_policy duo needs this model's retrieval heads: run `gearshift "
-                                 f"calibrate-duo` first (writes {heads})")
+            raise GearshiftError(
+                f"kv_policy duo needs this model's retrieval heads: run `gearshift "
+                f"calibrate-duo` first (writes {heads})"
+            )
         return replace(p, heads=str(heads))
 
 
-EVICTIONS: dict[str, Eviction] = {"full": Eviction(), "streaming": Recency(), "snapkv": SnapKV(), "h2o": H2O(),
-                                  "pyramid": Pyramid(), "duo": Duo()}
+EVICTIONS: dict[str, Eviction] = {
+    "full": Eviction(),
+    "streaming": Recency(),
+    "snapkv": SnapKV(),
+    "h2o": H2O(),
+    "pyramid": Pyramid(),
+    "duo": Duo(),
+}
 POLICIES = tuple(EVICTIONS) + QUANTIZED  # and EVICTION+QUANTIZED, e.g. snapkv+int4
 
 
@@ -280,6 +300,7 @@ class KVState:
     """One sequence's policy state: the prompt window's queries (per layer, and the token position
     of the first), H2O's accumulated attention (per layer, KV head and slot position), and
     whether the end of the prompt has been handled."""
+
     policy: KVPolicy
     window: list[list[torch.Tensor]] = field(default_factory=list)
     window_first: int | None = None
@@ -302,8 +323,9 @@ class KVState:
         for per_layer, q in zip(self.window, queries):
             per_layer.append(q)
 
-    def after_step(self, cache: KVCache, slot: int, queries: list[torch.Tensor] | None, first: int,
-                   computed: int, prompt_len: int) -> None:
+    def after_step(
+        self, cache: KVCache, slot: int, queries: list[torch.Tensor] | None, first: int, computed: int, prompt_len: int
+    ) -> None:
         """After the sequence's step (its slot holds `computed` tokens; `queries` from token position
         `first` on): keep the prompt window's queries; at the end of the prompt, and then while
         decoding, let the policy drop entries."""
@@ -348,8 +370,8 @@ def _select(scores: torch.Tensor, live: torch.Tensor, budgets: torch.Tensor, p: 
     n = scores.shape[1]
     s = scores.clone()
     protect = torch.zeros(n, dtype=torch.bool, device=s.device)
-    protect[:p.sinks] = True
-    protect[max(0, n - p.window):] = True
+    protect[: p.sinks] = True
+    protect[max(0, n - p.window) :] = True
     s[:, protect] = math.inf
     s = s.masked_fill(~live, -math.inf)
     out = []
@@ -382,7 +404,7 @@ def compress(seq_slot: int, state: KVState, cache: KVCache, decoding: bool) -> b
         acc = torch.zeros_like(state.acc)
         for layer, per_layer in enumerate(keep):
             for head, idx in enumerate(per_layer):
-                acc[layer, head, :len(idx)] = state.acc[layer, head, idx]
+                acc[layer, head, : len(idx)] = state.acc[layer, head, idx]
         state.acc = acc
     cache.compact(seq_slot, keep, rerotate=eviction.rerotate)
     state.compactions += 1
@@ -397,4 +419,6 @@ def accumulate(seq_slot: int, state: KVState, cache: KVCache, queries: list[torc
         state.acc = torch.zeros(layers, kvh, cache.max_len, device=cache.k.device)
     for layer, q in enumerate(queries):
         live = _live(cache, layer, seq_slot, n)
-        state.acc[layer, :, :n] += attention_scores(q, cache.k[layer, seq_slot, :n], live, first - cache.shift[seq_slot])
+        state.acc[layer, :, :n] += attention_scores(
+            q, cache.k[layer, seq_slot, :n], live, first - cache.shift[seq_slot]
+        )

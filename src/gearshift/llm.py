@@ -13,15 +13,16 @@ from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
+from .config import EngineConfig
 from .core import EngineCore
 from .drafters import Drafter, ModelDrafter
 from .ead import EAD
 from .errors import GearshiftError
 from .kv_policy import KVPolicy
-from .loading import Loaded, load as load_weights
+from .loading import Loaded
+from .loading import load as load_weights
 from .model import Transformer
 from .sampling import SamplingParams
-from .config import EngineConfig
 from .sequence import Completion, Request, StepOutput
 from .strategies import make_drafter, strategy_factory
 from .tokenizer import Tokenizer, encode_prompt
@@ -120,9 +121,17 @@ class LLM:
             self._drafters[spec] = make_drafter(spec, self.model, self.tokenizer, Path(self.loaded.path))
         return self._drafters[spec]
 
-    def requests(self, prompt: Prompt, drafter: str | Drafter | None = None, ead: EAD | None = None, n: int = 1,
-                 kv_policy: str | KVPolicy | None = None, kv_budget: int | None = None, make=None,
-                 **params) -> list[Request]:
+    def requests(
+        self,
+        prompt: Prompt,
+        drafter: str | Drafter | None = None,
+        ead: EAD | None = None,
+        n: int = 1,
+        kv_policy: str | KVPolicy | None = None,
+        kv_budget: int | None = None,
+        make=None,
+        **params,
+    ) -> list[Request]:
         """The requests for one prompt: `n` samples, the j-th seeded with seed + j when a seed is given.
         `make` is a strategy factory made earlier (`strategy`), instead of `drafter` and `ead`."""
         p = SamplingParams(**params)
@@ -133,8 +142,12 @@ class LLM:
             kv = kv.for_model(self.loaded.path)
         make = make or self.strategy(drafter, ead)
         ids = self.encode(prompt)
-        return [Request(ids, p if p.seed is None or j == 0 else SamplingParams(**{**vars(p), "seed": p.seed + j}), make,
-                        kv=kv) for j in range(n)]
+        return [
+            Request(
+                ids, p if p.seed is None or j == 0 else SamplingParams(**{**vars(p), "seed": p.seed + j}), make, kv=kv
+            )
+            for j in range(n)
+        ]
 
     def strategy(self, drafter: str | Drafter | None, ead: EAD | None, k: int | None = None):
         """The per-sequence strategy factory a request carries: plain, speculative or entropy-adaptive;
@@ -148,9 +161,16 @@ class LLM:
             raise GearshiftError(f"ead needs a small model (early-exit[:L] or model:PATH), not {ead.small!r}")
         return strategy_factory(self.model, ead=(small, ead))
 
-    def generate(self, prompt: Prompt | list[Prompt], drafter: str | Drafter | None = None, ead: EAD | None = None,
-                 n: int = 1, kv_policy: str | KVPolicy | None = None, kv_budget: int | None = None,
-                 **params) -> Completion | list[Completion]:
+    def generate(
+        self,
+        prompt: Prompt | list[Prompt],
+        drafter: str | Drafter | None = None,
+        ead: EAD | None = None,
+        n: int = 1,
+        kv_policy: str | KVPolicy | None = None,
+        kv_budget: int | None = None,
+        **params,
+    ) -> Completion | list[Completion]:
         """Complete one prompt, or several (a list of prompts), all decoded side by side.
 
         With a drafter, decoding is speculative and lossless: greedy output is token-identical
@@ -163,8 +183,11 @@ class LLM:
         streams interleaved with this call go on (each caller gets only its own outputs).
         """
         many = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], (str, list))
-        requests = [r for x in (prompt if many else [prompt])
-                    for r in self.requests(x, drafter, ead, n, kv_policy, kv_budget, **params)]
+        requests = [
+            r
+            for x in (prompt if many else [prompt])
+            for r in self.requests(x, drafter, ead, n, kv_policy, kv_budget, **params)
+        ]
         ids = []
         try:
             for r in requests:
@@ -181,10 +204,17 @@ class LLM:
                 self._release(i)
         return results if many or n > 1 else results[0]
 
-    def stream(self, prompt: Prompt, drafter: str | Drafter | None = None, ead: EAD | None = None,
-               kv_policy: str | KVPolicy | None = None, kv_budget: int | None = None, **params) -> Stream:
+    def stream(
+        self,
+        prompt: Prompt,
+        drafter: str | Drafter | None = None,
+        ead: EAD | None = None,
+        kv_policy: str | KVPolicy | None = None,
+        kv_budget: int | None = None,
+        **params,
+    ) -> Stream:
         """Text deltas as they are generated; the finished Completion is then in `.completion`."""
-        request, = self.requests(prompt, drafter, ead, 1, kv_policy, kv_budget, **params)
+        (request,) = self.requests(prompt, drafter, ead, 1, kv_policy, kv_budget, **params)
         return Stream(self, request)
 
 

@@ -41,10 +41,18 @@ class Checkpoint:
 # ---------------------------------------------------------------- GGUF
 
 GGUF_NAMES = {
-    "token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
-    "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
 }
 
 
@@ -93,13 +101,24 @@ def read_gguf(path: Path) -> Checkpoint:
     tok_field = lambda key: reader.fields[key].contents() if key in reader.fields else None  # noqa: E731
     eos = [tok_field(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")]
     cfg = ModelConfig(
-        arch=arch, vocab_size=len(reader.fields["tokenizer.ggml.tokens"].data), dim=dim,
-        hidden_dim=a("feed_forward_length"), n_layers=a("block_count"), n_heads=n_heads, n_kv_heads=n_kv,
-        head_dim=a("attention.key_length", dim // n_heads), norm_eps=a("attention.layer_norm_rms_epsilon", 1e-5),
-        rope_theta=a("rope.freq_base", 10000.0), max_seq_len=a("context_length", 4096),
-        tie_embeddings="output.weight" not in names, qkv_bias="blk.0.attn_q.bias" in names,
-        o_bias="blk.0.attn_output.bias" in names, mlp_bias="blk.0.ffn_up.bias" in names,
-        bos_token_id=tok_field("tokenizer.ggml.bos_token_id"), eos_token_ids=sorted({i for i in eos if i is not None}))
+        arch=arch,
+        vocab_size=len(reader.fields["tokenizer.ggml.tokens"].data),
+        dim=dim,
+        hidden_dim=a("feed_forward_length"),
+        n_layers=a("block_count"),
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        head_dim=a("attention.key_length", dim // n_heads),
+        norm_eps=a("attention.layer_norm_rms_epsilon", 1e-5),
+        rope_theta=a("rope.freq_base", 10000.0),
+        max_seq_len=a("context_length", 4096),
+        tie_embeddings="output.weight" not in names,
+        qkv_bias="blk.0.attn_q.bias" in names,
+        o_bias="blk.0.attn_output.bias" in names,
+        mlp_bias="blk.0.ffn_up.bias" in names,
+        bos_token_id=tok_field("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=sorted({i for i in eos if i is not None}),
+    )
     scaling = a("rope.scaling.type")
     if scaling == "linear":
         cfg.rope_scaling = {"rope_type": "linear", "factor": a("rope.scaling.factor")}
@@ -140,6 +159,7 @@ def _gguf_bits(qtype) -> float:
 def _convert_gguf_tokenizer(path: Path, out: Path) -> None:
     """Let transformers build the fast tokenizer from GGUF metadata once; we keep its files."""
     import transformers
+
     transformers.logging.set_verbosity_error()
     try:
         tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -149,6 +169,7 @@ def _convert_gguf_tokenizer(path: Path, out: Path) -> None:
 
 
 # ---------------------------------------------------------------- Hugging Face directories
+
 
 def read_hf(path: Path) -> Checkpoint:
     from safetensors import safe_open
@@ -170,14 +191,25 @@ def read_hf(path: Path) -> Checkpoint:
     if c.get("sliding_window") and c.get("use_sliding_window", arch == "mistral"):
         max_len = min(max_len, c["sliding_window"])  # beyond the window our full attention would differ
     cfg = ModelConfig(
-        arch=arch, vocab_size=c["vocab_size"], dim=c["hidden_size"], hidden_dim=c["intermediate_size"],
-        n_layers=c["num_hidden_layers"], n_heads=n_heads, n_kv_heads=c.get("num_key_value_heads") or n_heads,
-        head_dim=c.get("head_dim") or c["hidden_size"] // n_heads, norm_eps=c.get("rms_norm_eps", 1e-6),
-        rope_theta=c.get("rope_theta", rope.get("rope_theta", 10000.0)), rope_scaling=scaling,
-        max_seq_len=max_len, tie_embeddings=c.get("tie_word_embeddings", False),
-        qkv_bias=arch == "qwen2" or c.get("attention_bias", False), bos_token_id=c.get("bos_token_id"),
-        o_bias=arch != "qwen2" and c.get("attention_bias", False), mlp_bias=c.get("mlp_bias", False),
-        eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)))
+        arch=arch,
+        vocab_size=c["vocab_size"],
+        dim=c["hidden_size"],
+        hidden_dim=c["intermediate_size"],
+        n_layers=c["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=c.get("num_key_value_heads") or n_heads,
+        head_dim=c.get("head_dim") or c["hidden_size"] // n_heads,
+        norm_eps=c.get("rms_norm_eps", 1e-6),
+        rope_theta=c.get("rope_theta", rope.get("rope_theta", 10000.0)),
+        rope_scaling=scaling,
+        max_seq_len=max_len,
+        tie_embeddings=c.get("tie_word_embeddings", False),
+        qkv_bias=arch == "qwen2" or c.get("attention_bias", False),
+        bos_token_id=c.get("bos_token_id"),
+        o_bias=arch != "qwen2" and c.get("attention_bias", False),
+        mlp_bias=c.get("mlp_bias", False),
+        eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
+    )
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise GearshiftError(f"no *.safetensors files in {path}")
@@ -209,6 +241,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
 
 
 # ---------------------------------------------------------------- building the runtime model
+
 
 def choose_formats(bits: dict[str, float], device: torch.device, weights: str) -> dict[str, str]:
     """Pick each linear's weight format: never below the precision the file had.
@@ -254,8 +287,10 @@ def build_model(ck: Checkpoint, fmts: dict[str, str], dtype: torch.dtype) -> Tra
         layer.qkv.set_weight(torch.cat(qkv), torch.cat(bias) if bias else None)
         layer.o.set_weight(t[p + "self_attn.o_proj.weight"], t.get(p + "self_attn.o_proj.bias"))
         gate_up_bias = [t[p + f"mlp.{n}_proj.bias"] for n in ("gate", "up")] if cfg.mlp_bias else None
-        layer.gate_up.set_weight(torch.cat([t[p + "mlp.gate_proj.weight"], t[p + "mlp.up_proj.weight"]]),
-                                 torch.cat(gate_up_bias) if gate_up_bias else None)
+        layer.gate_up.set_weight(
+            torch.cat([t[p + "mlp.gate_proj.weight"], t[p + "mlp.up_proj.weight"]]),
+            torch.cat(gate_up_bias) if gate_up_bias else None,
+        )
         layer.down.set_weight(t[p + "mlp.down_proj.weight"], t.get(p + "mlp.down_proj.bias"))
         layer.attn_norm.weight = t[p + "input_layernorm.weight"]
         layer.mlp_norm.weight = t[p + "post_attention_layernorm.weight"]
@@ -283,8 +318,9 @@ def _finish(model: Transformer, device: torch.device) -> Transformer:
     return model.to(device).eval()
 
 
-def load(model: str | Path | None = None, device: str | None = None, weights: str = "auto",
-         use_cache: bool = True) -> Loaded:
+def load(
+    model: str | Path | None = None, device: str | None = None, weights: str = "auto", use_cache: bool = True
+) -> Loaded:
     """Load a GGUF file or Hugging Face directory (None = the default model)."""
     from safetensors.torch import load_file, save_file
 
@@ -302,8 +338,9 @@ def load(model: str | Path | None = None, device: str | None = None, weights: st
         with torch.device("meta"):
             m = Transformer(cfg, meta["formats"], getattr(torch, meta["dtype"]))
         m.load_state_dict(load_file(str(cache_dir / "model.safetensors")), assign=True, strict=True)
-        return Loaded(_finish(m, dev), Tokenizer.from_dir(cache_dir), path, meta["quantization"],
-                      time.perf_counter() - t0, True)
+        return Loaded(
+            _finish(m, dev), Tokenizer.from_dir(cache_dir), path, meta["quantization"], time.perf_counter() - t0, True
+        )
     ck = read_checkpoint(path)
     fmts = choose_formats(ck.bits, dev, weights)
     dtype = torch.float32 if dev.type == "cpu" or "float32" in fmts.values() else torch.bfloat16
@@ -315,9 +352,16 @@ def load(model: str | Path | None = None, device: str | None = None, weights: st
             tmp = hub.atomic_dir(cache_dir)
             save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(tmp / "model.safetensors"))
             tok.save(tmp)
-            (tmp / "meta.json").write_text(json.dumps({"config": ck.config.to_dict(), "formats": fmts,
-                                                        "dtype": str(dtype).replace("torch.", ""),
-                                                        "quantization": ck.quantization}))
+            (tmp / "meta.json").write_text(
+                json.dumps(
+                    {
+                        "config": ck.config.to_dict(),
+                        "formats": fmts,
+                        "dtype": str(dtype).replace("torch.", ""),
+                        "quantization": ck.quantization,
+                    }
+                )
+            )
             hub.commit_dir(tmp, cache_dir)
     return Loaded(_finish(m, dev), tok, path, ck.quantization, time.perf_counter() - t0, False)
 
@@ -325,6 +369,7 @@ def load(model: str | Path | None = None, device: str | None = None, weights: st
 def load_exit_head(path: Path, target_path: Path, model: Transformer) -> tuple[int, ExitHead]:
     """(layers, head) of an exit trained by `gearshift distill --early-exit` for the model at `target_path`."""
     from safetensors.torch import load_file
+
     try:
         meta = json.loads((path / "config.json").read_text())["gearshift_exit"]
         state = load_file(str(path / "exit.safetensors"))

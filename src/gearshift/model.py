@@ -96,10 +96,10 @@ def unpack_int4(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     """`quantize_int4`'s tiles back to codes [N, K] (uint8, 0..15), scales and mins [N, K/32] (float32)."""
     t, nb, _ = tiles.shape
     col = lambda b: b.contiguous().view(torch.float16).float().transpose(1, 2).reshape(t * Q4_COLS, nb)  # noqa: E731
-    codes = tiles[..., 4 * Q4_COLS:].reshape(t, nb, 8, Q4_COLS, 2)  # [t, nb, c, j, p]
+    codes = tiles[..., 4 * Q4_COLS :].reshape(t, nb, 8, Q4_COLS, 2)  # [t, nb, c, j, p]
     q = torch.stack([codes & 15, codes >> 4], 3)  # [t, nb, c, h, j, p]
     q = q.permute(0, 4, 1, 2, 3, 5).reshape(t * Q4_COLS, nb * GROUP)
-    return q, col(tiles[..., :2 * Q4_COLS]), col(tiles[..., 2 * Q4_COLS:4 * Q4_COLS])
+    return q, col(tiles[..., : 2 * Q4_COLS]), col(tiles[..., 2 * Q4_COLS : 4 * Q4_COLS])
 
 
 def dequantize_int4(tiles: torch.Tensor) -> torch.Tensor:
@@ -172,14 +172,20 @@ class Linear(nn.Module):
         if self.fmt in ("int4", "int8"):
             if kernels.paths(x.device.type, torch.float32).linear:
                 xf = x.float().contiguous()
-                y = (torch.ops.gearshift.linear_q4(xf, self.tiles) if self.fmt == "int4"
-                     else torch.ops.gearshift.linear_q8(xf, self.tiles, self.scales))
+                y = (
+                    torch.ops.gearshift.linear_q4(xf, self.tiles)
+                    if self.fmt == "int4"
+                    else torch.ops.gearshift.linear_q8(xf, self.tiles, self.scales)
+                )
             else:
                 w, s = self._torch_layout()
-                y = (torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), w, GROUP, s)
-                     if self.fmt == "int4" else torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), w, s))
+                y = (
+                    torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), w, GROUP, s)
+                    if self.fmt == "int4"
+                    else torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), w, s)
+                )
             if y.shape[1] != self.out_features:  # padded to whole tiles
-                y = y[:, :self.out_features]
+                y = y[:, : self.out_features]
         else:
             y = F.linear(x if x.dtype == self.weight.dtype else x.to(self.weight.dtype), self.weight)
         if y.dtype != x.dtype:
@@ -207,7 +213,7 @@ class ExitHead(nn.Module):
         super().__init__()
         self.norm = RMSNorm(dim, eps)
         self.norm.weight = nn.Parameter(self.norm.weight)
-        self.a = nn.Parameter(torch.randn(rank, dim) / dim ** 0.5)
+        self.a = nn.Parameter(torch.randn(rank, dim) / dim**0.5)
         self.b = nn.Parameter(torch.zeros(dim, rank))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -275,9 +281,18 @@ class Block(nn.Module):
         weights are not trained, so they do not change after loading)."""
         if self._fused_weights is None:
             f = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
-            self._fused_weights = (f(self.attn_norm.weight), self.qkv.tiles, f(self.qkv.bias), self.o.tiles,
-                                   f(self.o.bias), f(self.mlp_norm.weight), self.gate_up.tiles, f(self.gate_up.bias),
-                                   self.down.tiles, f(self.down.bias))
+            self._fused_weights = (
+                f(self.attn_norm.weight),
+                self.qkv.tiles,
+                f(self.qkv.bias),
+                self.o.tiles,
+                f(self.o.bias),
+                f(self.mlp_norm.weight),
+                self.gate_up.tiles,
+                f(self.gate_up.bias),
+                self.down.tiles,
+                f(self.down.bias),
+            )
         return self._fused_weights
 
     def forward(self, x: torch.Tensor, rot: torch.Tensor, attend: Attend) -> torch.Tensor:
@@ -285,9 +300,10 @@ class Block(nn.Module):
         `attend(q, k, v)` ([tokens, heads, D] each) is the attention: cached or causal (`attention`)."""
         cfg, t = self.cfg, x.shape[0]
         qk, v = self.qkv(self.attn_norm(x)).split(
-            [(cfg.n_heads + cfg.n_kv_heads) * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim], dim=-1)
+            [(cfg.n_heads + cfg.n_kv_heads) * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim], dim=-1
+        )
         qk = apply_rope(qk.view(t, cfg.n_heads + cfg.n_kv_heads, cfg.head_dim), rot)
-        y = attend(qk[:, :cfg.n_heads], qk[:, cfg.n_heads:], v.view(t, cfg.n_kv_heads, cfg.head_dim))
+        y = attend(qk[:, : cfg.n_heads], qk[:, cfg.n_heads :], v.view(t, cfg.n_kv_heads, cfg.head_dim))
         x = x + self.o(y.reshape(t, -1))
         gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
@@ -307,8 +323,9 @@ class Transformer(nn.Module):
             inv_freq = rope_inv_freq(cfg)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         # the fused block takes int4 layers, float32 activations, and outputs of whole 16-column tiles
-        whole_tiles = all(n % Q4_COLS == 0 for n in (cfg.dim, 2 * cfg.hidden_dim,
-                                                     cfg.head_dim * (cfg.n_heads + 2 * cfg.n_kv_heads)))
+        whole_tiles = all(
+            n % Q4_COLS == 0 for n in (cfg.dim, 2 * cfg.hidden_dim, cfg.head_dim * (cfg.n_heads + 2 * cfg.n_kv_heads))
+        )
         self._fusable = fmts["layers"] == "int4" and dtype == torch.float32 and whole_tiles
 
     @property
@@ -317,8 +334,9 @@ class Transformer(nn.Module):
 
     def new_cache(self, slots: int = 1, max_len: int | None = None, n_layers: int | None = None) -> KVCache:
         c = self.cfg
-        cache = KVCache(n_layers or c.n_layers, slots, c.n_kv_heads, max_len or c.max_seq_len, c.head_dim,
-                        self.dtype, self.device)
+        cache = KVCache(
+            n_layers or c.n_layers, slots, c.n_kv_heads, max_len or c.max_seq_len, c.head_dim, self.dtype, self.device
+        )
         cache.inv_freq = self.inv_freq.to(self.device)
         return cache
 
@@ -344,11 +362,25 @@ class Transformer(nn.Module):
             for i, layer in enumerate(self.layers[:n_layers]):
                 holes = batch.holes[i] if batch.holes is not None else attention.NO_HOLES
                 quant = cache.quantized_layer(i) if batch.quantized else attention.NO_QUANT
-                x = torch.ops.gearshift.block(x, *layer.fused_weights(), cos_sin, cache.k[i], cache.v[i], batch.write,
-                                              batch.native_rows, batch.native_extra, holes, *quant, *heads, eps)
+                x = torch.ops.gearshift.block(
+                    x,
+                    *layer.fused_weights(),
+                    cos_sin,
+                    cache.k[i],
+                    cache.v[i],
+                    batch.write,
+                    batch.native_rows,
+                    batch.native_extra,
+                    holes,
+                    *quant,
+                    *heads,
+                    eps,
+                )
         else:
             for i, layer in enumerate(self.layers[:n_layers]):
                 x = layer(x, rot, partial(attention.cached, cache=cache, layer=i, batch=batch))
+        if batch.feature_index is not None:  # (segments that asked: a draft head reads them)
+            batch.features = x[batch.feature_index]
         if batch.out is not None:
             if not len(batch.out):  # nothing asked for (a prefill chunk): skip the LM head
                 return x[:0] if hidden else x.new_empty(0, self.cfg.vocab_size, dtype=torch.float32)
@@ -362,8 +394,16 @@ class Transformer(nn.Module):
         that keeps queries for a KV policy (`Segment.capture_from`) runs the unfused path, which has them."""
         return batch.native is not None and self._fusable and batch.paths.block and not batch.capture
 
-    def run(self, tokens: list[int] | torch.Tensor, cache: KVCache, slot: int = 0, parents: list[int] | None = None,
-            logits_from: int | None = 0, n_layers: int | None = None, hidden: bool = False) -> torch.Tensor:
+    def run(
+        self,
+        tokens: list[int] | torch.Tensor,
+        cache: KVCache,
+        slot: int = 0,
+        parents: list[int] | None = None,
+        logits_from: int | None = 0,
+        n_layers: int | None = None,
+        hidden: bool = False,
+    ) -> torch.Tensor:
         """One segment: `tokens` appended to `slot` (whose length then counts them); the logits of rows
         from `logits_from` on."""
         tokens = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)

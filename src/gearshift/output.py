@@ -44,14 +44,14 @@ class TextState:
                     safe = min(safe, len(self.text) - k)
                     break
         safe = max(safe, self.emitted)
-        delta = self.text[self.emitted:safe]
+        delta = self.text[self.emitted : safe]
         self.emitted = safe
         return delta
 
     def flush(self) -> str:
         if not self.stopped:
             self.text += self.detok.flush()
-        delta = self.text[self.emitted:]
+        delta = self.text[self.emitted :]
         self.emitted = len(self.text)
         return delta
 
@@ -90,7 +90,7 @@ class Outputs:
             seq.status = Status.DECODING
         out = StepOutput(seq.id, kept, text)
         if seq.logprobs is not None and kept:
-            out.logprobs = self.logprobs(logits[rows[:len(kept)]], kept, params.logprobs)
+            out.logprobs = self.logprobs(logits[rows[: len(kept)]], kept, params.logprobs)
             seq.logprobs += out.logprobs
         return out
 
@@ -106,8 +106,11 @@ class Outputs:
         tops = logp.topk(min(top, logp.shape[-1]), dim=-1) if top else None
         out = []
         for i, (t, lp) in enumerate(zip(tokens, chosen)):
-            alts = [] if tops is None else [self._entry(a, v) for a, v in
-                                            zip(tops.indices[i].tolist(), tops.values[i].tolist())]
+            alts = (
+                []
+                if tops is None
+                else [self._entry(a, v) for a, v in zip(tops.indices[i].tolist(), tops.values[i].tolist())]
+            )
             out.append(self._entry(t, lp, alts))
         return out
 

@@ -53,6 +53,7 @@ class Hit:
     from a busy slot (`source`) or loaded from host memory (`saved`), or already in place; the
     slot's compacted entries are dropped first (`reset`), or its tokens saved to host memory
     before they are overwritten (`evict`)."""
+
     slot: int
     found: int
     source: int | None = None
@@ -80,8 +81,9 @@ class PrefixCache:
     """The prefix index: what each free slot and the host LRU hold, and where a new prompt's
     longest cached prefix is. It decides (`lookup`, `release`); the model runner moves the entries."""
 
-    def __init__(self, cache: KVCache, slots: Slots, budget_bytes: int = 1 << 30, enabled: bool = True,
-                 min_tokens: int = 16):
+    def __init__(
+        self, cache: KVCache, slots: Slots, budget_bytes: int = 1 << 30, enabled: bool = True, min_tokens: int = 16
+    ):
         self.cache, self.slots = cache, slots  # the cache is only read here (lengths, compacted, sizes)
         self.budget, self.enabled, self.min_tokens = budget_bytes, enabled, min_tokens
         self.contents: list[list[int]] = [[] for _ in range(cache.slots)]  # what each free slot holds
@@ -94,7 +96,7 @@ class PrefixCache:
     def holding(self, slot: int) -> list[int]:
         owner = self.slots.owners.get(slot)
         if owner is not None:
-            return [] if self.cache.compacted[slot] else owner.tokens[:owner.computed]
+            return [] if self.cache.compacted[slot] else owner.tokens[: owner.computed]
         return self.contents[slot]
 
     def lookup(self, prompt: list[int], owner: Holder) -> Hit:
@@ -134,8 +136,9 @@ class PrefixCache:
             hit.slot = slot = min(free, key=lambda s: (len(self.contents[s]) > 0, released[s]))  # least recently freed
         if self.cache.compacted[slot]:
             hit.reset = source is not None or found == 0  # compacted entries nobody continues
-        elif len(self.contents[slot]) - (0 if source is not None else found) >= self.min_tokens \
-                and self._worth_saving(self.contents[slot]):
+        elif len(self.contents[slot]) - (0 if source is not None else found) >= self.min_tokens and self._worth_saving(
+            self.contents[slot]
+        ):
             hit.evict = self.contents[slot]  # what is about to be overwritten goes to host memory
         self.contents[slot] = []
         self.slots.take(slot, owner)

@@ -32,10 +32,13 @@ from .sequence import Sequence
 
 @dataclass
 class Forward:
-    """What one target forward gave: per task its rows of logits and (when its KV policy asked)
-    its rows' queries in every layer, and the forward's wall time."""
+    """What one target forward gave: per task its rows of logits, (when its KV policy asked) its
+    rows' queries in every layer, (when its drafter reads them) every row's target features, and
+    the forward's wall time."""
+
     logits: list[torch.Tensor]
     queries: list[list[torch.Tensor] | None]
+    features: list[torch.Tensor | None]
     seconds: float
 
 
@@ -75,7 +78,7 @@ class ModelRunner:
         slot, cache = seq.slot, self.cache
         if not keep:
             cache.reset(slot)
-        kept = self.prefix.release(slot, seq.tokens[:min(seq.computed, len(seq.tokens))] if keep else [])
+        kept = self.prefix.release(slot, seq.tokens[: min(seq.computed, len(seq.tokens))] if keep else [])
         if kept is None:
             cache.reset(slot)
         else:
@@ -117,19 +120,24 @@ class ModelRunner:
         at = 0
         for i, rows in batch.capture.items():
             n = rows.stop - rows.start
-            queries[i] = [q[at:at + n] for q in batch.queries]
+            queries[i] = [q[at : at + n] for q in batch.queries]
             at += n
-        return Forward([logits[rows] for rows in batch.out_slices], queries, seconds)
+        features = [
+            batch.features[batch.feature_rows[i]] if i in batch.feature_rows else None for i in range(len(tasks))
+        ]
+        return Forward([logits[rows] for rows in batch.out_slices], queries, features, seconds)
 
     @staticmethod
     def _segment(task: Task) -> Segment:
         seq = task.seq
-        tokens = seq.tokens[task.start:task.start + task.take]
-        capture = task.capture_from
+        tokens = seq.tokens[task.start : task.start + task.take]
+        capture, features = task.capture_from, seq.strategy.wants_features
         if task.k is None:
-            return Segment(seq.slot, tokens, capture_from=capture)
+            return Segment(seq.slot, tokens, capture_from=capture, features=features)
         p = task.proposal
-        return Segment(seq.slot, tokens + p.tokens, p.parents, logits_from=task.take - 1, capture_from=capture)
+        return Segment(
+            seq.slot, tokens + p.tokens, p.parents, logits_from=task.take - 1, capture_from=capture, features=features
+        )
 
     def keep(self, seq: Sequence, root: int, nodes: list[int]) -> None:
         """After scoring a draft below the token at position `root`: keep the accepted path's entries

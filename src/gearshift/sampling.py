@@ -17,7 +17,7 @@ from .errors import GearshiftError
 # Below this a temperature is greedy decoding (vLLM's rule): dividing logits by 1e-40 overflows to
 # inf and the softmax to NaN, and anything this cold is argmax in all but float rounding anyway.
 GREEDY_BELOW = 1e-5
-SEED_RANGE = (-2 ** 63, 2 ** 64)  # what torch.Generator.manual_seed takes
+SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes
 
 
 @dataclass
@@ -35,17 +35,36 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         checks = [
-            (isinstance(self.max_tokens, int) and self.max_tokens >= 1, f"max_tokens must be a positive integer, got {self.max_tokens!r}"),
-            (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature >= 0,
-             f"temperature must be a finite number >= 0, got {self.temperature!r}"),
+            (
+                isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+                f"max_tokens must be a positive integer, got {self.max_tokens!r}",
+            ),
+            (
+                isinstance(self.temperature, (int, float))
+                and math.isfinite(self.temperature)
+                and self.temperature >= 0,
+                f"temperature must be a finite number >= 0, got {self.temperature!r}",
+            ),
             (isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an integer >= 0, got {self.top_k!r}"),
-            (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}"),
-            (self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)
-                                   and SEED_RANGE[0] <= self.seed < SEED_RANGE[1]),
-             f"seed must be an integer from -2**63 to 2**64 - 1, got {self.seed!r}"),
+            (
+                isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1,
+                f"top_p must be in (0, 1], got {self.top_p!r}",
+            ),
+            (
+                self.seed is None
+                or (
+                    isinstance(self.seed, int)
+                    and not isinstance(self.seed, bool)
+                    and SEED_RANGE[0] <= self.seed < SEED_RANGE[1]
+                ),
+                f"seed must be an integer from -2**63 to 2**64 - 1, got {self.seed!r}",
+            ),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
-            (self.logprobs is None or (isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool)
-                                       and self.logprobs >= 0), f"logprobs must be an integer >= 0, got {self.logprobs!r}"),
+            (
+                self.logprobs is None
+                or (isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool) and self.logprobs >= 0),
+                f"logprobs must be an integer >= 0, got {self.logprobs!r}",
+            ),
         ]
         for ok, message in checks:
             if not ok:

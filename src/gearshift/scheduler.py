@@ -28,6 +28,7 @@ class Task:
     """One sequence's part of a step: `take` of the tokens the target has not read, from token
     position `start` on, and, when that catches it up, room for `k` draft tokens scored after them
     (it then gets logits and tokens this step)."""
+
     seq: Sequence
     start: int
     take: int
@@ -45,6 +46,7 @@ class Task:
 class Copy:
     """Positions seq.computed..end of a running sequence's slot `src` go to `seq`'s slot first (a
     prefix two prompts share)."""
+
     seq: Sequence
     src: int
     end: int
@@ -99,8 +101,10 @@ class Scheduler:
                 continue
             k = None
             if take == lag:  # caught up: logits this step, and room for a draft
-                k = max(0, min(seq.strategy.draft_room(seq, budget - take), seq.remaining - 1,
-                               self.max_len - len(seq.tokens)))
+                k = max(
+                    0,
+                    min(seq.strategy.draft_room(seq, budget - take), seq.remaining - 1, self.max_len - len(seq.tokens)),
+                )
             budget -= take + (k or 0)
             reach[seq.id] = start + take
             plan.tasks.append(Task(seq, start, take, k))

@@ -40,6 +40,7 @@ class Request:
 @dataclass
 class Logprob:
     """One token's log-probability, in the shape of OpenAI's `logprobs.content` entries (plus its id)."""
+
     id: int
     token: str
     logprob: float
@@ -68,6 +69,7 @@ class Completion:
 @dataclass
 class StepOutput:
     """What one step did for one sequence."""
+
     seq_id: int
     token_ids: list[int]
     text: str
@@ -78,6 +80,7 @@ class StepOutput:
 
 class Status(enum.Enum):
     """Where a sequence is in its life (`Sequence.status`); a finished one has a finish reason."""
+
     WAITING = "waiting"  # queued for a KV cache slot
     PREFILLING = "prefilling"  # in a slot, reading its prompt (no token yet)
     DECODING = "decoding"  # producing tokens
@@ -107,7 +110,7 @@ class Sequence:
 
     @property
     def generated(self) -> list[int]:
-        return self.tokens[self.prompt_len:]
+        return self.tokens[self.prompt_len :]
 
     @property
     def computed(self) -> int:
@@ -126,6 +129,14 @@ class Sequence:
         return self.max_new - (len(self.tokens) - self.prompt_len)
 
     def completion(self) -> Completion:
-        return Completion(self.text.text if self.text is not None else "", self.generated, self.prompt_len,
-                          self.finish_reason or "length", self.stats, self.stats.cached_tokens, self.logprobs,
-                          self.strategy.name if self.strategy is not None else "plain", self.error)
+        return Completion(
+            self.text.text if self.text is not None else "",
+            self.generated,
+            self.prompt_len,
+            self.finish_reason or "length",
+            self.stats,
+            self.stats.cached_tokens,
+            self.logprobs,
+            self.strategy.name if self.strategy is not None else "plain",
+            self.error,
+        )

@@ -14,6 +14,7 @@ from typing import Protocol
 class Holder(Protocol):
     """What a busy slot's owner exposes: its tokens, the first `computed` of them cached, and its
     KV policy state (None: a full cache)."""
+
     tokens: list[int]
     computed: int
     kv: object | None

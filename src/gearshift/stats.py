@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 @dataclass
 class Timing:
     """Wall-clock moments (time.perf_counter) in a sequence's life."""
+
     arrival: float
     admitted: float | None = None  # given a cache slot
     first_token: float | None = None
@@ -43,6 +44,7 @@ def _span(a: float | None, b: float | None) -> float:
 @dataclass
 class Work:
     """What the target model did for the sequence."""
+
     target_forwards: int = 0  # steps whose logits gave tokens: MAT's denominator (a prefill chunk is none)
     target_rows: int = 0  # tokens the target read, the prompt included
     produced: int = 0  # tokens the strategy produced, before a stop cut them
@@ -71,6 +73,7 @@ class Speculation:
 class EADCost:
     """Entropy-adaptive decoding: who wrote the tokens, and the compute both models spent (every
     token each one read) against the large model alone reading the prompt and the output."""
+
     large_tokens: int = 0
     small_tokens: int = 0
     flops: float = 0.0
@@ -108,19 +111,40 @@ class SequenceStats:
     def as_dict(self) -> dict:
         """Everything as one flat dict, for JSON and people (`Completion.metrics`)."""
         t, w = self.timing, self.work
-        m = {"prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
-             "generated_tokens": self.generated, "queue_s": t.queue_s, "ttft_s": t.ttft_s,
-             "prefill_s": t.prefill_s, "decode_s": t.decode_s,
-             "tok_per_s": self.tok_per_s,
-             "target_forwards": w.target_forwards, "target_rows": w.target_rows,
-             "mat": w.mat,
-             "kv_entries": self.kv_entries, "kv_bytes": self.kv_bytes, "kv_full_bytes": self.kv_full_bytes}
+        m = {
+            "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
+            "generated_tokens": self.generated,
+            "queue_s": t.queue_s,
+            "ttft_s": t.ttft_s,
+            "prefill_s": t.prefill_s,
+            "decode_s": t.decode_s,
+            "tok_per_s": self.tok_per_s,
+            "target_forwards": w.target_forwards,
+            "target_rows": w.target_rows,
+            "mat": w.mat,
+            "kv_entries": self.kv_entries,
+            "kv_bytes": self.kv_bytes,
+            "kv_full_bytes": self.kv_full_bytes,
+        }
         if self.spec is not None:
             s = self.spec
-            m.update(drafts=s.drafts, proposed=s.proposed, accepted=s.accepted, draft_s=s.draft_s, verify_s=s.verify_s,
-                     acceptance_rate=s.acceptance_rate)
+            m.update(
+                drafts=s.drafts,
+                proposed=s.proposed,
+                accepted=s.accepted,
+                draft_s=s.draft_s,
+                verify_s=s.verify_s,
+                acceptance_rate=s.acceptance_rate,
+            )
         if self.ead is not None:
             e = self.ead
-            m.update(large_tokens=e.large_tokens, small_tokens=e.small_tokens, large_fraction=e.large_fraction,
-                     flops=e.flops, large_only_flops=e.large_only_flops, relative_compute=e.relative_compute)
+            m.update(
+                large_tokens=e.large_tokens,
+                small_tokens=e.small_tokens,
+                large_fraction=e.large_fraction,
+                flops=e.flops,
+                large_only_flops=e.large_only_flops,
+                relative_compute=e.relative_compute,
+            )
         return m

@@ -11,6 +11,8 @@ strategy it holds; a strategy answers:
 - `accept(seq, logits, proposal, forward_s)`: what to keep, through the one verification routine
   (`verify`), which is also plain sampling when nothing was proposed;
 - `decide(seq)`: the tokens it makes without the target, with the logits they came from;
+- `see(seq, start, take, features)`: the target's features of its rows (last-block outputs, from
+  token position `start`: `take` plain rows, then the draft's), for drafters that read them;
 - `start(seq)` / `finish(seq)`: per-sequence set-up, and its own stats (EAD's cost report).
 
 Strategies are made per sequence (drafters forked, see `Drafter.fork`), by the factory a request
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from .drafters import Drafter, LookupDrafter, ModelDrafter, Proposal, Recycling, Suffix, TreeDrafter, Verdict
+from .drafters.eagle import EagleDrafter, load_head
 from .ead import EAD, EntropyGate, Schedule, forward_flops
 from .errors import GearshiftError
 from .hardware import forward_costs
@@ -49,7 +52,11 @@ class Strategy(Protocol):
 
     def start(self, seq: Sequence) -> None: ...
 
+    wants_features: bool  # the model runner returns the target's features of its rows (`see`)
+
     def uses_target(self, seq: Sequence) -> bool: ...
+
+    def see(self, seq: Sequence, start: int, take: int, features: torch.Tensor) -> None: ...
 
     def draft_room(self, seq: Sequence, room: int) -> int: ...
 
@@ -70,6 +77,10 @@ class Speculative:
         self.drafter = drafter
         self.name = drafter.name if drafter is not None else "plain"
         self.drafted = False  # whether the drafter proposed this step (it then hears the verdict)
+        self.wants_features = bool(getattr(drafter, "reads_features", False))  # a draft head (EAGLE)
+
+    def see(self, seq: Sequence, start: int, take: int, features: torch.Tensor) -> None:
+        self.drafter.see(start, take, features)
 
     def start(self, seq: Sequence) -> None:
         if self.drafter is not None:
@@ -122,6 +133,7 @@ class EntropyAdaptive:
 
     def __init__(self, small: ModelDrafter, cfg: EAD, large_flops: float):
         self.small, self.schedule = small, Schedule(cfg)
+        self.wants_features = False
         self.name = f"ead:{small.name}"
         self.large_flops, self.small_flops = large_flops, forward_flops(small.model, small.n_layers)
 
@@ -145,7 +157,7 @@ class EntropyAdaptive:
         return verify(logits, proposal, seq.params, seq.gen)
 
     def decide(self, seq: Sequence) -> tuple[list[int], torch.Tensor]:
-        logits = self.small.logits(seq.tokens[self.small.cached:])[None]
+        logits = self.small.logits(seq.tokens[self.small.cached :])[None]
         self.schedule.push(entropy(logits[0]))
         seq.stats.ead.small_tokens += 1
         return verify(logits, NOTHING, seq.params, seq.gen).tokens, logits
@@ -176,12 +188,17 @@ class VerifiedEAD(Speculative):
         e, s, w = seq.stats.ead, seq.stats.spec, seq.stats.work
         e.small_tokens, e.large_tokens = s.accepted, w.target_forwards
         e.flops = self.large_flops * w.target_rows + self.small_flops * self.drafter.inner.read
-        e.large_only_flops = self.large_flops * (seq.prompt_len - 1 - seq.stats.cached_tokens
-                                                 + s.accepted + w.target_forwards)
+        e.large_only_flops = self.large_flops * (
+            seq.prompt_len - 1 - seq.stats.cached_tokens + s.accepted + w.target_forwards
+        )
 
 
-def strategy_factory(target: Transformer, drafter: Drafter | None = None,
-                     ead: tuple[ModelDrafter, EAD] | None = None, k: int | None = None) -> Callable[[], Strategy]:
+def strategy_factory(
+    target: Transformer,
+    drafter: Drafter | None = None,
+    ead: tuple[ModelDrafter, EAD] | None = None,
+    k: int | None = None,
+) -> Callable[[], Strategy]:
     """What a request carries: a maker of per-sequence strategies, each with its own fork of the
     drafter (forked when the sequence starts, on the engine's side), its draft length capped at `k`."""
     if ead is not None:
@@ -203,6 +220,7 @@ def _capped(drafter: Drafter, k: int | None) -> Drafter:
 
 # ---------------------------------------------------------------- drafters by name
 
+
 def make_drafter(spec: str, target: Transformer, tokenizer: Tokenizer, target_path: Path) -> Drafter:
     """Build a drafter from its command-line name for `target` (loaded from `target_path`)."""
     vocab = target.cfg.vocab_size
@@ -218,12 +236,18 @@ def make_drafter(spec: str, target: Transformer, tokenizer: Tokenizer, target_pa
         if not layers.isdigit() or not 1 <= int(layers) < target.cfg.n_layers:
             raise GearshiftError(f"early-exit needs a layer count from 1 to {target.cfg.n_layers - 1}, got {layers!r}")
         return ModelDrafter(target, vocab, f"early-exit:{layers}", n_layers=int(layers))
+    if spec.startswith("eagle:"):  # a trained EAGLE head (gearshift distill --head eagle)
+        head = load_head(Path(spec[len("eagle:") :]), target_path, target)
+        return EagleDrafter(head, target.embed, spec, forward_costs(target, str(target_path)))
     if spec.startswith("model:"):
         # a draft only has to be fast (verification keeps the output exact): int8 on a CPU
-        draft = load(spec[len("model:"):], device=str(target.device),
-                     weights="int8" if target.device.type == "cpu" else "auto")
+        draft = load(
+            spec[len("model:") :], device=str(target.device), weights="int8" if target.device.type == "cpu" else "auto"
+        )
         ours, theirs = tokenizer.backend.get_vocab(), draft.tokenizer.backend.get_vocab()
-        if theirs != ours and len(set(theirs.items()) & set(ours.items())) < 0.9 * min(vocab, draft.model.cfg.vocab_size):
+        if theirs != ours and len(set(theirs.items()) & set(ours.items())) < 0.9 * min(
+            vocab, draft.model.cfg.vocab_size
+        ):
             raise GearshiftError("the draft model does not share the target's tokenizer")
         return ModelDrafter(draft.model, vocab, spec)
     kind, _, arg = spec.partition(":")
@@ -234,8 +258,10 @@ def make_drafter(spec: str, target: Transformer, tokenizer: Tokenizer, target_pa
         if kind in ("suffix", "hybrid"):
             growers.append(Suffix(corpus=tokenizer.encode(_read_corpus(arg)) if kind == "suffix" and arg else None))
         return TreeDrafter(spec, growers, forward_costs(target, str(target_path)))
-    raise GearshiftError(f"unknown drafter {spec!r}; choose lookup, early-exit[:L], model:PATH, recycling[:PATH], "
-                         "suffix[:CORPUS], hybrid or auto")
+    raise GearshiftError(
+        f"unknown drafter {spec!r}; choose lookup, early-exit[:L], model:PATH, eagle:DIR, recycling[:PATH], "
+        "suffix[:CORPUS], hybrid or auto"
+    )
 
 
 def _read_corpus(path: str) -> str:

@@ -116,8 +116,9 @@ class Tokenizer:
 
     @cached_property
     def _template(self) -> jinja2.Template:
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
         env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -131,8 +132,12 @@ class Tokenizer:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise GearshiftError("each chat message needs a 'role' and a 'content'")
         try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+            return self._template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
         except jinja2.exceptions.TemplateError as e:
             raise GearshiftError(f"chat template error: {e}") from None
 
@@ -173,16 +178,16 @@ class IncrementalDetokenizer:
 
     def push(self, token_ids: list[int]) -> str:
         self.ids.extend(token_ids)
-        prefix_text = self.tok.decode(self.ids[self.prefix:self.read])
-        full = self.tok.decode(self.ids[self.prefix:])
+        prefix_text = self.tok.decode(self.ids[self.prefix : self.read])
+        full = self.tok.decode(self.ids[self.prefix :])
         if len(full) > len(prefix_text) and not full.endswith("\ufffd"):
-            delta = full[len(prefix_text):]
+            delta = full[len(prefix_text) :]
             self.prefix, self.read = self.read, len(self.ids)
             return delta
         return ""
 
     def flush(self) -> str:
         """Text still held back at the end (an unfinished character decodes to U+FFFD, as decode() shows)."""
-        held = self.tok.decode(self.ids[self.prefix:])[len(self.tok.decode(self.ids[self.prefix:self.read])):]
+        held = self.tok.decode(self.ids[self.prefix :])[len(self.tok.decode(self.ids[self.prefix : self.read])) :]
         self.prefix = self.read = len(self.ids)
         return held

@@ -31,8 +31,7 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return r / total if total > 0 else p  # p == q up to rounding: nothing to correct
 
 
-def verify(target_logits: torch.Tensor, proposal: Proposal, params: SamplingParams,
-           gen: torch.Generator) -> Verdict:
+def verify(target_logits: torch.Tensor, proposal: Proposal, params: SamplingParams, gen: torch.Generator) -> Verdict:
     """target_logits: [len(draft) + 1, V], root first. Returns what to append and the accepted path."""
     draft, children = proposal.tokens, proposal.children()
     best = target_logits.argmax(-1).tolist() if params.greedy else None
@@ -48,8 +47,11 @@ def verify(target_logits: torch.Tensor, proposal: Proposal, params: SamplingPara
             dist = p[node]
             for c in children[node]:
                 d = draft[c]
-                q = proposal.probs[c] if proposal.probs is not None else \
-                    torch.nn.functional.one_hot(torch.tensor(d), dist.shape[-1]).to(dist.dtype)
+                q = (
+                    proposal.probs[c]
+                    if proposal.probs is not None
+                    else torch.nn.functional.one_hot(torch.tensor(d), dist.shape[-1]).to(dist.dtype)
+                )
                 if torch.rand((), generator=gen, device=gen.device) < accept_probability(dist[d], q[d]):
                     chosen = c
                     break

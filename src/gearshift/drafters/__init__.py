@@ -18,12 +18,21 @@ each tree against the measured cost of a target forward (`tree`).
 
 from __future__ import annotations
 
-from .base import DraftLength, Drafter, Proposal, Verdict
+from .base import Drafter, DraftLength, Proposal, Verdict
 from .lookup import LookupDrafter
 from .model import ModelDrafter
 from .recycling import Recycling
 from .suffix import Suffix
 from .tree import TreeDrafter
 
-__all__ = ["DraftLength", "Drafter", "LookupDrafter", "ModelDrafter", "Proposal", "Recycling", "Suffix",
-           "TreeDrafter", "Verdict"]
+__all__ = [
+    "DraftLength",
+    "Drafter",
+    "LookupDrafter",
+    "ModelDrafter",
+    "Proposal",
+    "Recycling",
+    "Suffix",
+    "TreeDrafter",
+    "Verdict",
+]

@@ -17,6 +17,7 @@ class Proposal:
     Node 0 is the last context token (already decided); draft token i is node i + 1, and its
     parent is node `parents[i]`, always an earlier node. A chain is parents = [0, 1, 2, ...].
     """
+
     tokens: list[int]
     probs: torch.Tensor | None = None  # [len(tokens), V]: what each token was sampled from; None = deterministic
     parents: list[int] | None = None
@@ -36,14 +37,18 @@ class Proposal:
         range would fail every sequence's step instead of only the drafting one's."""
         if any(not 0 <= t < vocab for t in self.tokens):
             raise ValueError(f"the drafter proposed a token id outside [0, {vocab})")
-        if self.parents is not None and (len(self.parents) != len(self.tokens)
-                                         or any(not 0 <= p <= i for i, p in enumerate(self.parents))):
+        if self.parents is not None and (
+            len(self.parents) != len(self.tokens) or any(not 0 <= p <= i for i, p in enumerate(self.parents))
+        ):
             raise ValueError("the drafter proposed a tree whose parents do not come before their children")
 
     def first(self, n: int) -> "Proposal":
         """The first n draft tokens: still a valid tree, since parents come before children."""
-        return Proposal(self.tokens[:n], None if self.probs is None else self.probs[:n],
-                        None if self.parents is None else self.parents[:n])
+        return Proposal(
+            self.tokens[:n],
+            None if self.probs is None else self.probs[:n],
+            None if self.parents is None else self.parents[:n],
+        )
 
 
 @dataclass
@@ -79,6 +84,7 @@ class Drafter(Protocol):
 @dataclass
 class DraftLength:
     """Online draft length: one longer after a fully accepted draft, one shorter after a miss."""
+
     k: int = 4
     k_min: int = 1
     k_max: int = 8

@@ -38,7 +38,7 @@ class LookupDrafter:
         # index every n-gram that ends before the last token, so the suffix never matches itself
         for end in range(max(self.indexed, 1), len(context)):
             for n in range(self.min_n, min(self.max_n, end) + 1):
-                self.index[n][tuple(context[end - n:end])] = end
+                self.index[n][tuple(context[end - n : end])] = end
         self.indexed = max(self.indexed, len(context))
 
     def propose(self, context: list[int], k: int, params: SamplingParams, gen: torch.Generator) -> Proposal:
@@ -46,7 +46,7 @@ class LookupDrafter:
         for n in range(min(self.max_n, len(context)), self.min_n - 1, -1):
             end = self.index[n].get(tuple(context[-n:]))
             if end is not None:
-                return Proposal(context[end:end + min(k, self.per_match_token * n)])
+                return Proposal(context[end : end + min(k, self.per_match_token * n)])
         return Proposal([])
 
     def observe(self, verdict: Verdict, target_logits: torch.Tensor) -> None:

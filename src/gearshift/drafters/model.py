@@ -18,8 +18,16 @@ class ModelDrafter:
     below `confidence` (a draft it is unsure of would mostly be rejected anyway).
     """
 
-    def __init__(self, model: Transformer, target_vocab: int, name: str, n_layers: int | None = None,
-                 confidence: float = 0.3, k_max: int = 8, head: ExitHead | None = None):
+    def __init__(
+        self,
+        model: Transformer,
+        target_vocab: int,
+        name: str,
+        n_layers: int | None = None,
+        confidence: float = 0.3,
+        k_max: int = 8,
+        head: ExitHead | None = None,
+    ):
         self.model, self.target_vocab, self.name, self.n_layers = model, target_vocab, name, n_layers
         self.head = head  # a trained exit (gearshift distill --early-exit) instead of the final norm
         self.confidence = confidence
@@ -32,8 +40,9 @@ class ModelDrafter:
 
     def fork(self) -> "ModelDrafter":
         """The same draft model (weights shared) with a KV cache of its own, made at `reset`."""
-        other = ModelDrafter(self.model, self.target_vocab, self.name, self.n_layers, self.confidence,
-                             self.length.k_max, self.head)
+        other = ModelDrafter(
+            self.model, self.target_vocab, self.name, self.n_layers, self.confidence, self.length.k_max, self.head
+        )
         other.length, other.track_entropy = self.length.fresh(), self.track_entropy
         return other
 
@@ -67,7 +76,7 @@ class ModelDrafter:
         self.base = len(context)
         if len(context) + k >= self.cache.max_len:
             return Proposal([])
-        logits = self.logits(context[self.cached:])
+        logits = self.logits(context[self.cached :])
         tokens, dists, self.entropies = [], [], []
         for i in range(k):
             q = probs(logits, params)

@@ -86,6 +86,7 @@ class Recycling:
         except (OSError, ValueError) as e:
             raise GearshiftError(f"cannot read the recycling matrix {path}: {e}") from None
         if adj.shape != self.adjacency.shape or adj.dtype != np.int32:
-            raise GearshiftError(f"{path} holds a {adj.shape} {adj.dtype} matrix, this model needs "
-                                 f"{self.adjacency.shape} int32")
+            raise GearshiftError(
+                f"{path} holds a {adj.shape} {adj.dtype} matrix, this model needs {self.adjacency.shape} int32"
+            )
         self.adjacency = adj

@@ -73,7 +73,7 @@ class SuffixAutomaton:
     def branches(self, state: int, width: int, depth: int) -> list[list[int]]:
         """Up to `width` continuations of the match, one per distinct next token, latest first."""
         targets = sorted(self.next[state].values(), key=lambda t: -self.first[t])[:width]
-        return [self.text[self.first[t]:self.first[t] + max(1, depth >> r)] for r, t in enumerate(targets)]
+        return [self.text[self.first[t] : self.first[t] + max(1, depth >> r)] for r, t in enumerate(targets)]
 
 
 class Suffix:
@@ -97,7 +97,7 @@ class Suffix:
         self.sam = SuffixAutomaton()
 
     def grow(self, context: list[int], limit: int) -> tuple[list[int], list[int], list]:
-        for t in context[len(self.sam.text):]:
+        for t in context[len(self.sam.text) :]:
             self.sam.extend(t)
         found = [("context", self.sam, *self.sam.repeat())]
         if self.corpus is not None:

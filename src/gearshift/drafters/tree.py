@@ -65,8 +65,14 @@ class AcceptanceStats:
 
 
 class TreeDrafter:
-    def __init__(self, name: str, growers: list[Grower], costs: CostModel | None = None, max_nodes: int = 64,
-                 stats: AcceptanceStats | None = None):
+    def __init__(
+        self,
+        name: str,
+        growers: list[Grower],
+        costs: CostModel | None = None,
+        max_nodes: int = 64,
+        stats: AcceptanceStats | None = None,
+    ):
         self.name, self.growers, self.costs = name, growers, costs
         self.length = DraftLength(k=max_nodes, k_min=max_nodes, k_max=max_nodes)  # sized per step instead
         self.stats = stats or AcceptanceStats()  # shared by every fork: what each kind of node is worth
@@ -111,7 +117,7 @@ class TreeDrafter:
         order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k]
         gain = 1.0 + np.concatenate([[0.0], np.cumsum([scores[i] for i in order])])
         rate = [gain[n] / self.costs(n + 1) for n in range(len(order) + 1)]
-        return sorted(order[:int(np.argmax(rate))])
+        return sorted(order[: int(np.argmax(rate))])
 
     def save(self) -> None:
         """Write what the growers learned to the files they were loaded from (recycling:PATH)."""

@@ -5,8 +5,16 @@ from __future__ import annotations
 from .app import ServerConfig, create_app, default_model_name
 from .protocol import APIError, Strategy, parse_speculative_config, parse_speculative_configs
 
-__all__ = ["APIError", "ServerConfig", "Strategy", "create_app", "default_model_name", "parse_speculative_config",
-           "parse_speculative_configs", "serve"]
+__all__ = [
+    "APIError",
+    "ServerConfig",
+    "Strategy",
+    "create_app",
+    "default_model_name",
+    "parse_speculative_config",
+    "parse_speculative_configs",
+    "serve",
+]
 
 
 def serve(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from fastapi import FastAPI, Request as HTTPRequest
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
@@ -45,9 +46,24 @@ from ..llm import LLM
 from ..sequence import Completion
 from .backend import Backend, Job, LocalBackend, Run
 from .metrics import Metrics
-from .protocol import (APIError, ChatRequest, CompletionRequest, DetokenizeRequest, Strategy, TokenizeRequest,
-                       chat_logprobs, check_supported, completion_logprobs, engine_report, envelope,
-                       messages_as_dicts, new_id, parse_speculative_config, sse, usage)
+from .protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    Strategy,
+    TokenizeRequest,
+    chat_logprobs,
+    check_supported,
+    completion_logprobs,
+    engine_report,
+    envelope,
+    messages_as_dicts,
+    new_id,
+    parse_speculative_config,
+    sse,
+    usage,
+)
 
 log = logging.getLogger("gearshift.server")
 
@@ -56,6 +72,7 @@ log = logging.getLogger("gearshift.server")
 class ServerConfig(ServerLimits):
     """The server's settings: its limits (`config.ServerLimits`, shared with the CLI's defaults),
     the name clients send, the API key, and the strategies it runs and offers."""
+
     model_name: str = "gearshift"
     api_key: str | None = None
     speculative: Strategy = field(default_factory=Strategy)  # the server-wide default; a request may choose its own
@@ -74,16 +91,21 @@ class State:
 
     def ready(self) -> Backend:
         if self.backend is None:
-            raise APIError(503, f"the model is not available: {self.error}" if self.error else "the model is loading",
-                           type="service_unavailable", headers={"Retry-After": "1"})
+            raise APIError(
+                503,
+                f"the model is not available: {self.error}" if self.error else "the model is loading",
+                type="service_unavailable",
+                headers={"Retry-After": "1"},
+            )
         return self.backend
 
 
 def create_app(load: Callable[[], LLM], config: ServerConfig | None = None) -> FastAPI:
     """The app on one engine in this process; `load` builds the LLM (called in a thread once the server is up)."""
     config = config or ServerConfig()
-    return create_backend_app(lambda metrics: LocalBackend(load(), metrics, config.max_queue, config.speculative,
-                                                           config.offered), config)
+    return create_backend_app(
+        lambda metrics: LocalBackend(load(), metrics, config.max_queue, config.speculative, config.offered), config
+    )
 
 
 def create_backend_app(start: Callable[[Metrics], Backend], config: ServerConfig) -> FastAPI:
@@ -151,23 +173,33 @@ def create_backend_app(start: Callable[[Metrics], Backend], config: ServerConfig
         auth = request.headers.get("authorization", "")
         token = auth[7:] if auth.lower().startswith("bearer ") else ""
         if not token:
-            raise APIError(401, "missing API key: send it as `Authorization: Bearer KEY`",
-                           type="authentication_error", code="invalid_api_key")
+            raise APIError(
+                401,
+                "missing API key: send it as `Authorization: Bearer KEY`",
+                type="authentication_error",
+                code="invalid_api_key",
+            )
         if not hmac.compare_digest(token.encode(), config.api_key.encode()):
             raise APIError(401, "incorrect API key provided", type="authentication_error", code="invalid_api_key")
 
     def check_model(name: str | None) -> None:
         if name is not None and name != config.model_name:
-            raise APIError(404, f"the model `{name}` does not exist; this server serves `{config.model_name}`",
-                           type="not_found_error", param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"the model `{name}` does not exist; this server serves `{config.model_name}`",
+                type="not_found_error",
+                param="model",
+                code="model_not_found",
+            )
 
     # -------------------------------------------------------------- plain endpoints
 
     @app.get("/health")
     async def health():
         if state.backend is None:
-            return JSONResponse({"status": "error", "error": state.error} if state.error else {"status": "loading"},
-                                status_code=503)
+            return JSONResponse(
+                {"status": "error", "error": state.error} if state.error else {"status": "loading"}, status_code=503
+            )
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -182,8 +214,18 @@ def create_backend_app(start: Callable[[Metrics], Backend], config: ServerConfig
     async def models(request: HTTPRequest):
         authorize(request)
         backend = state.ready()
-        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "gearshift", "max_model_len": backend.window}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": config.model_name,
+                    "object": "model",
+                    "created": int(time.time()),
+                    "owned_by": "gearshift",
+                    "max_model_len": backend.window,
+                }
+            ],
+        }
 
     @app.post("/tokenize")
     async def tokenize(request: HTTPRequest):
@@ -254,11 +296,13 @@ def create_backend_app(start: Callable[[Metrics], Backend], config: ServerConfig
 
 # ------------------------------------------------------------------ reading a request
 
+
 async def read_body(request: HTTPRequest, limit: int) -> bytes:
     """The body, refused with a 413 as soon as it is known to exceed `limit` bytes (its
     Content-Length, or what has arrived)."""
-    too_large = APIError(413, f"the request body is larger than this server's limit of {limit} bytes",
-                         code="request_too_large")
+    too_large = APIError(
+        413, f"the request body is larger than this server's limit of {limit} bytes", code="request_too_large"
+    )
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
         raise too_large
@@ -287,11 +331,21 @@ def invalid_body(errors: list) -> APIError:
     """A pydantic validation failure as OpenAI's 400: the first problem, and where."""
     # a value that fits none of a union's members fails each; the member whose type it had (a list
     # too long, rather than "not a string") says what is wrong with it
-    first = next((e for e in errors if not e.get("type", "").endswith("_type")), errors[0]) if errors else \
-        {"msg": "invalid request", "loc": ()}
+    first = (
+        next((e for e in errors if not e.get("type", "").endswith("_type")), errors[0])
+        if errors
+        else {"msg": "invalid request", "loc": ()}
+    )
     # fields and list indexes; not the union members pydantic names on the way ("list[constrained-str]")
-    loc = [str(x) for x in first.get("loc", ()) if x != "body" and (isinstance(x, int) or (
-        str(x).isidentifier() and x not in ("str", "int", "float", "bool", "list", "dict", "none")))]
+    loc = [
+        str(x)
+        for x in first.get("loc", ())
+        if x != "body"
+        and (
+            isinstance(x, int)
+            or (str(x).isidentifier() and x not in ("str", "int", "float", "bool", "list", "dict", "none"))
+        )
+    ]
     if first.get("type") == "json_invalid":
         return APIError(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}")
     if first.get("type") == "missing" and not loc:
@@ -308,11 +362,17 @@ def check_chars(backend: Backend, chars: int, param: str) -> None:
     more characters than the longest piece in the vocabulary (doubled: a normalizer may compose)."""
     limit = 2 * backend.window * backend.tokenizer.longest_piece
     if chars > limit:
-        raise APIError(400, f"this model's maximum context length is {backend.window} tokens, and the {param} "
-                       f"({chars} characters) cannot fit in it", param=param, code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"this model's maximum context length is {backend.window} tokens, and the {param} "
+            f"({chars} characters) cannot fit in it",
+            param=param,
+            code="context_length_exceeded",
+        )
 
 
 # ------------------------------------------------------------------ one request, start to end
+
 
 def _job(state: State, body, prompts: list[list[int]], max_tokens: int | None, logprobs: int | None) -> Job:
     """The body's settings, checked as far as the tokenizer and the window allow (the engine side
@@ -322,9 +382,14 @@ def _job(state: State, body, prompts: list[list[int]], max_tokens: int | None, l
     for ids in prompts:
         asked = max_tokens if max_tokens is not None else 0
         if len(ids) + asked > window or len(ids) >= window:
-            raise APIError(400, f"this model's maximum context length is {window} tokens, but {len(ids) + asked} were "
-                           f"requested ({len(ids)} in the {param}, {asked} in the completion); reduce the length of "
-                           f"the {param} or max_tokens", param=param, code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"this model's maximum context length is {window} tokens, but {len(ids) + asked} were "
+                f"requested ({len(ids)} in the {param}, {asked} in the completion); reduce the length of "
+                f"the {param} or max_tokens",
+                param=param,
+                code="context_length_exceeded",
+            )
     strategy = state.config.speculative
     if body.speculative_config is not None:
         try:
@@ -337,14 +402,27 @@ def _job(state: State, body, prompts: list[list[int]], max_tokens: int | None, l
         raise APIError(400, str(e), param="kv_budget" if body.kv_policy in POLICIES else "kv_policy") from None
     stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
     top_k = body.top_k if body.top_k is not None and body.top_k > 0 else 0
-    params = dict(temperature=body.temperature if body.temperature is not None else 1.0,
-                  top_p=body.top_p if body.top_p is not None else 1.0, top_k=top_k, stop=stop,
-                  ignore_eos=body.ignore_eos, logprobs=logprobs, seed=body.seed)
+    params = dict(
+        temperature=body.temperature if body.temperature is not None else 1.0,
+        top_p=body.top_p if body.top_p is not None else 1.0,
+        top_k=top_k,
+        stop=stop,
+        ignore_eos=body.ignore_eos,
+        logprobs=logprobs,
+        seed=body.seed,
+    )
     return Job(prompts, params, max_tokens, body.n, strategy, kv, stream=body.stream)
 
 
-async def _run(state: State, http: HTTPRequest, body, prompts: list[list[int]], max_tokens: int | None,
-               logprobs: int | None, chat: bool):
+async def _run(
+    state: State,
+    http: HTTPRequest,
+    body,
+    prompts: list[list[int]],
+    max_tokens: int | None,
+    logprobs: int | None,
+    chat: bool,
+):
     backend = state.ready()
     run = await backend.start(_job(state, body, prompts, max_tokens, logprobs))
     kind = "chat.completion" if chat else "text_completion"
@@ -352,25 +430,47 @@ async def _run(state: State, http: HTTPRequest, body, prompts: list[list[int]], 
     model = state.config.model_name
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        gen = _stream(run, len(prompts) * body.n, body.n, kind + ".chunk" if chat else kind, rid, model,
-                      include_usage, chat, logprobs is not None)
-        return StreamingResponse(gen, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        gen = _stream(
+            run,
+            len(prompts) * body.n,
+            body.n,
+            kind + ".chunk" if chat else kind,
+            rid,
+            model,
+            include_usage,
+            chat,
+            logprobs is not None,
+        )
+        return StreamingResponse(
+            gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
     completions = await _collect(run, len(prompts) * body.n, http)
     if completions is None:
         return Response(status_code=499)  # the client is gone: nobody reads this
     choices = []
     for i, c in enumerate(completions):
         if chat:
-            choices.append({"index": i, "message": {"role": "assistant", "content": c.text},
-                            "logprobs": chat_logprobs(c.logprobs) if logprobs is not None else None,
-                            "finish_reason": c.finish_reason})
+            choices.append(
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": c.text},
+                    "logprobs": chat_logprobs(c.logprobs) if logprobs is not None else None,
+                    "finish_reason": c.finish_reason,
+                }
+            )
         else:
-            choices.append({"index": i, "text": c.text, "finish_reason": c.finish_reason,
-                            "logprobs": completion_logprobs(c.logprobs) if logprobs is not None else None})
-    groups = [completions[i:i + body.n] for i in range(0, len(completions), body.n)]
-    return envelope(kind, rid, model, choices, usage=usage(groups), system_fingerprint=None,
-                    gearshift=_report(completions, run))
+            choices.append(
+                {
+                    "index": i,
+                    "text": c.text,
+                    "finish_reason": c.finish_reason,
+                    "logprobs": completion_logprobs(c.logprobs) if logprobs is not None else None,
+                }
+            )
+    groups = [completions[i : i + body.n] for i in range(0, len(completions), body.n)]
+    return envelope(
+        kind, rid, model, choices, usage=usage(groups), system_fingerprint=None, gearshift=_report(completions, run)
+    )
 
 
 def _report(completions: list[Completion], run: Run) -> dict:
@@ -379,6 +479,7 @@ def _report(completions: list[Completion], run: Run) -> dict:
 
 async def _collect(run: Run, choices: int, http: HTTPRequest) -> list[Completion] | None:
     """Wait for every completion; a client that disconnects meanwhile aborts them all (None)."""
+
     async def gather() -> list[Completion]:
         done: dict[int, Completion] = {}
         events = run.events()
@@ -412,8 +513,17 @@ async def _collect(run: Run, choices: int, http: HTTPRequest) -> list[Completion
         raise APIError(500, f"generation failed: {e}", type="server_error") from None
 
 
-async def _stream(run: Run, choices: int, n: int, kind: str, rid: str, model: str, include_usage: bool, chat: bool,
-                  with_logprobs: bool) -> AsyncIterator[str]:
+async def _stream(
+    run: Run,
+    choices: int,
+    n: int,
+    kind: str,
+    rid: str,
+    model: str,
+    include_usage: bool,
+    chat: bool,
+    with_logprobs: bool,
+) -> AsyncIterator[str]:
     """OpenAI's chunks: (chat) a role delta per choice first, content deltas, a chunk with the
     finish_reason per choice, the usage chunk when asked, then `[DONE]`. An engine failure (or a
     replica lost mid-stream) ends the stream with an error event, then `[DONE]`. Leaving early (the
@@ -444,16 +554,22 @@ async def _stream(run: Run, choices: int, n: int, kind: str, rid: str, model: st
                     offsets[i] += len(out.text)
                 if out.completion is not None:
                     completions[i] = out.completion
-                    yield chunk(i, {} if chat else "", out.completion.finish_reason,
-                                gearshift=_report([out.completion], run))
+                    yield chunk(
+                        i, {} if chat else "", out.completion.finish_reason, gearshift=_report([out.completion], run)
+                    )
         except Exception as e:
             yield sse({"error": APIError(500, f"generation failed: {e}", type="server_error").body()["error"]})
         else:
             if include_usage and len(completions) == choices:
                 done = [completions[i] for i in range(choices)]
-                groups = [done[j:j + n] for j in range(0, len(done), n)]
-                yield sse({**envelope(kind, rid, model, [], system_fingerprint=None), "usage": usage(groups),
-                           "gearshift": _report(done, run)})
+                groups = [done[j : j + n] for j in range(0, len(done), n)]
+                yield sse(
+                    {
+                        **envelope(kind, rid, model, [], system_fingerprint=None),
+                        "usage": usage(groups),
+                        "gearshift": _report(done, run),
+                    }
+                )
         yield sse("[DONE]")
     finally:
         if len(completions) < choices:

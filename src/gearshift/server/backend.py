@@ -35,6 +35,7 @@ from .protocol import APIError, Strategy
 @dataclass
 class Job:
     """One API request as an engine needs it; plain data, so it can travel to another process."""
+
     prompts: list[list[int]]
     params: dict  # SamplingParams fields shared by every prompt (max_tokens is per prompt)
     max_tokens: int | None  # None: up to the context window
@@ -52,12 +53,14 @@ class Job:
 @dataclass
 class Accepted:
     """A replica's first event: the job is queued on its engine."""
+
     replica: str
 
 
 @dataclass
 class Refused:
     """A replica's only event when it refuses a job: the client's error, in picklable form."""
+
     status: int
     message: str
     type: str = "invalid_request_error"
@@ -110,8 +113,14 @@ class EngineHost:
     file, so no request loads a file, waits for a build, or learns what exists on the server.
     """
 
-    def __init__(self, llm: LLM, metrics: Metrics, max_queue: int, default: Strategy | None = None,
-                 offered: list[Strategy] | None = None):
+    def __init__(
+        self,
+        llm: LLM,
+        metrics: Metrics,
+        max_queue: int,
+        default: Strategy | None = None,
+        offered: list[Strategy] | None = None,
+    ):
         self.llm = llm
         self.max_queue = max_queue
         strategies = [s for s in [default, *(offered or [])] if s is not None]
@@ -127,11 +136,15 @@ class EngineHost:
         """The request's strategy factory, from drafters built at start; a 400 for any other."""
         for name in filter(None, (s.drafter, s.ead.small if s.ead else None)):
             if name not in self.drafters:
-                raise APIError(400, "speculative_config names a drafter this server does not offer: a request may "
-                               "choose ngram (lookup), suffix, recycling, hybrid, early-exit (num_layers from 1 to "
-                               f"{self.llm.model.cfg.n_layers - 1}), ead or ead+verify with one of those as small, "
-                               "none, or a strategy the server was started with (--speculative-config)",
-                               param="speculative_config", code="drafter_not_offered")
+                raise APIError(
+                    400,
+                    "speculative_config names a drafter this server does not offer: a request may "
+                    "choose ngram (lookup), suffix, recycling, hybrid, early-exit (num_layers from 1 to "
+                    f"{self.llm.model.cfg.n_layers - 1}), ead or ead+verify with one of those as small, "
+                    "none, or a strategy the server was started with (--speculative-config)",
+                    param="speculative_config",
+                    code="drafter_not_offered",
+                )
         try:
             return self.llm.strategy(self.drafters.get(s.drafter), s.ead, s.k)  # only looks up built drafters
         except GearshiftError as e:
@@ -143,8 +156,14 @@ class EngineHost:
         out = []
         for ids in job.prompts:
             try:
-                out += self.llm.requests(ids, n=job.n, kv_policy=job.kv, max_tokens=job.max_tokens or window - len(ids),
-                                         make=make, **job.params)
+                out += self.llm.requests(
+                    ids,
+                    n=job.n,
+                    kv_policy=job.kv,
+                    max_tokens=job.max_tokens or window - len(ids),
+                    make=make,
+                    **job.params,
+                )
             except GearshiftError as e:
                 raise APIError(400, str(e)) from None
         return out
@@ -154,14 +173,24 @@ class EngineHost:
         requests = self.requests(job)
         room = self.engine.core.config.max_num_seqs + self.max_queue
         if len(requests) > room:  # it would wait for room that never comes: not a retry-later
-            raise APIError(400, f"this request needs {len(requests)} sequences at once (n x prompts) but this server "
-                           f"holds at most {room} ({self.engine.core.config.max_num_seqs} running and "
-                           f"{self.max_queue} waiting)", param="n", code="request_too_large")
+            raise APIError(
+                400,
+                f"this request needs {len(requests)} sequences at once (n x prompts) but this server "
+                f"holds at most {room} ({self.engine.core.config.max_num_seqs} running and "
+                f"{self.max_queue} waiting)",
+                param="n",
+                code="request_too_large",
+            )
         try:
             return self.engine.submit(requests)
         except QueueFull:
-            raise APIError(503, "the server is at capacity: too many requests are waiting; retry shortly",
-                           type="service_unavailable", code="queue_full", headers={"Retry-After": "1"}) from None
+            raise APIError(
+                503,
+                "the server is at capacity: too many requests are waiting; retry shortly",
+                type="service_unavailable",
+                code="queue_full",
+                headers={"Retry-After": "1"},
+            ) from None
 
     def stop(self) -> None:
         self.engine.stop()
@@ -196,6 +225,7 @@ async def merged(handles: list[Handle]) -> AsyncIterator[tuple[int, StepOutput]]
 
 # ------------------------------------------------------------------ one engine in this process
 
+
 @dataclass
 class LocalRun:
     engine: AsyncEngine
@@ -211,8 +241,14 @@ class LocalRun:
 
 
 class LocalBackend:
-    def __init__(self, llm: LLM, metrics: Metrics, max_queue: int, default: Strategy | None = None,
-                 offered: list[Strategy] | None = None):
+    def __init__(
+        self,
+        llm: LLM,
+        metrics: Metrics,
+        max_queue: int,
+        default: Strategy | None = None,
+        offered: list[Strategy] | None = None,
+    ):
         self.llm = llm
         self.host = EngineHost(llm, metrics, max_queue, default, offered)
         self.tokenizer = llm.tokenizer

@@ -49,8 +49,8 @@ from ray.serve.exceptions import ReplicaUnavailableError
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from ..sequence import Completion, StepOutput
-from .app import ServerConfig, create_backend_app
 from ..tokenizer import encode_prompt
+from .app import ServerConfig, create_backend_app
 from .backend import Accepted, EngineHost, Job, Refused, merged
 from .metrics import Metrics
 from .protocol import APIError
@@ -65,6 +65,7 @@ LOST = (RayActorError, ReplicaUnavailableError)  # the replica's process is gone
 @dataclass
 class ClusterConfig:
     """Everything `gearshift serve --replicas` needs; plain data, shipped to the replicas."""
+
     replicas: int = 2
     threads: int = 1  # CPU threads (and Ray CPUs) per replica
     model: str | None = None  # a path every node can read; None: the default model (pulled on each node)
@@ -88,6 +89,7 @@ class ClusterConfig:
 
 # ------------------------------------------------------------------ routing inside Ray Serve
 
+
 def _key(app: str, deployment: str) -> str:
     return f"{app}#{deployment}"
 
@@ -108,12 +110,14 @@ class GearshiftRequestRouter(RequestRouter):
     max_queue_len_response_deadline_s = 2.0
 
     def initialize_state(self, **routing) -> None:
-        self.router = shared_router(_key(self._deployment_id.app_name, self._deployment_id.name),
-                                    RoutingConfig(**routing))
+        self.router = shared_router(
+            _key(self._deployment_id.app_name, self._deployment_id.name), RoutingConfig(**routing)
+        )
         self.decisions: collections.OrderedDict[str, Decision] = collections.OrderedDict()
 
-    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
-                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
         if pending_request is None:
             # Serve runs routing tasks without a request of their own (its queue is cleaned lazily,
             # and a task may give its request up when there are more tasks than requests); such
@@ -182,6 +186,7 @@ class GearshiftRequestRouter(RequestRouter):
 
 # ------------------------------------------------------------------ the deployments
 
+
 @serve.deployment
 class EngineReplica:
     """One engine: loads the model with `threads` threads and streams the jobs it is sent."""
@@ -192,10 +197,16 @@ class EngineReplica:
         import torch
 
         from ..llm import load
+
         torch.set_num_threads(config.threads)
         llm = load(config.model, device=config.device, weights=config.weights, **config.engine)
-        self.host = EngineHost(llm, Metrics(config.server.model_name), config.server.max_queue,
-                               config.server.speculative, config.server.offered)
+        self.host = EngineHost(
+            llm,
+            Metrics(config.server.model_name),
+            config.server.max_queue,
+            config.server.speculative,
+            config.server.offered,
+        )
         self.id = serve.get_replica_context().replica_id.unique_id
 
     async def info(self) -> dict:
@@ -238,8 +249,9 @@ class Front:
         self.info = await replicas.info.remote()  # the tokenizer and window, from whichever replica
 
     def __serve_build_asgi_app__(self):
-        self.built = create_backend_app(lambda metrics: RayBackend(self.replicas, self.info, metrics, self.config),
-                                        self.config.server)
+        self.built = create_backend_app(
+            lambda metrics: RayBackend(self.replicas, self.info, metrics, self.config), self.config.server
+        )
         return self.built
 
     async def check_health(self) -> None:
@@ -250,6 +262,7 @@ class Front:
 
 
 # ------------------------------------------------------------------ the front's backend
+
 
 class ReplicaLost(Exception):
     pass
@@ -264,8 +277,10 @@ class _Decisions:
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily
-        family = CounterMetricFamily("gearshift:router_decisions", "Requests routed to a replica, by reason.",
-                                     labels=["model_name", "reason"])
+
+        family = CounterMetricFamily(
+            "gearshift:router_decisions", "Requests routed to a replica, by reason.", labels=["model_name", "reason"]
+        )
         for reason, n in sorted(self.router.decisions.items()):
             family.add_metric([self.model_name, reason], n)
         yield family
@@ -290,8 +305,13 @@ class RayBackend:
 
     async def start(self, job: Job) -> "RayRun":
         if sum(self.in_flight.values()) + self.unplaced >= self.capacity:
-            raise APIError(503, "the server is at capacity: too many requests are waiting; retry shortly",
-                           type="service_unavailable", code="queue_full", headers={"Retry-After": "1"})
+            raise APIError(
+                503,
+                "the server is at capacity: too many requests are waiting; retry shortly",
+                type="service_unavailable",
+                code="queue_full",
+                headers={"Retry-After": "1"},
+            )
         run = RayRun(self, job)
         await run.place()
         return run
@@ -331,8 +351,9 @@ class RayRun:
                     first = await gen.__anext__()
                 except LOST as e:
                     if self.retries <= 0:
-                        raise APIError(503, f"no replica could take the request: {e}",
-                                       type="service_unavailable") from None
+                        raise APIError(
+                            503, f"no replica could take the request: {e}", type="service_unavailable"
+                        ) from None
                     self.retries -= 1
                     log.warning("a replica was lost before it accepted a request; sending it again")
                     continue
@@ -427,22 +448,29 @@ def start(config: ClusterConfig) -> str:
             # are the workload, and must not lose the CPU to anything else on the machine
             os.environ.setdefault("RAY_worker_niceness", "0")
             cpus = max(os.cpu_count() or 1, config.replicas * config.threads)
-            ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=200 * 2 ** 20, logging_level=level)
+            ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=200 * 2**20, logging_level=level)
             _started_ray = True
-    serve.start(http_options={"host": config.host, "port": config.port},
-                logging_config={"log_level": config.log_level.upper()})
+    serve.start(
+        http_options={"host": config.host, "port": config.port}, logging_config={"log_level": config.log_level.upper()}
+    )
     logging_config = {"log_level": config.log_level.upper(), "enable_access_log": False}
     replicas = EngineReplica.options(
         num_replicas=config.replicas,
         ray_actor_options={"num_cpus": config.threads, "num_gpus": 1 if config.device == "cuda" else 0},
-        max_ongoing_requests=config.slots, health_check_period_s=5, graceful_shutdown_timeout_s=5,
+        max_ongoing_requests=config.slots,
+        health_check_period_s=5,
+        graceful_shutdown_timeout_s=5,
         logging_config=logging_config,
-        request_router_config=RequestRouterConfig(request_router_class=GearshiftRequestRouter,
-                                                  request_router_kwargs=asdict(config.routing)),
+        request_router_config=RequestRouterConfig(
+            request_router_class=GearshiftRequestRouter, request_router_kwargs=asdict(config.routing)
+        ),
     ).bind(config)
-    front = Front.options(num_replicas=1, ray_actor_options={"num_cpus": 0},
-                          max_ongoing_requests=config.replicas * config.slots + 64,
-                          logging_config=logging_config).bind(replicas, config)
+    front = Front.options(
+        num_replicas=1,
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=config.replicas * config.slots + 64,
+        logging_config=logging_config,
+    ).bind(replicas, config)
     serve.run(front, name=APP, route_prefix="/")
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
     return f"http://{host}:{config.port}"
@@ -465,8 +493,11 @@ def stop() -> None:
 def replica_ids() -> list[str]:
     """The ids of the running EngineReplica replicas (as the `engine` label and `replica` field show them)."""
     prefix = f"SERVE_REPLICA::{APP}#EngineReplica#"
-    return sorted(a["name"][len(prefix):] for a in ray.util.list_named_actors(all_namespaces=True)
-                  if a["name"].startswith(prefix))
+    return sorted(
+        a["name"][len(prefix) :]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith(prefix)
+    )
 
 
 def running_replicas() -> int:
@@ -489,8 +520,11 @@ def serve_forever(config: ClusterConfig) -> None:
     try:
         url = start(config)
         where = f"the Ray cluster at {config.ray_address}" if config.ray_address else "a local Ray instance"
-        print(f"gearshift: serving {config.server.model_name} on {url} with {config.replicas} replicas "
-              f"({config.threads} threads each, {config.routing.policy} routing) on {where}", file=sys.stderr)
+        print(
+            f"gearshift: serving {config.server.model_name} on {url} with {config.replicas} replicas "
+            f"({config.threads} threads each, {config.routing.policy} routing) on {where}",
+            file=sys.stderr,
+        )
         while True:
             time.sleep(3600)
     finally:

@@ -34,6 +34,7 @@ class SequenceFailed(Exception):
 @dataclass
 class Handle:
     """One request's end of the pipe: its outputs arrive on `queue` (an Exception if the engine failed)."""
+
     request: Request
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)

@@ -28,10 +28,14 @@ from ..config import ServerLimits
 
 log = logging.getLogger("gearshift.server")
 MAX_HEADER_BYTES = 64 * 1024
-_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
-              b"connection: close\r\ncontent-length: %d\r\n\r\n%s")
-_TOO_LARGE_BODY = (b'{"error":{"message":"the request line and headers are larger than %d bytes",'
-                   b'"type":"invalid_request_error","param":null,"code":"headers_too_large"}}' % MAX_HEADER_BYTES)
+_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+    b"connection: close\r\ncontent-length: %d\r\n\r\n%s"
+)
+_TOO_LARGE_BODY = (
+    b'{"error":{"message":"the request line and headers are larger than %d bytes",'
+    b'"type":"invalid_request_error","param":null,"code":"headers_too_large"}}' % MAX_HEADER_BYTES
+)
 
 
 class GuardedProtocol(HttpToolsProtocol):
@@ -99,8 +103,21 @@ class GuardedProtocol(HttpToolsProtocol):
 def config(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> uvicorn.Config:
     """uvicorn's configuration for the app, its connection limits read from its ServerConfig."""
     cfg = app.state.gearshift.config
-    protocol = type("GuardedProtocol", (GuardedProtocol,), {"timeout_headers": cfg.timeout_headers,
-                                                           "timeout_body": cfg.timeout_body,
-                                                           "max_connections": cfg.max_connections})
-    return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=protocol,
-                          timeout_keep_alive=cfg.timeout_keep_alive, timeout_graceful_shutdown=5)
+    protocol = type(
+        "GuardedProtocol",
+        (GuardedProtocol,),
+        {
+            "timeout_headers": cfg.timeout_headers,
+            "timeout_body": cfg.timeout_body,
+            "max_connections": cfg.max_connections,
+        },
+    )
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        http=protocol,
+        timeout_keep_alive=cfg.timeout_keep_alive,
+        timeout_graceful_shutdown=5,
+    )

@@ -18,7 +18,27 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from ..sequence import Completion
 
 P = "gearshift:"
-_LATENCY = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_LATENCY = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
 
 
 class Metrics:
@@ -26,36 +46,61 @@ class Metrics:
         self.registry = CollectorRegistry()
         r, label = self.registry, ["model_name", "engine"]
         self.model_name = model_name
-        self.running = Gauge(P + "num_requests_running", "Requests in KV cache slots, decoding or prefilling.",
-                             label, registry=r)
+        self.running = Gauge(
+            P + "num_requests_running", "Requests in KV cache slots, decoding or prefilling.", label, registry=r
+        )
         self.waiting = Gauge(P + "num_requests_waiting", "Requests waiting for a slot.", label, registry=r)
         self.prompt_tokens = Counter(P + "prompt_tokens", "Prompt tokens processed.", label, registry=r)
         self.generation_tokens = Counter(P + "generation_tokens", "Generated tokens.", label, registry=r)
-        self.ttft = Histogram(P + "time_to_first_token_seconds", "Time to first token.", label,
-                              buckets=_LATENCY, registry=r)
-        self.itl = Histogram(P + "inter_token_latency_seconds", "Time between successive output steps "
-                             "(a speculative step can bring several tokens).", label, buckets=_LATENCY, registry=r)
-        self.e2e = Histogram(P + "e2e_request_latency_seconds", "Arrival to last token.", label,
-                             buckets=_LATENCY, registry=r)
-        self.success = Counter(P + "request_success", "Finished requests, by finish reason.",
-                               label + ["finished_reason"], registry=r)
+        self.ttft = Histogram(
+            P + "time_to_first_token_seconds", "Time to first token.", label, buckets=_LATENCY, registry=r
+        )
+        self.itl = Histogram(
+            P + "inter_token_latency_seconds",
+            "Time between successive output steps (a speculative step can bring several tokens).",
+            label,
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            P + "e2e_request_latency_seconds", "Arrival to last token.", label, buckets=_LATENCY, registry=r
+        )
+        self.success = Counter(
+            P + "request_success", "Finished requests, by finish reason.", label + ["finished_reason"], registry=r
+        )
         self.drafts = Counter(P + "spec_decode_num_drafts", "Speculative steps that scored a draft.", label, registry=r)
         self.draft_tokens = Counter(P + "spec_decode_num_draft_tokens", "Draft tokens proposed.", label, registry=r)
-        self.accepted_tokens = Counter(P + "spec_decode_num_accepted_tokens", "Draft tokens accepted.", label,
-                                       registry=r)
-        self.prefix_queries = Counter(P + "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-                                      label, registry=r)
-        self.prefix_hits = Counter(P + "prefix_cache_hits", "Prompt tokens found in the prefix cache.", label,
-                                   registry=r)
+        self.accepted_tokens = Counter(
+            P + "spec_decode_num_accepted_tokens", "Draft tokens accepted.", label, registry=r
+        )
+        self.prefix_queries = Counter(
+            P + "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", label, registry=r
+        )
+        self.prefix_hits = Counter(
+            P + "prefix_cache_hits", "Prompt tokens found in the prefix cache.", label, registry=r
+        )
 
-        self.kv_entries = Gauge(P + "kv_cache_entries", "KV cache entries held by running sequences (every "
-                                "layer and KV head; a KV policy keeps fewer).", label, registry=r)
+        self.kv_entries = Gauge(
+            P + "kv_cache_entries",
+            "KV cache entries held by running sequences (every layer and KV head; a KV policy keeps fewer).",
+            label,
+            registry=r,
+        )
         self.kv_bytes = Gauge(P + "kv_cache_bytes", "Bytes those entries take.", label, registry=r)
-        self.kv_dropped = Counter(P + "kv_cache_dropped_bytes", "Bytes of entries KV policies dropped, by the "
-                                  "end of each request.", label, registry=r)
+        self.kv_dropped = Counter(
+            P + "kv_cache_dropped_bytes",
+            "Bytes of entries KV policies dropped, by the end of each request.",
+            label,
+            registry=r,
+        )
 
-    def watch(self, running: Callable[[], int], waiting: Callable[[], int],
-              kv: Callable[[], tuple[int, int]] | None = None, engine: str = "0") -> None:
+    def watch(
+        self,
+        running: Callable[[], int],
+        waiting: Callable[[], int],
+        kv: Callable[[], tuple[int, int]] | None = None,
+        engine: str = "0",
+    ) -> None:
         self.running.labels(self.model_name, engine).set_function(running)
         self.waiting.labels(self.model_name, engine).set_function(waiting)
         if kv is not None:

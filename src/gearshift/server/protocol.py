@@ -29,8 +29,15 @@ from ..sequence import Completion, Logprob
 class APIError(Exception):
     """An error the client gets in OpenAI's envelope, with its HTTP status."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers
@@ -43,8 +50,8 @@ class APIError(Exception):
 
 MAX_STOP = 16  # stop strings per request (OpenAI allows 4; vLLM and llama-server set no limit)
 MAX_STOP_CHARS = 256  # characters per stop string
-INT32 = 2 ** 31 - 1  # the top of every count
-INT64 = 2 ** 63  # seeds are OpenAI's int64
+INT32 = 2**31 - 1  # the top of every count
+INT64 = 2**63  # seeds are OpenAI's int64
 
 
 class _Strict(BaseModel):
@@ -73,13 +80,17 @@ class Message(_Strict):
             return self.content or ""
         for part in self.content:
             if part.type != "text" or part.text is None:
-                raise APIError(400, f"message content of type {part.type!r} is not supported; only text parts are",
-                               param="messages")
+                raise APIError(
+                    400,
+                    f"message content of type {part.type!r} is not supported; only text parts are",
+                    param="messages",
+                )
         return "".join(part.text for part in self.content)
 
 
 class _Common(_Strict):
     """Fields both endpoints share. `None` means "not given" (the server's default applies)."""
+
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1, le=INT32)
     temperature: float | None = Field(None, ge=0, le=2)  # below 1e-5: greedy, as 0 (vLLM's rule)
@@ -163,9 +174,11 @@ def messages_as_dicts(messages: list[Message]) -> list[dict]:
 
 # ---------------------------------------------------------------------------- strategies
 
+
 @dataclass
 class Strategy:
     """What one request decodes with: a drafter name (None = plain), EAD, and a draft-length cap."""
+
     drafter: str | None = None
     ead: EAD | None = None
     k: int | None = None
@@ -177,12 +190,20 @@ class Strategy:
         return self.drafter or "plain"
 
 
-_METHODS = {"ngram": "lookup", "lookup": "lookup", "suffix": "suffix", "recycling": "recycling", "hybrid": "hybrid",
-            "early_exit": "early-exit", "early-exit": "early-exit"}
+_METHODS = {
+    "ngram": "lookup",
+    "lookup": "lookup",
+    "suffix": "suffix",
+    "recycling": "recycling",
+    "hybrid": "hybrid",
+    "early_exit": "early-exit",
+    "early-exit": "early-exit",
+}
 
 
 def parse_speculative_config(cfg: dict | str | None, param: str = "speculative_config") -> Strategy:
-    """vLLM's shape: {"method": "ngram", "num_speculative_tokens": 5}, {"model": PATH, ...}; ours adds
+    """vLLM's shape: {"method": "ngram", "num_speculative_tokens": 5}, {"model": PATH, ...},
+    {"method": "eagle", "model": DIR}; ours adds
     the methods lookup, suffix, recycling, hybrid, early-exit (with "num_layers"), ead and ead+verify
     (with "small", "tau", "window", "min_run"), and "none" for plain decoding."""
     if cfg is None:
@@ -204,14 +225,20 @@ def parse_speculative_config(cfg: dict | str | None, param: str = "speculative_c
         raise GearshiftError(f"{param}.model must be a string")
     if method in (None, "draft_model") and model is not None:
         strategy = Strategy(f"model:{model}", k=k)
+    elif method in ("eagle", "eagle3"):  # vLLM's shape: {"method": "eagle", "model": DIR}
+        if model is None:
+            raise GearshiftError(f'{param}: method eagle needs "model" (a directory of gearshift distill --head eagle)')
+        strategy = Strategy(f"eagle:{model}", k=k)
     elif method in (None, "none"):
         strategy = Strategy()
     elif method in ("ead", "ead+verify"):
         fields = {f: cfg.pop(f) for f in ("small", "tau", "window", "min_run") if f in cfg}
-        for f, ok, what in (("small", lambda v: isinstance(v, str), "a drafter name"),
-                            ("tau", lambda v: _number(v) and 0 <= v <= 100, "a number from 0 to 100"),
-                            ("window", lambda v: _integer(v) and 1 <= v <= 1024, "an integer from 1 to 1024"),
-                            ("min_run", lambda v: _integer(v) and 1 <= v <= 1024, "an integer from 1 to 1024")):
+        for f, ok, what in (
+            ("small", lambda v: isinstance(v, str), "a drafter name"),
+            ("tau", lambda v: _number(v) and 0 <= v <= 100, "a number from 0 to 100"),
+            ("window", lambda v: _integer(v) and 1 <= v <= 1024, "an integer from 1 to 1024"),
+            ("min_run", lambda v: _integer(v) and 1 <= v <= 1024, "an integer from 1 to 1024"),
+        ):
             if f in fields and not ok(fields[f]):
                 raise GearshiftError(f"{param}.{f} must be {what}, got {fields[f]!r}")
         strategy = Strategy(ead=EAD(**fields, verify=method == "ead+verify"), k=k)
@@ -226,8 +253,10 @@ def parse_speculative_config(cfg: dict | str | None, param: str = "speculative_c
             name = f"early-exit:{layers}"
         strategy = Strategy(name, k=k)
     else:
-        raise GearshiftError(f"{param}.method {method!r} is unknown; choose ngram (lookup), suffix, recycling, hybrid, "
-                             "early-exit, draft_model (with model), ead, ead+verify or none")
+        raise GearshiftError(
+            f"{param}.method {method!r} is unknown; choose ngram (lookup), suffix, recycling, hybrid, "
+            "early-exit, draft_model or eagle (with model), ead, ead+verify or none"
+        )
     cfg.pop("prompt_lookup_max", None), cfg.pop("prompt_lookup_min", None)  # vLLM's n-gram sizes: ours adapt
     if cfg:
         raise GearshiftError(f"{param} has unknown fields: {', '.join(sorted(map(str, cfg))[:8])}")
@@ -259,6 +288,7 @@ def _number(v) -> bool:
 
 # ---------------------------------------------------------------------------- responses
 
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
@@ -269,8 +299,12 @@ def usage(groups: list[list[Completion]]) -> dict:
     prompt = sum(g[0].prompt_tokens for g in groups)
     out = sum(len(c.token_ids) for g in groups for c in g)
     cached = sum(min(c.cached_tokens for c in g) for g in groups)
-    return {"prompt_tokens": prompt, "completion_tokens": out, "total_tokens": prompt + out,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": out,
+        "total_tokens": prompt + out,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
 def engine_report(completions: list[Completion], strategy: str) -> dict:
@@ -279,11 +313,13 @@ def engine_report(completions: list[Completion], strategy: str) -> dict:
     spec = [st.spec for st in stats if st.spec is not None]
     proposed, accepted = sum(s.proposed for s in spec), sum(s.accepted for s in spec)
     decode_s = max((st.timing.decode_s for st in stats), default=0.0)
-    report = {"strategy": completions[0].strategy if completions else strategy,  # the name the engine ran
-              "acceptance_rate": accepted / proposed if proposed else None,
-              "mean_accepted_tokens": sum(st.work.mat for st in stats) / len(stats) if stats else 0.0,
-              "ttft_s": min((st.timing.ttft_s for st in stats), default=0.0),
-              "tokens_per_s": sum(st.tok_per_s for st in stats) if decode_s else 0.0}
+    report = {
+        "strategy": completions[0].strategy if completions else strategy,  # the name the engine ran
+        "acceptance_rate": accepted / proposed if proposed else None,
+        "mean_accepted_tokens": sum(st.work.mat for st in stats) / len(stats) if stats else 0.0,
+        "ttft_s": min((st.timing.ttft_s for st in stats), default=0.0),
+        "tokens_per_s": sum(st.tok_per_s for st in stats) if decode_s else 0.0,
+    }
     if stats and stats[0].kv_full_bytes:
         report["kv_bytes"] = sum(st.kv_bytes for st in stats)
         report["kv_full_bytes"] = sum(st.kv_full_bytes for st in stats)
@@ -296,9 +332,17 @@ def engine_report(completions: list[Completion], strategy: str) -> dict:
 def chat_logprobs(entries: list[Logprob] | None) -> dict | None:
     if entries is None:
         return None
-    return {"content": [{"token": e.token, "logprob": e.logprob, "bytes": e.bytes,
-                         "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": t.bytes}
-                                          for t in e.top_logprobs]} for e in entries]}
+    return {
+        "content": [
+            {
+                "token": e.token,
+                "logprob": e.logprob,
+                "bytes": e.bytes,
+                "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": t.bytes} for t in e.top_logprobs],
+            }
+            for e in entries
+        ]
+    }
 
 
 def completion_logprobs(entries: list[Logprob] | None, offset: int = 0) -> dict | None:
@@ -309,8 +353,12 @@ def completion_logprobs(entries: list[Logprob] | None, offset: int = 0) -> dict 
     for e in entries:
         offsets.append(at)
         at += len(e.token)
-    return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{t.token: t.logprob for t in e.top_logprobs} for e in entries], "text_offset": offsets}
+    return {
+        "tokens": [e.token for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{t.token: t.logprob for t in e.top_logprobs} for e in entries],
+        "text_offset": offsets,
+    }
 
 
 def envelope(kind: str, rid: str, model: str, choices: list[dict], **extra) -> dict:

@@ -110,7 +110,7 @@ class PrefixTree:
                 self.size += len(child.key)
                 self.held[tenant] = self.held.get(tenant, 0) + len(child.key)
             child.tenants[tenant] = now
-            node, rest = child, rest[len(child.key):]
+            node, rest = child, rest[len(child.key) :]
         if self.size > self.max_tokens:
             self.evict(int(self.max_tokens * 0.9))
 

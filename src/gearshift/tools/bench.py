@@ -15,7 +15,6 @@ import torch
 from tqdm import tqdm
 
 from .. import hardware, hub
-from ..errors import GearshiftError
 from ..ead import EAD
 from ..llm import LLM
 from ..loading import load
@@ -28,8 +27,12 @@ def _time_engine(name: str, run, prompts: list) -> dict:
     run(prompts[0][:16])
     outs = [run(ids) for ids in tqdm(prompts, desc=name, unit="q")]
     tokens, seconds = sum(len(o["tokens"]) for o in outs), sum(o["seconds"] for o in outs)
-    return {"tok_per_s": tokens / seconds, "generated_tokens": tokens, "seconds": seconds,
-            "outputs": [o["tokens"] for o in outs]}
+    return {
+        "tok_per_s": tokens / seconds,
+        "generated_tokens": tokens,
+        "seconds": seconds,
+        "outputs": [o["tokens"] for o in outs],
+    }
 
 
 def _emit(results: dict, printer, plotter, json_path: str | None, plot_path: str | None) -> dict:
@@ -41,9 +44,16 @@ def _emit(results: dict, printer, plotter, json_path: str | None, plot_path: str
     return results
 
 
-def run_quick(model: str | None, n_questions: int = 10, max_new_tokens: int = 128, json_path: str | None = None,
-              plot_path: str | None = None, with_transformers: bool = True, device: str | None = None,
-              llama_cpp_dir: str | None = None) -> dict:
+def run_quick(
+    model: str | None,
+    n_questions: int = 10,
+    max_new_tokens: int = 128,
+    json_path: str | None = None,
+    plot_path: str | None = None,
+    with_transformers: bool = True,
+    device: str | None = None,
+    llama_cpp_dir: str | None = None,
+) -> dict:
     """Plain greedy decoding of the same prompts by gearshift (packed and float32 weights),
     transformers and, when `build-llama-cpp` has run, llama.cpp's server (same file, same threads);
     then the memory-bandwidth roofline and the verify curve (cost of a k-token forward), all in
@@ -78,10 +88,15 @@ def run_quick(model: str | None, n_questions: int = 10, max_new_tokens: int = 12
     results["prefill_tok_per_s"] = {str(n): _prefill_rate(llm, n) for n in PREFILL_LENGTHS}
     if path.is_file() and llama_cpp.binary("llama-server", llama_cpp_dir):
         with llama_cpp.Server(path, threads, prefix=llama_cpp_dir) as server:
-            eng["llama.cpp"] = {**_time_engine("llama.cpp", lambda ids: server.complete(ids, max_new_tokens), prompts),
-                                "threads": threads}
-        results["llama_cpp"] = {"tok_per_s": eng["llama.cpp"]["tok_per_s"], "threads": threads,
-                                "server": " ".join(server.cmd)}
+            eng["llama.cpp"] = {
+                **_time_engine("llama.cpp", lambda ids: server.complete(ids, max_new_tokens), prompts),
+                "threads": threads,
+            }
+        results["llama_cpp"] = {
+            "tok_per_s": eng["llama.cpp"]["tok_per_s"],
+            "threads": threads,
+            "server": " ".join(server.cmd),
+        }
         results["ratio_vs_llama_cpp"] = eng["gearshift"]["tok_per_s"] / eng["llama.cpp"]["tok_per_s"]
         lb = llama_cpp.bench(path, threads, prefix=llama_cpp_dir)
         if lb:
@@ -94,8 +109,12 @@ def run_quick(model: str | None, n_questions: int = 10, max_new_tokens: int = 12
     context = sum(len(p) for p in prompts) / len(prompts) + max_new_tokens / 2
     bandwidth = hardware.memory_bandwidth()
     per_token = hardware.bytes_per_token(llm.model, int(context))
-    results["roofline"] = {"bandwidth_gb_s": bandwidth / 1e9, "bytes_per_token": per_token,
-                           "tok_per_s": bandwidth / per_token, "context": int(context)}
+    results["roofline"] = {
+        "bandwidth_gb_s": bandwidth / 1e9,
+        "bytes_per_token": per_token,
+        "tok_per_s": bandwidth / per_token,
+        "context": int(context),
+    }
     results["roofline_fraction"] = eng["gearshift"]["tok_per_s"] / (bandwidth / per_token)
     costs = hardware.measure(llm.model, sizes=VERIFY_SIZES)
     results["forward_cost_ms"] = {str(n): 1000 * c for n, c in zip(costs.sizes, costs.seconds)}
@@ -133,25 +152,35 @@ def _print_quick(r: dict) -> None:
         print(f"ratio to llama.cpp (llama-server, same prompts): {r['ratio_vs_llama_cpp']:.2f}")
     if "ratio_vs_llama_cpp_tg128" in r:
         lc = r["llama_cpp"]
-        print(f"llama-bench: tg128 {lc['tg128']:.1f} tok/s (ratio {r['ratio_vs_llama_cpp_tg128']:.2f}), "
-              f"pp512 {lc['pp512']:.1f} tok/s")
+        print(
+            f"llama-bench: tg128 {lc['tg128']:.1f} tok/s (ratio {r['ratio_vs_llama_cpp_tg128']:.2f}), "
+            f"pp512 {lc['pp512']:.1f} tok/s"
+        )
     if "prefill_tok_per_s" in r:
         pf = r["prefill_tok_per_s"]
-        extra = (f" (ratio to llama.cpp pp512: {r['prefill_ratio_vs_llama_cpp_pp512']:.2f})"
-                 if "prefill_ratio_vs_llama_cpp_pp512" in r else "")
+        extra = (
+            f" (ratio to llama.cpp pp512: {r['prefill_ratio_vs_llama_cpp_pp512']:.2f})"
+            if "prefill_ratio_vs_llama_cpp_pp512" in r
+            else ""
+        )
         print("prefill tok/s: " + ", ".join(f"{k} tokens: {v:.0f}" for k, v in pf.items()) + extra)
     if "roofline" in r:
         rf = r["roofline"]
-        print(f"roofline: {rf['bytes_per_token'] / 1e6:.1f} MB/token at {rf['bandwidth_gb_s']:.1f} GB/s = "
-              f"{rf['tok_per_s']:.0f} tok/s; gearshift reaches {r['roofline_fraction']:.0%} of it")
+        print(
+            f"roofline: {rf['bytes_per_token'] / 1e6:.1f} MB/token at {rf['bandwidth_gb_s']:.1f} GB/s = "
+            f"{rf['tok_per_s']:.0f} tok/s; gearshift reaches {r['roofline_fraction']:.0%} of it"
+        )
     if "forward_cost_ms" in r:
         one = r["forward_cost_ms"]["1"]
-        print("verify curve (ms per forward of k tokens): " + ", ".join(
-            f"k={k}: {v:.1f} ({v / one:.2f}x)" for k, v in r["forward_cost_ms"].items()))
+        print(
+            "verify curve (ms per forward of k tokens): "
+            + ", ".join(f"k={k}: {v:.1f} ({v / one:.2f}x)" for k, v in r["forward_cost_ms"].items())
+        )
 
 
 def _plot_quick(r: dict, path: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -168,8 +197,14 @@ def _plot_quick(r: dict, path: str) -> None:
 # ---------------------------------------------------------------- Spec-Bench
 
 SPEC_BENCH_GROUPS = {  # Spec-Bench reports MT-bench's eight categories as one "multi-turn" column
-    "writing": "mt_bench", "roleplay": "mt_bench", "reasoning": "mt_bench", "math": "mt_bench",
-    "coding": "mt_bench", "extraction": "mt_bench", "stem": "mt_bench", "humanities": "mt_bench",
+    "writing": "mt_bench",
+    "roleplay": "mt_bench",
+    "reasoning": "mt_bench",
+    "math": "mt_bench",
+    "coding": "mt_bench",
+    "extraction": "mt_bench",
+    "stem": "mt_bench",
+    "humanities": "mt_bench",
 }
 
 
@@ -185,16 +220,27 @@ def spec_bench_sample(per_category: int) -> list[dict]:
     return out
 
 
-def run_spec_bench(model: str | None, per_category: int = 2, max_new_tokens: int = 128, draft: str | None = None,
-                   drafters: list[str] | None = None, json_path: str | None = None, plot_path: str | None = None,
-                   with_transformers: bool = True, device: str | None = None, llama_cpp_dir: str | None = None) -> dict:
+def run_spec_bench(
+    model: str | None,
+    per_category: int = 2,
+    max_new_tokens: int = 128,
+    draft: str | None = None,
+    drafters: list[str] | None = None,
+    json_path: str | None = None,
+    plot_path: str | None = None,
+    with_transformers: bool = True,
+    device: str | None = None,
+    llama_cpp_dir: str | None = None,
+) -> dict:
     """Every method on the same questions in one process; speedups are relative to our plain decoding.
     llama.cpp's server (plain greedy, same file and threads) joins when `build-llama-cpp` has run."""
     path = hub.resolve_model(model)
     llm = LLM(load(path, device=device), prefix_cache=False)
     questions = spec_bench_sample(per_category)
     prompts = [llm.encode([{"role": "user", "content": q["turns"][0]}]) for q in questions]
-    names = drafters or ["lookup", "early-exit", "recycling", "suffix", "hybrid"] + ([f"model:{draft}"] if draft else [])
+    names = drafters or ["lookup", "early-exit", "recycling", "suffix", "hybrid"] + (
+        [f"model:{draft}"] if draft else []
+    )
     methods: dict = {"plain": _ours(llm, None, max_new_tokens)}
     for spec in dict.fromkeys(names):
         kind, _, arg = spec.partition(":")
@@ -211,6 +257,7 @@ def run_spec_bench(model: str | None, per_category: int = 2, max_new_tokens: int
             def llama(ids):
                 out = server.complete(ids, max_new_tokens)
                 return {**out, "forwards": len(out["tokens"]), "consumed": len(out["tokens"])}
+
             methods["llama.cpp"] = llama
         runs: dict = {name: [] for name in methods}
         for fn in methods.values():
@@ -227,8 +274,13 @@ def _ours(llm, drafter, max_new_tokens: int):
     def run(ids):
         t0 = time.perf_counter()
         c = llm.generate(ids, drafter=drafter, max_tokens=max_new_tokens)
-        return {"tokens": c.token_ids, "seconds": time.perf_counter() - t0, "forwards": c.stats.work.target_forwards,
-                "consumed": c.stats.work.consumed}
+        return {
+            "tokens": c.token_ids,
+            "seconds": time.perf_counter() - t0,
+            "forwards": c.stats.work.target_forwards,
+            "consumed": c.stats.work.consumed,
+        }
+
     return run
 
 
@@ -243,8 +295,11 @@ def _hf_methods(path: Path, draft: str | None, max_new_tokens: int, device: str 
 
     def hf_load(p: Path):
         kw = dict(gguf_file=p.name) if p.is_file() else {}
-        return AutoModelForCausalLM.from_pretrained(str(p.parent if p.is_file() else p), dtype=torch.float32,
-                                                    **kw).to(dev).eval()
+        return (
+            AutoModelForCausalLM.from_pretrained(str(p.parent if p.is_file() else p), dtype=torch.float32, **kw)
+            .to(dev)
+            .eval()
+        )
 
     model = hf_load(path)
     calls = [0]
@@ -258,19 +313,32 @@ def _hf_methods(path: Path, draft: str | None, max_new_tokens: int, device: str 
             x = torch.tensor([ids], device=dev)
             calls[0] = 0
             t0 = time.perf_counter()
-            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=next(iter(eos), 0), **kw)
+            out = model.generate(
+                x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=next(iter(eos), 0),
+                **kw,
+            )
             seconds = time.perf_counter() - t0
-            new = out[0, len(ids):].tolist()
+            new = out[0, len(ids) :].tolist()
             kept = [t for t in new if t not in eos]
-            return {"tokens": kept, "seconds": seconds, "forwards": calls[0], "consumed": len(kept) + (len(kept) < len(new))}
+            return {
+                "tokens": kept,
+                "seconds": seconds,
+                "forwards": calls[0],
+                "consumed": len(kept) + (len(kept) < len(new)),
+            }
+
         return run
 
     methods = {"hf-plain": make(), "hf-prompt-lookup": make(prompt_lookup_num_tokens=10)}
     if draft:
         assistant = hf_load(Path(draft))
-        if (Path(draft) / "config.json").is_file() and \
-                "gearshift_shared" in json.loads((Path(draft) / "config.json").read_text()):
+        if (Path(draft) / "config.json").is_file() and "gearshift_shared" in json.loads(
+            (Path(draft) / "config.json").read_text()
+        ):
             # a gearshift distill draft stores no embeddings or LM head: they are the target's
             assistant.set_input_embeddings(model.get_input_embeddings())
             assistant.set_output_embeddings(model.get_output_embeddings())
@@ -292,14 +360,21 @@ def _summarize(model: str, max_new_tokens: int, questions: list[dict], runs: dic
     out = {"model": model, "max_new_tokens": max_new_tokens, "questions": len(questions), "methods": {}}
     for name in runs:
         reference = "hf-plain" if name.startswith("hf-") else name if name == "llama.cpp" else "plain"
-        mismatches = [questions[i]["question_id"] for i in every
-                      if runs[name][i]["tokens"] != runs[reference][i]["tokens"]]
+        mismatches = [
+            questions[i]["question_id"] for i in every if runs[name][i]["tokens"] != runs[reference][i]["tokens"]
+        ]
         out["methods"][name] = {
-            "tok_per_s": rate(name, every), "speedup": rate(name, every) / rate("plain", every),
-            "mat": mat(name, every), "identical_to_plain": not mismatches, "mismatched_questions": mismatches,
-            "compared_with": reference, "lossless": True,  # every method here is lossless by construction
-            "per_category": {g: {"speedup": rate(name, idx) / rate("plain", idx), "mat": mat(name, idx)}
-                             for g, idx in by_group.items()},
+            "tok_per_s": rate(name, every),
+            "speedup": rate(name, every) / rate("plain", every),
+            "mat": mat(name, every),
+            "identical_to_plain": not mismatches,
+            "mismatched_questions": mismatches,
+            "compared_with": reference,
+            "lossless": True,  # every method here is lossless by construction
+            "per_category": {
+                g: {"speedup": rate(name, idx) / rate("plain", idx), "mat": mat(name, idx)}
+                for g, idx in by_group.items()
+            },
         }
         if "llama.cpp" in runs:
             out["methods"][name]["vs_llama_cpp"] = rate(name, every) / rate("llama.cpp", every)
@@ -309,8 +384,10 @@ def _summarize(model: str, max_new_tokens: int, questions: list[dict], runs: dic
 def _print_spec_bench(r: dict) -> None:
     methods = r["methods"]
     groups = list(next(iter(methods.values()))["per_category"])
-    print(f"\nSpec-Bench on {r['model']}: {r['questions']} questions, greedy, {r['max_new_tokens']} new tokens; "
-          "speedup vs our plain decoding")
+    print(
+        f"\nSpec-Bench on {r['model']}: {r['questions']} questions, greedy, {r['max_new_tokens']} new tokens; "
+        "speedup vs our plain decoding"
+    )
     head = f"{'method':<18}" + "".join(f"{g[:13]:>14}" for g in groups) + f"{'overall':>9}{'MAT':>6}{'tok/s':>8}  same"
     print(head)
     for name, m in methods.items():
@@ -322,6 +399,7 @@ def _print_spec_bench(r: dict) -> None:
 
 def _plot_spec_bench(r: dict, path: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
@@ -357,6 +435,7 @@ def gsm8k_eval(n: int) -> list[dict]:
 def final_number(text: str) -> str | None:
     """The last number in a text, commas dropped: GSM8K's answer convention."""
     import re
+
     found = re.findall(r"-?\d[\d,]*\.?\d*", text)
     return found[-1].replace(",", "").rstrip(".") if found else None
 
@@ -386,9 +465,19 @@ def mean_loglik(llm, prompt: list[int], output: list[int]) -> float:
     return float(logp.gather(1, torch.tensor(output, device=llm.device)[:, None]).mean())
 
 
-def run_ead(model: str | None, small: str = "early-exit", taus=EAD_TAUS, n_questions: int = EAD_QUESTIONS,
-            max_new_tokens: int = 128, window: int = 5, min_run: int = 4, verify: bool = False,
-            json_path: str | None = None, plot_path: str | None = None, device: str | None = None) -> dict:
+def run_ead(
+    model: str | None,
+    small: str = "early-exit",
+    taus=EAD_TAUS,
+    n_questions: int = EAD_QUESTIONS,
+    max_new_tokens: int = 128,
+    window: int = 5,
+    min_run: int = 4,
+    verify: bool = False,
+    json_path: str | None = None,
+    plot_path: str | None = None,
+    device: str | None = None,
+) -> dict:
     """Sweep tau: cost (large-model share, compute, tokens/s) against quality, each relative to the
     large model's own greedy answer. quality_retained is the loglik ratio (see the README).
     `verify` also runs ead+verify at each tau: the same schedule, lossless, so only its cost varies."""
@@ -403,9 +492,14 @@ def run_ead(model: str | None, small: str = "early-exit", taus=EAD_TAUS, n_quest
     def cost(outs) -> dict:
         large = sum(c.stats.ead.large_tokens for c in outs)
         made = sum(c.stats.ead.large_tokens + c.stats.ead.small_tokens for c in outs)
-        seconds = sum(c.stats.timing.prefill_s + c.stats.timing.decode_s for c in outs)  # the prompt read in, as ead does
-        return {"large_fraction": large / made, "tok_per_s": sum(len(c.token_ids) for c in outs) / seconds,
-                "relative_compute": sum(c.stats.ead.flops for c in outs) / sum(c.stats.ead.large_only_flops for c in outs)}
+        seconds = sum(
+            c.stats.timing.prefill_s + c.stats.timing.decode_s for c in outs
+        )  # the prompt read in, as ead does
+        return {
+            "large_fraction": large / made,
+            "tok_per_s": sum(len(c.token_ids) for c in outs) / seconds,
+            "relative_compute": sum(c.stats.ead.flops for c in outs) / sum(c.stats.ead.large_only_flops for c in outs),
+        }
 
     points = []
     for tau in tqdm(taus, desc="ead sweep", unit="tau"):
@@ -413,46 +507,68 @@ def run_ead(model: str | None, small: str = "early-exit", taus=EAD_TAUS, n_quest
         outs = [llm.generate(ids, ead=cfg, max_tokens=max_new_tokens) for ids in prompts]
         lls = [mean_loglik(llm, ids, c.token_ids) for ids, c in zip(prompts, outs)]
         ratios = [math.exp(a - b) for a, b in zip(lls, ref_ll)]
-        points.append({
-            "tau": tau, **cost(outs),
-            # capped per question: text the large model likes better than its own greedy answer
-            # (repetition often is) does not make up for a question where quality was lost
-            "quality_retained": sum(min(1.0, x) for x in ratios) / len(ratios),
-            "loglik_ratio": sum(ratios) / len(ratios),
-            "agreement": sum(sum(x == y for x, y in zip(c.token_ids, r.token_ids)) / max(1, len(r.token_ids))
-                             for c, r in zip(outs, ref)) / len(outs),
-            "rouge_l": sum(rouge_l(c.token_ids, r.token_ids) for c, r in zip(outs, ref)) / len(outs),
-            "exact_match": sum(final_number(c.text) == a for c, a in zip(outs, answers)) / len(outs),
-        })
+        points.append(
+            {
+                "tau": tau,
+                **cost(outs),
+                # capped per question: text the large model likes better than its own greedy answer
+                # (repetition often is) does not make up for a question where quality was lost
+                "quality_retained": sum(min(1.0, x) for x in ratios) / len(ratios),
+                "loglik_ratio": sum(ratios) / len(ratios),
+                "agreement": sum(
+                    sum(x == y for x, y in zip(c.token_ids, r.token_ids)) / max(1, len(r.token_ids))
+                    for c, r in zip(outs, ref)
+                )
+                / len(outs),
+                "rouge_l": sum(rouge_l(c.token_ids, r.token_ids) for c, r in zip(outs, ref)) / len(outs),
+                "exact_match": sum(final_number(c.text) == a for c, a in zip(outs, answers)) / len(outs),
+            }
+        )
         if verify:
             cfg = EAD(small=small, tau=tau, window=window, min_run=min_run, verify=True)
             outs = [llm.generate(ids, ead=cfg, max_tokens=max_new_tokens) for ids in prompts]
-            points[-1]["verify"] = {**cost(outs), "identical": all(c.token_ids == r.token_ids for c, r in zip(outs, ref))}
-    results = {"large": llm.loaded.path.name, "small": small, "questions": len(prompts),
-               "max_new_tokens": max_new_tokens, "window": window, "min_run": min_run,
-               "large_only_exact_match": sum(final_number(c.text) == a for c, a in zip(ref, answers)) / len(ref),
-               "points": points}
+            points[-1]["verify"] = {
+                **cost(outs),
+                "identical": all(c.token_ids == r.token_ids for c, r in zip(outs, ref)),
+            }
+    results = {
+        "large": llm.loaded.path.name,
+        "small": small,
+        "questions": len(prompts),
+        "max_new_tokens": max_new_tokens,
+        "window": window,
+        "min_run": min_run,
+        "large_only_exact_match": sum(final_number(c.text) == a for c, a in zip(ref, answers)) / len(ref),
+        "points": points,
+    }
     return _emit(results, _print_ead, _plot_ead, json_path, plot_path)
 
 
 def _print_ead(r: dict) -> None:
-    print(f"\nEntropy-adaptive decoding: large {r['large']}, small {r['small']}, {r['questions']} GSM8K questions "
-          f"(large-only exact match {r['large_only_exact_match']:.2f})")
+    print(
+        f"\nEntropy-adaptive decoding: large {r['large']}, small {r['small']}, {r['questions']} GSM8K questions "
+        f"(large-only exact match {r['large_only_exact_match']:.2f})"
+    )
     print(f"{'tau':>6}{'large %':>9}{'compute':>9}{'tok/s':>8}{'quality':>9}{'agree':>7}{'rougeL':>8}{'EM':>6}")
     for p in r["points"]:
-        print(f"{p['tau']:>6.1f}{100 * p['large_fraction']:>8.1f}%{p['relative_compute']:>9.2f}{p['tok_per_s']:>8.1f}"
-              f"{p['quality_retained']:>9.3f}{p['agreement']:>7.2f}{p['rouge_l']:>8.2f}{p['exact_match']:>6.2f}")
+        print(
+            f"{p['tau']:>6.1f}{100 * p['large_fraction']:>8.1f}%{p['relative_compute']:>9.2f}{p['tok_per_s']:>8.1f}"
+            f"{p['quality_retained']:>9.3f}{p['agreement']:>7.2f}{p['rouge_l']:>8.2f}{p['exact_match']:>6.2f}"
+        )
     if all("verify" in p for p in r["points"]):
         print("\nead+verify (lossless: the large model verifies the small one's tokens)")
         print(f"{'tau':>6}{'large %':>9}{'compute':>9}{'tok/s':>8}  same as large greedy")
         for p in r["points"]:
             v = p["verify"]
-            print(f"{p['tau']:>6.1f}{100 * v['large_fraction']:>8.1f}%{v['relative_compute']:>9.2f}"
-                  f"{v['tok_per_s']:>8.1f}  {'yes' if v['identical'] else 'NO'}")
+            print(
+                f"{p['tau']:>6.1f}{100 * v['large_fraction']:>8.1f}%{v['relative_compute']:>9.2f}"
+                f"{v['tok_per_s']:>8.1f}  {'yes' if v['identical'] else 'NO'}"
+            )
 
 
 def _plot_ead(r: dict, path: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -463,11 +579,19 @@ def _plot_ead(r: dict, path: str) -> None:
     ax.plot(x, [p["rouge_l"] for p in pts], "s--", label="ROUGE-L vs large greedy", alpha=0.7)
     ax.plot(x, [p["relative_compute"] for p in pts], "^:", label="relative compute", alpha=0.7)
     for p, xi in zip(pts, x):
-        ax.annotate(f"τ={p['tau']:g}", (xi, p["quality_retained"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.annotate(
+            f"τ={p['tau']:g}", (xi, p["quality_retained"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+        )
     lossless = [p["verify"] for p in pts if p.get("verify", {}).get("identical")]
     if lossless:  # its output is the large model's: quality 1 by construction, checked per point
-        ax.plot([100 * v["large_fraction"] for v in lossless], [1.0] * len(lossless), "D", color="tab:purple",
-                label="ead+verify (lossless)", alpha=0.7)
+        ax.plot(
+            [100 * v["large_fraction"] for v in lossless],
+            [1.0] * len(lossless),
+            "D",
+            color="tab:purple",
+            label="ead+verify (lossless)",
+            alpha=0.7,
+        )
     ax.axhline(0.95, color="grey", linewidth=0.6)
     ax.axvline(40, color="grey", linewidth=0.6)
     ax.set_xlabel("tokens written by the large model (%)")

@@ -44,9 +44,11 @@ from .data import spec_bench_questions
 
 TASKS = ("passkey", "kv", "prefix_suffix", "multihop", "manyshot", "needle")
 _NAMES = ["red", "blue", "green", "yellow", "purple", "orange", "silver", "golden", "black", "white"]
-_WORDS = {"zorb": ["apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "plum", "melon", "kiwi"],
-          "plim": ["horse", "tiger", "eagle", "otter", "zebra", "camel", "sheep", "whale", "mouse", "llama"],
-          "kesh": ["truck", "train", "plane", "canoe", "wagon", "sled", "ferry", "tram", "scooter", "yacht"]}
+_WORDS = {
+    "zorb": ["apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "plum", "melon", "kiwi"],
+    "plim": ["horse", "tiger", "eagle", "otter", "zebra", "camel", "sheep", "whale", "mouse", "llama"],
+    "kesh": ["truck", "train", "plane", "canoe", "wagon", "sled", "ferry", "tram", "scooter", "yacht"],
+}
 
 
 def _haystack(rng: random.Random) -> list[str]:
@@ -87,11 +89,17 @@ def generate(tokenizer, length: int, seed: int = 0, turns: int = 4) -> list[dict
     budget = length - 80 * turns  # the questions, the answers of a multi-turn chat, the chat template
     doors = rng.sample(_NAMES, turns)
     keys = [rng.randint(10000, 99999) for _ in doors]
-    kv = {f"{rng.choice(['apple', 'river', 'stone', 'cloud', 'maple'])}-{rng.randint(10, 99)}": rng.randint(10000, 99999)
-          for _ in range(12)}
+    kv = {
+        f"{rng.choice(['apple', 'river', 'stone', 'cloud', 'maple'])}-{rng.randint(10, 99)}": rng.randint(10000, 99999)
+        for _ in range(12)
+    }
     asked = rng.sample(sorted(kv), turns)
-    strings = ["".join(rng.choices(string.ascii_letters + string.digits, k=4)) + "-" +
-               "".join(rng.choices(string.ascii_letters + string.digits, k=4)) for _ in range(10)]
+    strings = [
+        "".join(rng.choices(string.ascii_letters + string.digits, k=4))
+        + "-"
+        + "".join(rng.choices(string.ascii_letters + string.digits, k=4))
+        for _ in range(10)
+    ]
     picked = rng.sample(strings, turns)
     chains = []
     for t in range(turns):
@@ -105,17 +113,47 @@ def generate(tokenizer, length: int, seed: int = 0, turns: int = 4) -> list[dict
         inserts += [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in zip(names, names[1:])]
     shared = _fill(tokenizer, parts, inserts, budget, rng)
     items = [
-        {"id": f"passkey-{length}", "task": "passkey", "score": "substring", "context": shared,
-         "multi_turns": [{"input": f"What is the pass key for the {d} door?", "answer": str(k)} for d, k in zip(doors, keys)]},
-        {"id": f"kv-{length}", "task": "kv", "score": "substring", "context": shared,
-         "multi_turns": [{"input": f'In the JSON object above, what is the value of "{a}"?', "answer": str(kv[a])}
-                         for a in asked]},
-        {"id": f"prefix_suffix-{length}", "task": "prefix_suffix", "score": "substring", "context": shared,
-         "multi_turns": [{"input": f"In the list of codes above, which code starts with {p[:4]}?", "answer": p}
-                         for p in picked]},
-        {"id": f"multihop-{length}", "task": "multihop", "score": "first_int", "context": shared,
-         "multi_turns": [{"input": f"What is the value of VAR {names[-1]}? Follow the chain of assignments and "
-                                   "answer with the number.", "answer": str(value)} for names, value in chains]},
+        {
+            "id": f"passkey-{length}",
+            "task": "passkey",
+            "score": "substring",
+            "context": shared,
+            "multi_turns": [
+                {"input": f"What is the pass key for the {d} door?", "answer": str(k)} for d, k in zip(doors, keys)
+            ],
+        },
+        {
+            "id": f"kv-{length}",
+            "task": "kv",
+            "score": "substring",
+            "context": shared,
+            "multi_turns": [
+                {"input": f'In the JSON object above, what is the value of "{a}"?', "answer": str(kv[a])} for a in asked
+            ],
+        },
+        {
+            "id": f"prefix_suffix-{length}",
+            "task": "prefix_suffix",
+            "score": "substring",
+            "context": shared,
+            "multi_turns": [
+                {"input": f"In the list of codes above, which code starts with {p[:4]}?", "answer": p} for p in picked
+            ],
+        },
+        {
+            "id": f"multihop-{length}",
+            "task": "multihop",
+            "score": "first_int",
+            "context": shared,
+            "multi_turns": [
+                {
+                    "input": f"What is the value of VAR {names[-1]}? Follow the chain of assignments and "
+                    "answer with the number.",
+                    "answer": str(value),
+                }
+                for names, value in chains
+            ],
+        },
     ]
     examples, n = [], 0
     pool = [(w, label) for label, words in _WORDS.items() for w in words]
@@ -127,16 +165,31 @@ def generate(tokenizer, length: int, seed: int = 0, turns: int = 4) -> list[dict
             break
         examples.append(line)
     queries = rng.sample(pool, turns)
-    items.append({"id": f"manyshot-{length}", "task": "manyshot", "score": "first_word", "format": "raw",
-                  "context": "\n".join(examples),
-                  "multi_turns": [{"input": f"Input: {w}\nOutput:", "answer": label} for w, label in queries]})
+    items.append(
+        {
+            "id": f"manyshot-{length}",
+            "task": "manyshot",
+            "score": "first_word",
+            "format": "raw",
+            "context": "\n".join(examples),
+            "multi_turns": [{"input": f"Input: {w}\nOutput:", "answer": label} for w, label in queries],
+        }
+    )
     for j, door in enumerate(rng.sample(_NAMES, turns)):  # needle: one key per haystack
         own = random.Random(f"{seed}-{length}-needle-{j}")
         key = own.randint(10000, 99999)
-        context = _fill(tokenizer, _haystack(own), [f"The pass key for the {door} door is {key}. Remember it."],
-                        budget, own)
-        items.append({"id": f"needle-{length}-{j}", "task": "needle", "score": "substring", "context": context,
-                      "multi_turns": [{"input": f"What is the pass key for the {door} door?", "answer": str(key)}]})
+        context = _fill(
+            tokenizer, _haystack(own), [f"The pass key for the {door} door is {key}. Remember it."], budget, own
+        )
+        items.append(
+            {
+                "id": f"needle-{length}-{j}",
+                "task": "needle",
+                "score": "substring",
+                "context": context,
+                "multi_turns": [{"input": f"What is the pass key for the {door} door?", "answer": str(key)}],
+            }
+        )
     return items
 
 
@@ -163,13 +216,21 @@ def _run_item(llm, item: dict, mode: str, policy: str, budget: int | None, max_t
             prompt = history + [{"role": "user", "content": turn["input"]}]
         c = llm.generate(prompt, max_tokens=max_tokens, ignore_eos=True, **kv)
         answer = c.text
-        history = prompt + " " + answer.strip().split("\n")[0] if raw else \
-            prompt + [{"role": "assistant", "content": answer}]
+        history = (
+            prompt + " " + answer.strip().split("\n")[0] if raw else prompt + [{"role": "assistant", "content": answer}]
+        )
         st = c.stats
-        out.append({"correct": score(item["score"], answer, turn["answer"]), "kv_bytes": st.kv_bytes,
-                    "prompt_tokens": c.prompt_tokens, "full_kv_bytes": st.kv_full_bytes,
-                    "decode_tok_per_s": st.tok_per_s, "prefill_s": st.timing.prefill_s,
-                    "output": answer[:80]})
+        out.append(
+            {
+                "correct": score(item["score"], answer, turn["answer"]),
+                "kv_bytes": st.kv_bytes,
+                "prompt_tokens": c.prompt_tokens,
+                "full_kv_bytes": st.kv_full_bytes,
+                "decode_tok_per_s": st.tok_per_s,
+                "prefill_s": st.timing.prefill_s,
+                "output": answer[:80],
+            }
+        )
     return out
 
 
@@ -177,24 +238,37 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else 0.0
 
 
-def run_kv(model: str | None, lengths: list[int], policies: list[str], budgets: list[int], modes: list[str],
-           tasks: list[str], seed: int = 0, max_tokens: int = 16, data_out: str | None = None,
-           json_path: str | None = None, plot_path: str | None = None, device: str | None = None) -> dict:
+def run_kv(
+    model: str | None,
+    lengths: list[int],
+    policies: list[str],
+    budgets: list[int],
+    modes: list[str],
+    tasks: list[str],
+    seed: int = 0,
+    max_tokens: int = 16,
+    data_out: str | None = None,
+    json_path: str | None = None,
+    plot_path: str | None = None,
+    device: str | None = None,
+) -> dict:
     from tqdm import tqdm
 
     from ..llm import load
     from .bench import _emit
+
     parsed = {p: KVPolicy(p) for p in policies}  # (a bad name is a one-line error before anything loads)
     if any(not x.active for x in parsed.values()):
         raise GearshiftError("the full cache is always measured: leave it out of --policies")
     llm = load(model, device=device, max_num_seqs=4)
     if any(x.name == "duo" for x in parsed.values()) and not duo_path(llm.loaded.path).exists():
-        raise GearshiftError(f"the duo policy needs this model's head file: run `gearshift calibrate-duo` first")
+        raise GearshiftError("the duo policy needs this model's head file: run `gearshift calibrate-duo` first")
     if max(lengths) + max_tokens > llm.core.window:
         raise GearshiftError(f"a {max(lengths)}-token context does not fit the model's {llm.core.window}-token window")
     rows, data = [], []
-    configs = [("full", None)] + [(p, b if parsed[p].evicts else None) for p in policies
-                                  for b in (budgets if parsed[p].evicts else budgets[:1])]  # (quantizing alone: no budget)
+    configs = [("full", None)] + [
+        (p, b if parsed[p].evicts else None) for p in policies for b in (budgets if parsed[p].evicts else budgets[:1])
+    ]  # (quantizing alone: no budget)
     total = len(lengths) * (len(tasks) + 3 * ("needle" in tasks)) * len(modes) * len(configs)
     with tqdm(total=total, desc="bench kv", unit="run", file=sys.stderr) as bar:
         for length in lengths:
@@ -218,26 +292,44 @@ def run_kv(model: str | None, lengths: list[int], policies: list[str], budgets: 
                         try:
                             turns = _run_item(llm, item, mode, policy, budget, max_tokens)
                         except GearshiftError as e:  # recorded, and the rest goes on
-                            rows.append({"task": item["task"], "mode": mode, "length": length, "policy": policy,
-                                         "budget": budget, "error": str(e)})
+                            rows.append(
+                                {
+                                    "task": item["task"],
+                                    "mode": mode,
+                                    "length": length,
+                                    "policy": policy,
+                                    "budget": budget,
+                                    "error": str(e),
+                                }
+                            )
                             bar.update(1)
                             continue
-                        row = {"task": item["task"], "mode": mode, "length": length, "policy": policy,
-                               "budget": budget, "accuracy": _mean([t["correct"] for t in turns]),
-                               "turn_accuracy": [float(t["correct"]) for t in turns],
-                               "kv_bytes": _mean([t["kv_bytes"] for t in turns]),
-                               "decode_tok_per_s": _mean([t["decode_tok_per_s"] for t in turns]),
-                               "prefill_s": _mean([t["prefill_s"] for t in turns]),
-                               "prompt_tokens": _mean([t["prompt_tokens"] for t in turns]),
-                               "seconds": time.perf_counter() - t0, "outputs": [t["output"] for t in turns]}
+                        row = {
+                            "task": item["task"],
+                            "mode": mode,
+                            "length": length,
+                            "policy": policy,
+                            "budget": budget,
+                            "accuracy": _mean([t["correct"] for t in turns]),
+                            "turn_accuracy": [float(t["correct"]) for t in turns],
+                            "kv_bytes": _mean([t["kv_bytes"] for t in turns]),
+                            "decode_tok_per_s": _mean([t["decode_tok_per_s"] for t in turns]),
+                            "prefill_s": _mean([t["prefill_s"] for t in turns]),
+                            "prompt_tokens": _mean([t["prompt_tokens"] for t in turns]),
+                            "seconds": time.perf_counter() - t0,
+                            "outputs": [t["output"] for t in turns],
+                        }
                         if policy == "full":
                             full = row
                             row["full_kv_bytes_turns"] = [t["full_kv_bytes"] for t in turns]
-                        row.update(full_accuracy=full["accuracy"], full_turn_accuracy=full["turn_accuracy"],
-                                   full_kv_bytes=full["kv_bytes"],
-                                   full_decode_tok_per_s=full["decode_tok_per_s"],
-                                   relative_accuracy=row["accuracy"] / full["accuracy"] if full["accuracy"] else None,
-                                   full_solves=full["accuracy"] >= 0.5)
+                        row.update(
+                            full_accuracy=full["accuracy"],
+                            full_turn_accuracy=full["turn_accuracy"],
+                            full_kv_bytes=full["kv_bytes"],
+                            full_decode_tok_per_s=full["decode_tok_per_s"],
+                            relative_accuracy=row["accuracy"] / full["accuracy"] if full["accuracy"] else None,
+                            full_solves=full["accuracy"] >= 0.5,
+                        )
                         rows.append(row)
                         bar.update(1)
                         if json_path:  # as it goes: a long run that is stopped keeps what it measured
@@ -245,8 +337,13 @@ def run_kv(model: str | None, lengths: list[int], policies: list[str], budgets: 
     if data_out:
         Path(data_out).parent.mkdir(parents=True, exist_ok=True)
         Path(data_out).write_text("".join(json.dumps(i) + "\n" for i in data))
-    result = {"model": str(llm.loaded.path), "seed": seed, "max_tokens": max_tokens, "results": rows,
-              "summary": summarize(rows)}
+    result = {
+        "model": str(llm.loaded.path),
+        "seed": seed,
+        "max_tokens": max_tokens,
+        "results": rows,
+        "summary": summarize(rows),
+    }
     return _emit(result, print_kv, plot_kv, json_path, plot_path)
 
 
@@ -258,14 +355,24 @@ def summarize(rows: list[dict]) -> list[dict]:
         if r["policy"] != "full" and r.get("full_solves"):
             groups.setdefault((r["mode"], r["length"], r["policy"], r["budget"]), []).append(r)
     out = []
-    for (mode, length, policy, budget), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2],
-                                                                                     kv[0][3])):
-        out.append({"mode": mode, "length": length, "policy": policy, "budget": budget, "tasks": len(rs),
-                    "relative_accuracy": _mean([r["accuracy"] for r in rs]) / _mean([r["full_accuracy"] for r in rs]),
-                    "later_turns_relative": _later(rs),
-                    "decode_speedup": _mean([r["decode_tok_per_s"] / r["full_decode_tok_per_s"] for r in rs
-                                             if r["full_decode_tok_per_s"]]),
-                    "kv_reduction": _mean([r["full_kv_bytes"] / r["kv_bytes"] for r in rs if r["kv_bytes"]])})
+    for (mode, length, policy, budget), rs in sorted(
+        groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], kv[0][3])
+    ):
+        out.append(
+            {
+                "mode": mode,
+                "length": length,
+                "policy": policy,
+                "budget": budget,
+                "tasks": len(rs),
+                "relative_accuracy": _mean([r["accuracy"] for r in rs]) / _mean([r["full_accuracy"] for r in rs]),
+                "later_turns_relative": _later(rs),
+                "decode_speedup": _mean(
+                    [r["decode_tok_per_s"] / r["full_decode_tok_per_s"] for r in rs if r["full_decode_tok_per_s"]]
+                ),
+                "kv_reduction": _mean([r["full_kv_bytes"] / r["kv_bytes"] for r in rs if r["kv_bytes"]]),
+            }
+        )
     return out
 
 
@@ -277,43 +384,60 @@ def _later(rs: list[dict]) -> float | None:
 
 
 def print_kv(r: dict) -> None:
-    print(f"{'task':<14} {'mode':<14} {'len':>5} {'policy':<10} {'budget':>6} {'acc':>5} {'full':>5} "
-          f"{'KV MiB':>7} {'full':>7} {'tok/s':>6} {'full':>6} {'prefill':>7}")
+    print(
+        f"{'task':<14} {'mode':<14} {'len':>5} {'policy':<10} {'budget':>6} {'acc':>5} {'full':>5} "
+        f"{'KV MiB':>7} {'full':>7} {'tok/s':>6} {'full':>6} {'prefill':>7}"
+    )
     for x in r["results"]:
         if "error" in x:
-            print(f"{x['task']:<14} {x['mode']:<14} {x['length']:>5} {x['policy']:<10} {x['budget'] or '':>6} "
-                  f"error: {x['error']}")
+            print(
+                f"{x['task']:<14} {x['mode']:<14} {x['length']:>5} {x['policy']:<10} {x['budget'] or '':>6} "
+                f"error: {x['error']}"
+            )
             continue
         flag = "" if x["full_solves"] else "  (full cache < 50%)"
-        print(f"{x['task']:<14} {x['mode']:<14} {x['length']:>5} {x['policy']:<10} {x['budget'] or '':>6} "
-              f"{x['accuracy']:>5.2f} {x['full_accuracy']:>5.2f} {x['kv_bytes'] / 2**20:>7.1f} "
-              f"{x['full_kv_bytes'] / 2**20:>7.1f} {x['decode_tok_per_s']:>6.1f} {x['full_decode_tok_per_s']:>6.1f} "
-              f"{x['prefill_s']:>6.2f}s{flag}")
+        print(
+            f"{x['task']:<14} {x['mode']:<14} {x['length']:>5} {x['policy']:<10} {x['budget'] or '':>6} "
+            f"{x['accuracy']:>5.2f} {x['full_accuracy']:>5.2f} {x['kv_bytes'] / 2**20:>7.1f} "
+            f"{x['full_kv_bytes'] / 2**20:>7.1f} {x['decode_tok_per_s']:>6.1f} {x['full_decode_tok_per_s']:>6.1f} "
+            f"{x['prefill_s']:>6.2f}s{flag}"
+        )
     print("\nover tasks the full cache solves:")
     for s in r["summary"]:
         later = f"{s['later_turns_relative']:.2f}" if s["later_turns_relative"] is not None else "-"
-        print(f"{s['mode']:<14} {s['length']:>5} {s['policy']:<10} {s['budget'] or '-':>6}: accuracy "
-              f"{s['relative_accuracy']:.2f} of full (later turns: {later}), decode {s['decode_speedup']:.2f}x, "
-              f"KV {s['kv_reduction']:.1f}x smaller ({s['tasks']} tasks)")
+        print(
+            f"{s['mode']:<14} {s['length']:>5} {s['policy']:<10} {s['budget'] or '-':>6}: accuracy "
+            f"{s['relative_accuracy']:.2f} of full (later turns: {later}), decode {s['decode_speedup']:.2f}x, "
+            f"KV {s['kv_reduction']:.1f}x smaller ({s['tasks']} tasks)"
+        )
 
 
 def plot_kv(r: dict, path: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     done = [x for x in r["results"] if "error" not in x]
     longest = max(x["length"] for x in done)
     for i, policy in enumerate(sorted({x["policy"] for x in r["summary"]})):
-        pts = sorted((s["budget"] or 0, s["relative_accuracy"]) for s in r["summary"]
-                     if s["policy"] == policy and s["length"] == longest and s["mode"] == "multi-request")
+        pts = sorted(
+            (s["budget"] or 0, s["relative_accuracy"])
+            for s in r["summary"]
+            if s["policy"] == policy and s["length"] == longest and s["mode"] == "multi-request"
+        )
         if pts and pts[0][0] == 0:  # quantized alone: no budget, a level
             a.axhline(pts[0][1], ls=":", lw=1.5, color=f"C{i % 10}", label=f"{policy} (keeps all)")
         elif pts:
             a.plot(*zip(*pts), marker="o", color=f"C{i % 10}", label=policy)
     a.axhline(1.0, color="gray", lw=0.8, ls="--")
-    a.set(xscale="log", xlabel="KV budget (entries per layer and head)", ylabel="accuracy / full cache's",
-          title=f"accuracy vs budget ({longest} tokens, multi-request)")
+    a.set(
+        xscale="log",
+        xlabel="KV budget (entries per layer and head)",
+        ylabel="accuracy / full cache's",
+        title=f"accuracy vs budget ({longest} tokens, multi-request)",
+    )
     speeds: dict[str, dict[int, list[float]]] = {}
     for x in done:
         label = x["policy"] if x["budget"] is None else f"{x['policy']} {x['budget']}"

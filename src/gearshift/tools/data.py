@@ -11,12 +11,17 @@ from ..errors import GearshiftError
 
 def data_dir() -> Path:
     """The shared data folder: $GEARSHIFT_DATA, else ../shared/data next to the checkout."""
-    candidates = [os.environ.get("GEARSHIFT_DATA"), Path.cwd().parent / "shared" / "data",
-                  Path(__file__).resolve().parents[4] / "shared" / "data"]
+    candidates = [
+        os.environ.get("GEARSHIFT_DATA"),
+        Path.cwd().parent / "shared" / "data",
+        Path(__file__).resolve().parents[4] / "shared" / "data",
+    ]
     for c in candidates:
         if c and (Path(c) / "spec_bench" / "question.jsonl").exists():
             return Path(c)
-    raise GearshiftError("Spec-Bench data not found: set GEARSHIFT_DATA to the folder holding spec_bench/question.jsonl")
+    raise GearshiftError(
+        "Spec-Bench data not found: set GEARSHIFT_DATA to the folder holding spec_bench/question.jsonl"
+    )
 
 
 def read_jsonl(path: Path) -> list[dict]:

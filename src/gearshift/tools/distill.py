@@ -77,7 +77,7 @@ def gsm8k_prompts(path: Path, first: int, count: int) -> list[str]:
         rows = read_jsonl(path)
     except GearshiftError as e:
         raise GearshiftError(f"cannot read training prompts: {e}") from None
-    return [r["question"] for r in rows[first:first + count]]
+    return [r["question"] for r in rows[first : first + count]]
 
 
 def self_prompts(llm, n: int, seed: int = 0, max_tokens: int = 64, batch: int = 32) -> list[str]:
@@ -88,12 +88,13 @@ def self_prompts(llm, n: int, seed: int = 0, max_tokens: int = 64, batch: int = 
     turn (`n` = batch: sample j is seeded with the round's seed + j)."""
     sentinel = "\x00"
     text = llm.tokenizer.apply_chat_template([{"role": "user", "content": sentinel}], add_generation_prompt=False)
-    prefix = llm.tokenizer.encode(text[:text.index(sentinel)], add_special_tokens=False)
+    prefix = llm.tokenizer.encode(text[: text.index(sentinel)], add_special_tokens=False)
     out: list[str] = []
     bar = tqdm(total=n, desc="target writes training prompts", unit="prompt")
     for i in range(max(1, 10 * n // batch)):
-        for c in llm.generate(prefix, n=batch, temperature=1.0, top_p=0.95, seed=seed + i * batch,
-                              max_tokens=max_tokens):
+        for c in llm.generate(
+            prefix, n=batch, temperature=1.0, top_p=0.95, seed=seed + i * batch, max_tokens=max_tokens
+        ):
             q = c.text.strip()
             if c.finish_reason == "stop" and len(q) >= 16 and q not in out and len(out) < n:
                 out.append(q)
@@ -108,24 +109,32 @@ def self_prompts(llm, n: int, seed: int = 0, max_tokens: int = 64, batch: int = 
 
 # ---------------------------------------------------------------- stage 1: the target writes the data
 
+
 def generate_data(llm, cfg: DistillConfig, prompts: list[str]) -> list[dict]:
     """Greedy answers by the target through the public API, batch by batch, with its top-k
     log-probabilities at every answer position (the soft targets: their softmax is the target's
     top-k distribution)."""
     path = cfg.out / "data.pt"
     data: list[dict] = torch.load(path) if path.exists() else []
-    todo = prompts[len(data):]
+    todo = prompts[len(data) :]
     chat = bool(llm.tokenizer.chat_template)
     top_k = min(cfg.top_k, llm.model.cfg.vocab_size)
     bar = tqdm(total=len(prompts), initial=len(data), desc="target writes training text", unit="answer")
     for b in range(0, len(todo), cfg.gen_batch):
-        batch = [[{"role": "user", "content": q}] if chat else q for q in todo[b:b + cfg.gen_batch]]
+        batch = [[{"role": "user", "content": q}] if chat else q for q in todo[b : b + cfg.gen_batch]]
         for prompt, c in zip(batch, llm.generate(batch, max_tokens=cfg.max_new_tokens, logprobs=top_k)):
             ids = llm.encode(prompt)
             tops = [lp.top_logprobs for lp in c.logprobs]
-            data.append({"ids": torch.tensor(ids + c.token_ids, dtype=torch.int32), "start": len(ids),
-                         "top_values": torch.tensor([[t.logprob for t in row] for row in tops]).reshape(-1, top_k).half(),
-                         "top_indices": torch.tensor([[t.id for t in row] for row in tops], dtype=torch.int32).reshape(-1, top_k)})
+            data.append(
+                {
+                    "ids": torch.tensor(ids + c.token_ids, dtype=torch.int32),
+                    "start": len(ids),
+                    "top_values": torch.tensor([[t.logprob for t in row] for row in tops]).reshape(-1, top_k).half(),
+                    "top_indices": torch.tensor([[t.id for t in row] for row in tops], dtype=torch.int32).reshape(
+                        -1, top_k
+                    ),
+                }
+            )
         with atomic_file(path) as f:
             torch.save(data, f)
         bar.update(len(batch))
@@ -135,15 +144,19 @@ def generate_data(llm, cfg: DistillConfig, prompts: list[str]) -> list[dict]:
 
 # ---------------------------------------------------------------- stage 2: the draft learns
 
+
 def student_from_target(ck: Checkpoint, layers: list[int]) -> Transformer:
     """The chosen blocks, renumbered, as a float32 model whose block weights (and final norm) train."""
     t = {k: v for k, v in ck.tensors.items() if ".layers." not in k}
     for new, old in enumerate(layers):
         prefix = f"model.layers.{old}."
-        t.update({f"model.layers.{new}." + k[len(prefix):]: v for k, v in ck.tensors.items() if k.startswith(prefix)})
+        t.update({f"model.layers.{new}." + k[len(prefix) :]: v for k, v in ck.tensors.items() if k.startswith(prefix)})
     cfg = ck.config.__class__(**{**ck.config.to_dict(), "n_layers": len(layers)})
-    model = build_model(Checkpoint(cfg, t, ck.bits, ck.tokenizer_dir, ck.quantization),
-                        {"layers": "float32", "lm_head": "float32"}, torch.float32)
+    model = build_model(
+        Checkpoint(cfg, t, ck.bits, ck.tokenizer_dir, ck.quantization),
+        {"layers": "float32", "lm_head": "float32"},
+        torch.float32,
+    )
     model.inv_freq = rope_inv_freq(cfg)
     for module in [*model.layers.modules(), model.norm]:
         for name, buf in list(module.named_buffers(recurse=False)):
@@ -156,13 +169,13 @@ def _tokens(batch: list[dict]) -> torch.Tensor:
     length = max(len(x["ids"]) for x in batch)
     tokens = torch.zeros(len(batch), length, dtype=torch.long)
     for r, x in enumerate(batch):
-        tokens[r, :len(x["ids"])] = x["ids"].long()
+        tokens[r, : len(x["ids"])] = x["ids"].long()
     return tokens
 
 
 def _answer_rows(h: torch.Tensor, batch: list[dict]) -> torch.Tensor:
     """The hidden states that predict each answer token: [answer tokens in the batch, dim]."""
-    return torch.cat([h[r, x["start"] - 1:x["start"] - 1 + len(x["top_indices"])] for r, x in enumerate(batch)])
+    return torch.cat([h[r, x["start"] - 1 : x["start"] - 1 + len(x["top_indices"])] for r, x in enumerate(batch)])
 
 
 def soft_cross_entropy(logits: torch.Tensor, batch: list[dict]) -> torch.Tensor:
@@ -179,8 +192,9 @@ def distill_loss(model: Transformer, batch: list[dict]) -> torch.Tensor:
     return soft_cross_entropy(model.lm_head(model.norm(rows)), batch)
 
 
-def exit_loss(target: Transformer, n_layers: int, head: ExitHead, lm_head: torch.Tensor,
-              batch: list[dict]) -> torch.Tensor:
+def exit_loss(
+    target: Transformer, n_layers: int, head: ExitHead, lm_head: torch.Tensor, batch: list[dict]
+) -> torch.Tensor:
     """An exit head's loss: the target's own first blocks (frozen), then the head and the LM head."""
     with torch.no_grad():
         rows = _answer_rows(target.forward_train(_tokens(batch), n_layers=n_layers), batch)
@@ -205,7 +219,8 @@ def train(student: torch.nn.Module, loss_fn, data: list[dict], cfg: DistillConfi
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+        opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))
+    )
     ckpt = cfg.out / "checkpoint.pt"
     step, history = 0, []
     if ckpt.exists():  # resume where the last run stopped
@@ -235,8 +250,16 @@ def train(student: torch.nn.Module, loss_fn, data: list[dict], cfg: DistillConfi
         if step % cfg.save_every == 0 or step == cfg.steps or out_of_time:
             trainable = {k: v for k, v in student.state_dict().items() if k in dict(student.named_parameters())}
             with atomic_file(ckpt) as f:
-                torch.save({"student": trainable, "opt": opt.state_dict(), "sched": sched.state_dict(),
-                            "step": step, "history": history}, f)
+                torch.save(
+                    {
+                        "student": trainable,
+                        "opt": opt.state_dict(),
+                        "sched": sched.state_dict(),
+                        "step": step,
+                        "history": history,
+                    },
+                    f,
+                )
         if out_of_time:
             break
     bar.close()
@@ -244,6 +267,7 @@ def train(student: torch.nn.Module, loss_fn, data: list[dict], cfg: DistillConfi
 
 
 # ---------------------------------------------------------------- the draft directory
+
 
 def export(student: Transformer, target: Checkpoint, target_path: Path, tokenizer, out: Path) -> None:
     """Write the draft's own weights in Hugging Face names; embeddings and LM head stay in the target."""
@@ -254,30 +278,55 @@ def export(student: Transformer, target: Checkpoint, target_path: Path, tokenize
         p = f"model.layers.{i}."
         wq, wk, wv = layer.qkv.weight.split([q, kv, kv])
         gate, up = layer.gate_up.weight.chunk(2)
-        t.update({p + "self_attn.q_proj.weight": _unpermute(wq, cfg.n_heads),
-                  p + "self_attn.k_proj.weight": _unpermute(wk, cfg.n_kv_heads),
-                  p + "self_attn.v_proj.weight": wv, p + "self_attn.o_proj.weight": layer.o.weight,
-                  p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
-                  p + "mlp.down_proj.weight": layer.down.weight,
-                  p + "input_layernorm.weight": layer.attn_norm.weight,
-                  p + "post_attention_layernorm.weight": layer.mlp_norm.weight})
+        t.update(
+            {
+                p + "self_attn.q_proj.weight": _unpermute(wq, cfg.n_heads),
+                p + "self_attn.k_proj.weight": _unpermute(wk, cfg.n_kv_heads),
+                p + "self_attn.v_proj.weight": wv,
+                p + "self_attn.o_proj.weight": layer.o.weight,
+                p + "mlp.gate_proj.weight": gate,
+                p + "mlp.up_proj.weight": up,
+                p + "mlp.down_proj.weight": layer.down.weight,
+                p + "input_layernorm.weight": layer.attn_norm.weight,
+                p + "post_attention_layernorm.weight": layer.mlp_norm.weight,
+            }
+        )
     save_file({k: v.detach().to(torch.bfloat16).contiguous() for k, v in t.items()}, str(out / "model.safetensors"))
     shared = [n for n in SHARED if n in target.tensors]
-    (out / "config.json").write_text(json.dumps({
-        "model_type": cfg.arch, "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
-        "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling, "max_position_embeddings": cfg.max_seq_len,
-        "tie_word_embeddings": "lm_head.weight" not in shared, "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": cfg.eos_token_ids, "gearshift_shared": {"base": str(target_path.resolve()), "tensors": shared},
-    }, indent=1))
+    (out / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": cfg.arch,
+                "vocab_size": cfg.vocab_size,
+                "hidden_size": cfg.dim,
+                "intermediate_size": cfg.hidden_dim,
+                "num_hidden_layers": cfg.n_layers,
+                "num_attention_heads": cfg.n_heads,
+                "num_key_value_heads": cfg.n_kv_heads,
+                "head_dim": cfg.head_dim,
+                "rms_norm_eps": cfg.norm_eps,
+                "rope_theta": cfg.rope_theta,
+                "rope_scaling": cfg.rope_scaling,
+                "max_position_embeddings": cfg.max_seq_len,
+                "tie_word_embeddings": "lm_head.weight" not in shared,
+                "bos_token_id": cfg.bos_token_id,
+                "eos_token_id": cfg.eos_token_ids,
+                "gearshift_shared": {"base": str(target_path.resolve()), "tensors": shared},
+            },
+            indent=1,
+        )
+    )
     tokenizer.save(out)
 
 
 def export_exit(head: ExitHead, n_layers: int, target_path: Path, out: Path) -> None:
     save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, str(out / "exit.safetensors"))
-    (out / "config.json").write_text(json.dumps({"gearshift_exit": {
-        "base": str(target_path.resolve()), "layers": n_layers, "rank": head.a.shape[0]}}, indent=1))
+    (out / "config.json").write_text(
+        json.dumps(
+            {"gearshift_exit": {"base": str(target_path.resolve()), "layers": n_layers, "rank": head.a.shape[0]}},
+            indent=1,
+        )
+    )
 
 
 def distill(llm, cfg: DistillConfig, early_exit: bool = False, rank: int = 32) -> dict:
@@ -313,8 +362,13 @@ def distill(llm, cfg: DistillConfig, early_exit: bool = False, rank: int = 32) -
         student = student_from_target(target, cfg.layers).to(llm.device)
         summary = train(student, lambda b: distill_loss(student, b), data, cfg)
         export(student, target, llm.loaded.path, llm.tokenizer, cfg.out)
-    summary.update(kind="early-exit head" if early_exit else "draft", layers=cfg.layers, answers=len(data),
-                   tokens=sum(len(x["top_indices"]) for x in data), generate_s=gen_s, train_s=time.perf_counter() - t1)
+    summary.update(
+        kind="early-exit head" if early_exit else "draft",
+        layers=cfg.layers,
+        answers=len(data),
+        tokens=sum(len(x["top_indices"]) for x in data),
+        generate_s=gen_s,
+        train_s=time.perf_counter() - t1,
+    )
     (cfg.out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
-

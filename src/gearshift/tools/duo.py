@@ -38,7 +38,7 @@ def _sample(tokenizer, parts: list[str], length: int, rng: random.Random) -> tup
     filler: list[int] = []
     while len(filler) < length - len(needle) - len(question) - len(answer):
         filler += enc(" " + rng.choice(parts))
-    filler = filler[:length - len(needle) - len(question) - len(answer)]
+    filler = filler[: length - len(needle) - len(question) - len(answer)]
     at = int(len(filler) * (0.1 + 0.8 * rng.random()))
     ids = filler[:at] + needle + filler[at:] + question + answer
     return ids, range(at, at + len(needle)), len(ids) - len(answer)
@@ -50,6 +50,7 @@ def head_scores(llm, samples: int = 8, length: int = 1500, seed: int = 0, chunk:
     from tqdm import tqdm
 
     from .bench_kv import _haystack
+
     model = llm.model
     if length + 8 > llm.core.window:
         raise GearshiftError(f"--length {length} does not fit the model's {llm.core.window}-token window")
@@ -65,34 +66,45 @@ def head_scores(llm, samples: int = 8, length: int = 1500, seed: int = 0, chunk:
         first = answer - 1  # the row that predicts the answer's first token
         queries: list[torch.Tensor] = []
         for start in range(0, len(ids), chunk):
-            part = ids[start:start + chunk]
+            part = ids[start : start + chunk]
             capture = max(0, first - start) if start + len(part) > first else None
             batch = Batch([Segment(0, part, logits_from=None, capture_from=capture)], cache)
             model(batch, cache)
             batch.advance(cache)
             if capture is not None:  # (the answer's rows may straddle two chunks)
-                queries = [torch.cat(x) for x in zip(queries, batch.queries)] if start + capture > first else batch.queries
+                queries = (
+                    [torch.cat(x) for x in zip(queries, batch.queries)] if start + capture > first else batch.queries
+                )
         n = cache.lengths[0]
         live = torch.ones(model.cfg.n_kv_heads, n, dtype=torch.bool, device=model.device)
         for layer, q in enumerate(queries):
-            rows = q[:len(ids) - 1 - first]  # the rows that predict the answer's tokens
+            rows = q[: len(ids) - 1 - first]  # the rows that predict the answer's tokens
             s = attention_scores(rows, cache.k[layer, 0, :n], live, first).cpu().double()  # [KVH, n]
-            total[layer] += s[:, needle.start:needle.stop].sum(1) / s.sum(1)
+            total[layer] += s[:, needle.start : needle.stop].sum(1) / s.sum(1)
     return total / samples
 
 
-def calibrate(llm, out: str | None = None, samples: int = 8, length: int = 1500, seed: int = 0,
-              plot: str | None = None) -> dict:
+def calibrate(
+    llm, out: str | None = None, samples: int = 8, length: int = 1500, seed: int = 0, plot: str | None = None
+) -> dict:
     scores = head_scores(llm, samples, length, seed)
     path = Path(out) if out else duo_path(llm.loaded.path)
-    result = {"model": str(llm.loaded.path), "method": "attention mass on a passkey needle while answering",
-              "samples": samples, "length": length, "seed": seed, "scores": scores.tolist()}
+    result = {
+        "model": str(llm.loaded.path),
+        "method": "attention mass on a passkey needle while answering",
+        "samples": samples,
+        "length": length,
+        "seed": seed,
+        "scores": scores.tolist(),
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     if plot:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
         fig, ax = plt.subplots(figsize=(4, 7))
         im = ax.imshow(scores.numpy(), aspect="auto", cmap="viridis")
         ax.set_xlabel("KV head")

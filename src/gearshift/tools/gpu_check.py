@@ -15,9 +15,20 @@ import torch
 from .. import hardware
 from ..model import ModelConfig, Transformer, rope_inv_freq
 
-SMOLLM2_135M = ModelConfig(arch="llama", vocab_size=49152, dim=576, hidden_dim=1536, n_layers=30, n_heads=9,
-                           n_kv_heads=3, head_dim=64, norm_eps=1e-5, rope_theta=100000.0, max_seq_len=8192,
-                           tie_embeddings=True)
+SMOLLM2_135M = ModelConfig(
+    arch="llama",
+    vocab_size=49152,
+    dim=576,
+    hidden_dim=1536,
+    n_layers=30,
+    n_heads=9,
+    n_kv_heads=3,
+    head_dim=64,
+    norm_eps=1e-5,
+    rope_theta=100000.0,
+    max_seq_len=8192,
+    tie_embeddings=True,
+)
 
 
 def random_model(cfg: ModelConfig, device: str, dtype: torch.dtype = torch.bfloat16) -> Transformer:
@@ -43,9 +54,18 @@ def main() -> int:
     model = random_model(SMOLLM2_135M, "cuda")
     costs = hardware.measure(model, sizes=(1, 2, 4, 8, 16, 32, 64))
     one = costs.seconds[0]
-    print(json.dumps({"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "model": "SmolLM2-135M shapes, random bf16",
-                      "forward_ms": {str(n): round(1000 * s, 3) for n, s in zip(costs.sizes, costs.seconds)},
-                      "over_k1": {str(n): round(s / one, 3) for n, s in zip(costs.sizes, costs.seconds)}}, indent=1))
+    print(
+        json.dumps(
+            {
+                "device": torch.cuda.get_device_name(0),
+                "torch": torch.__version__,
+                "model": "SmolLM2-135M shapes, random bf16",
+                "forward_ms": {str(n): round(1000 * s, 3) for n, s in zip(costs.sizes, costs.seconds)},
+                "over_k1": {str(n): round(s / one, 3) for n, s in zip(costs.sizes, costs.seconds)},
+            },
+            indent=1,
+        )
+    )
     return 0
 
 

