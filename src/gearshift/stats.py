@@ -6,7 +6,7 @@ read fields, not string keys); `SequenceStats.as_dict` flattens them once for JS
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass
@@ -127,24 +127,9 @@ class SequenceStats:
             "kv_bytes": self.kv_bytes,
             "kv_full_bytes": self.kv_full_bytes,
         }
-        if self.spec is not None:
-            s = self.spec
-            m.update(
-                drafts=s.drafts,
-                proposed=s.proposed,
-                accepted=s.accepted,
-                draft_s=s.draft_s,
-                verify_s=s.verify_s,
-                acceptance_rate=s.acceptance_rate,
-            )
+        if self.spec is not None:  # its fields, and what they give
+            m.update(asdict(self.spec), acceptance_rate=self.spec.acceptance_rate)
         if self.ead is not None:
             e = self.ead
-            m.update(
-                large_tokens=e.large_tokens,
-                small_tokens=e.small_tokens,
-                large_fraction=e.large_fraction,
-                flops=e.flops,
-                large_only_flops=e.large_only_flops,
-                relative_compute=e.relative_compute,
-            )
+            m.update(asdict(e), large_fraction=e.large_fraction, relative_compute=e.relative_compute)
         return m
