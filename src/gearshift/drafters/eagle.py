@@ -241,35 +241,34 @@ class EagleDrafter:
     @torch.inference_mode()
     def propose(self, context: list[int], k: int, params: SamplingParams, gen: torch.Generator) -> Proposal:
         last = len(context) - 1  # the root's position; features are known before it
-        if k <= 0 or self.have < last or last < 1 or last + self.depth + 1 >= len(self.feats):
+        # (done >= last: nothing new since the last draft, which a step loop never asks for)
+        if k <= 0 or self.have < last or last < 1 or self.done >= last or last + self.depth + 1 >= len(self.feats):
             return Proposal([])
         head, dev = self.head, self.embed.device
         t0 = time.perf_counter()
-        if self.done < last:  # context pairs (feature i, token i+1) not read yet, the root's pair last
-            pos = torch.arange(self.done, last, device=dev)
-            ids = torch.tensor(context[self.done + 1 : last + 1], device=dev)
-            h = head.step(self.feats[self.done : last], self.embed[ids], pos, self._ctx_attend(pos))
-            self.done = last
-            h_root = h[-1:]
-        else:
-            return Proposal([])  # (nothing new since the last draft: cannot happen in a step loop)
+        # the context pairs (feature i, token i+1) not read yet, the root's pair last
+        pos = torch.arange(self.done, last, device=dev)
+        ids = torch.tensor(context[self.done + 1 : last + 1], device=dev)
+        h_root = head.step(self.feats[self.done : last], self.embed[ids], pos, self._ctx_attend(pos))[-1:]
+        self.done = last
         # the tree: nodes in creation order (parents first), scores = cumulative draft probability
         tokens, parents, scores = [], [], []
         tree_k, tree_v = [], []
-        rows_anc: list[list[int]] = []  # per head row: the head rows it attends (its ancestors', its own)
-        frontier = [(-1, h_root[0], 1.0, [])]  # (node, head output that predicts its children, score, rows)
+        rows = 0  # tree rows the head has run (each attends its ancestors' rows and its own)
+        # (node, head output that predicts its children, score, the head rows on its path)
+        frontier = [(-1, h_root[0], 1.0, [])]
         for depth in range(min(self.depth, k)):
             logits = head.logits(torch.stack([f[1] for f in frontier]))
             p = logits.softmax(-1)
             top = p.topk(self.width, dim=-1)
             new = []
-            for (node, _, score, rows), vals, idx in zip(frontier, top.values.tolist(), top.indices.tolist()):
+            for (node, _, score, path), vals, idx in zip(frontier, top.values.tolist(), top.indices.tolist()):
                 for pv, ti in zip(vals, idx):
                     s = score * pv
                     tokens.append(int(head.vocab[ti]))
                     parents.append(node + 1)  # proposal nodes: 0 = root, draft i = node i + 1
                     scores.append(s)
-                    new.append((len(tokens) - 1, s, rows))
+                    new.append((len(tokens) - 1, s, path))
             if depth + 1 == min(self.depth, k):
                 break
             new.sort(key=lambda x: -x[1])
@@ -283,13 +282,9 @@ class EagleDrafter:
                 if self._best(scores + bound, k, spent + self.per_depth)[1] <= now:
                     break
             t1 = time.perf_counter()
-            base = len(rows_anc)
-            anc_rows = []
-            for j, (node, _, rows) in enumerate(grow):
-                anc_rows.append(rows + [base + j])
-                rows_anc.append(rows + [base + j])
-            total = base + len(grow)
-            anc = torch.zeros(len(grow), total, dtype=torch.bool, device=dev)
+            anc_rows = [path + [rows + j] for j, (_, _, path) in enumerate(grow)]
+            rows += len(grow)
+            anc = torch.zeros(len(grow), rows, dtype=torch.bool, device=dev)
             for j, r in enumerate(anc_rows):
                 anc[j, r] = True
             ids = torch.tensor([tokens[node] for node, _, _ in grow], device=dev)

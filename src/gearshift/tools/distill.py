@@ -110,6 +110,19 @@ def self_prompts(llm, n: int, seed: int = 0, max_tokens: int = 64, batch: int = 
 # ---------------------------------------------------------------- stage 1: the target writes the data
 
 
+def training_prompts(llm, cfg: DistillConfig) -> list[str]:
+    """The configured prompts, then the `self_prompts` the target writes itself. Those are kept
+    beside the data (written whole or not at all, like the data and the checkpoint), so a resumed
+    run sees the same prompts in the same order."""
+    if not cfg.self_prompts:
+        return cfg.prompts
+    path = cfg.out / "self_prompts.json"
+    if not path.exists():
+        with atomic_file(path) as f:
+            f.write(json.dumps(self_prompts(llm, cfg.self_prompts, cfg.seed), indent=0).encode())
+    return cfg.prompts + json.loads(path.read_text())
+
+
 def generate_data(llm, cfg: DistillConfig, prompts: list[str]) -> list[dict]:
     """Greedy answers by the target through the public API, batch by batch, with its top-k
     log-probabilities at every answer position (the soft targets: their softmax is the target's
@@ -337,14 +350,7 @@ def distill(llm, cfg: DistillConfig, early_exit: bool = False, rank: int = 32) -
     """
     cfg.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    prompts = cfg.prompts
-    if cfg.self_prompts:  # kept beside the data: a resumed run must see the same prompts in the same order
-        path = cfg.out / "self_prompts.json"
-        if not path.exists():  # written whole or not at all, like the data and the checkpoint
-            with atomic_file(path) as f:
-                f.write(json.dumps(self_prompts(llm, cfg.self_prompts, cfg.seed), indent=0).encode())
-        prompts = prompts + json.loads(path.read_text())
-    data = generate_data(llm, cfg, prompts)
+    data = generate_data(llm, cfg, training_prompts(llm, cfg))
     gen_s = time.perf_counter() - t0
     target = read_checkpoint(llm.loaded.path)
     torch.manual_seed(cfg.seed)

@@ -32,7 +32,7 @@ from .. import attention
 from ..drafters.eagle import EagleHead, make_trainable, save_head
 from ..hub import atomic_file
 from ..loading import read_checkpoint
-from .distill import DistillConfig, generate_data, student_from_target, train
+from .distill import DistillConfig, generate_data, student_from_target, train, training_prompts
 
 
 def extract_features(llm, data: list[dict], out: Path, save_every: int = 64) -> list[torch.Tensor]:
@@ -98,18 +98,9 @@ def train_eagle(llm, cfg: DistillConfig, vocab_size: int = 8192) -> dict:
     """All three stages and the export; returns a summary (also written to summary.json)."""
     import json
 
-    from .distill import self_prompts
-
     cfg.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    prompts = cfg.prompts
-    if cfg.self_prompts:
-        path = cfg.out / "self_prompts.json"
-        if not path.exists():
-            with atomic_file(path) as f:
-                f.write(json.dumps(self_prompts(llm, cfg.self_prompts, cfg.seed), indent=0).encode())
-        prompts = prompts + json.loads(path.read_text())
-    data = generate_data(llm, cfg, prompts)
+    data = generate_data(llm, cfg, training_prompts(llm, cfg))
     gen_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     feats = extract_features(llm, data, cfg.out)
