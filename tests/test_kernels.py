@@ -86,3 +86,64 @@ def test_fused_block_matches_the_pytorch_block(llm, monkeypatch):
     assert torch.allclose(c1.k[:, 0, :40], c2.k[:, 0, :40], atol=1e-2, rtol=1e-3)
     assert (fused.argmax(-1) == plain.argmax(-1)).float().mean() >= 0.95
     assert torch.allclose(fused, plain, atol=0.05, rtol=0.01), (fused - plain).abs().max()
+
+
+_PRODUCTS = """
+import sys, torch
+from gearshift import kernels
+assert kernels.linear()
+g = torch.Generator().manual_seed(3)
+out = []
+for n, k in ((960, 576), (576, 1536), (48, 64)):
+    tiles = torch.load(sys.argv[1])[f"{n}x{k}"]
+    x = torch.randn(9, k, generator=g) * torch.rand(9, k, generator=g) ** 4 * 10
+    out += [torch.ops.gearshift.linear_q4(x[:m].contiguous(), tiles) for m in (1, 2, 3, 4, 9)]
+torch.save(out, sys.argv[2])
+"""
+
+
+@pytest.mark.skipif(kernels.vnni() is None, reason="this CPU has no VNNI")
+def test_vnni_products_are_the_bits_of_madd_and_add(tmp_path):
+    """The int4 kernel built with VNNI (fused multiply-add of int16 pairs) against the same source
+    built without it: integer sums are exact, so every output must be the same bits."""
+    import os
+    import subprocess
+    import sys
+
+    g = torch.Generator().manual_seed(4)
+    tiles = {
+        f"{n}x{k}": quantize_int4(torch.randn(n, k, generator=g) * 0.05) for n, k in ((960, 576), (576, 1536), (48, 64))
+    }
+    torch.save(tiles, tmp_path / "tiles.pt")
+    (tmp_path / "products.py").write_text(_PRODUCTS)
+    runs = {}
+    for vnni in ("1", "0"):  # a second library, built without VNNI (once per machine, cached)
+        env = {**os.environ, "GEARSHIFT_VNNI": vnni}
+        out = tmp_path / f"out{vnni}.pt"
+        subprocess.run(
+            [sys.executable, str(tmp_path / "products.py"), str(tmp_path / "tiles.pt"), str(out)],
+            env=env,
+            check=True,
+            timeout=600,
+        )
+        runs[vnni] = torch.load(out)
+    assert len(runs["1"]) == 15
+    assert all(torch.equal(a, b) for a, b in zip(runs["1"], runs["0"]))
+
+
+@pytest.mark.parametrize("heads,kv_heads,d", [(9, 3, 64), (6, 2, 32), (4, 1, 64)])
+def test_grouped_heads_attend_as_each_head_alone(heads, kv_heads, d):
+    """Query heads that share a KV head are computed together (each key loaded once); each one's
+    result must be the bits it gets with a KV head of its own."""
+    att = torch.ops.gearshift.attend
+    g = torch.Generator().manual_seed(5)
+    n = 70
+    k, v = torch.randn(2, n + 4, kv_heads, d, generator=g), torch.randn(2, n + 4, kv_heads, d, generator=g)
+    q = torch.randn(3, heads, d, generator=g) * 2
+    rows = torch.tensor([[0, n, 0, 0], [1, n - 5, 0, 2], [0, 1, 1, 2]])
+    extra = torch.tensor([n + 1, n + 3])
+    holes = torch.empty(0, dtype=torch.int64)
+    grouped = att(q, k, v, rows, extra, holes)
+    g_ = heads // kv_heads
+    alone = att(q, k.repeat_interleave(g_, 2), v.repeat_interleave(g_, 2), rows, extra, holes)
+    assert torch.equal(grouped, alone)

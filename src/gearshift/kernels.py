@@ -44,12 +44,30 @@ def _cpu_flags() -> set[str]:
     return set(line.split(":", 1)[1].split())
 
 
+_VNNI = {"avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"], "avx": ["-mavxvnni"]}
+
+
+def vnni() -> str | None:
+    """Which VNNI the kernels are built with: "avx512" (AVX-512 VNNI and VL), "avx" (AVX-VNNI) or
+    None (none on this CPU, or GEARSHIFT_VNNI=0: `madd` then `add`, which gives the same bits)."""
+    cpu = _cpu_flags()
+    if os.environ.get("GEARSHIFT_VNNI") == "0" or platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= cpu:
+        return "avx512"
+    return "avx" if "avx_vnni" in cpu else None
+
+
 def _commands(out: Path) -> tuple[list[list[str]], list[str]]:
     """One compile command per source (run in parallel) and the link command."""
     from torch.utils import cpp_extension
 
     x86 = platform.machine() in ("x86_64", "AMD64")
-    flags = ["-mavx2", "-mfma", "-mf16c"] if x86 and {"avx2", "fma", "f16c"} <= _cpu_flags() else []
+    cpu = _cpu_flags() if x86 else set()
+    flags = ["-mavx2", "-mfma", "-mf16c"] if {"avx2", "fma", "f16c"} <= cpu else []
+    # VNNI fuses the int4 kernel's multiply and add (the same integers, so the same results); with
+    # AVX-512 it also gives the compiler 32 vector registers, which the four-row tiles need
+    flags += _VNNI.get(vnni(), []) if flags else []
     lib = cpp_extension.library_paths()[0]
     cxx = os.environ.get("CXX", "c++")
     # -fopenmp: ATen's parallel_for is a header template that runs on OpenMP; compiled without it,

@@ -118,11 +118,67 @@ float exp_sum(float* ph, int64_t m, float mx) {
 #endif
 
 // One row, one KV head: G query heads (q, times `scale` as they are read) against m keys at `keys`.
+// Keys are the outer loop and the G heads the inner one, so each key and value is loaded once for
+// the heads that share it (grouped-query attention), and the heads' running sums of values are
+// independent chains (one chain per head and 8 channels would wait on the FMA's latency at every
+// key). Per head, every score and sum is the same sequence of operations as one head alone.
+constexpr int64_t MAX_G = 8;
+
 void attend_unit(const float* q, float scale, const float* kbase, const float* vbase, const int64_t* keys,
                  int64_t m, int64_t G, int64_t D, int64_t stride, float* out, int64_t out_stride,
                  std::vector<float>& p) {
   p.resize(m * G + 8);
 #ifdef GEARSHIFT_AVX2
+  if (D == 64 && G <= MAX_G) {
+    constexpr int64_t V = 8;
+    __m256 qv[MAX_G][V];
+    const __m256 vs = _mm256_set1_ps(scale);
+    for (int64_t h = 0; h < G; ++h)
+      for (int64_t i = 0; i < V; ++i) qv[h][i] = _mm256_mul_ps(_mm256_loadu_ps(q + h * D + 8 * i), vs);
+    float mx[MAX_G];
+    for (int64_t h = 0; h < G; ++h) mx[h] = -INFINITY;
+    for (int64_t j = 0; j < m; ++j) {
+      const float* kj = kbase + keys[j] * stride;
+      __m256 k[V];
+      for (int64_t i = 0; i < V; ++i) k[i] = _mm256_loadu_ps(kj + 8 * i);
+      for (int64_t h = 0; h < G; ++h) {
+        __m256 a0 = _mm256_mul_ps(qv[h][0], k[0]), a1 = _mm256_mul_ps(qv[h][1], k[1]);
+        for (int64_t i = 2; i < V; i += 2) {
+          a0 = _mm256_fmadd_ps(qv[h][i], k[i], a0);
+          a1 = _mm256_fmadd_ps(qv[h][i + 1], k[i + 1], a1);
+        }
+        const float sc = hsum(_mm256_add_ps(a0, a1));
+        p[h * m + j] = sc;
+        mx[h] = std::max(mx[h], sc);
+      }
+    }
+    float inv[MAX_G];
+    for (int64_t h = 0; h < G; ++h) inv[h] = 1.0f / exp_sum(p.data() + h * m, m, mx[h]);
+    // values: heads in pairs, so each pass keeps 16 running sums in flight
+    for (int64_t h0 = 0; h0 < G; h0 += 2) {
+      const int64_t n = std::min<int64_t>(2, G - h0);
+      __m256 acc[2][V];
+      for (int64_t h = 0; h < 2; ++h)
+        for (int64_t i = 0; i < V; ++i) acc[h][i] = _mm256_setzero_ps();
+      const float* p0 = p.data() + h0 * m;
+      const float* p1 = n > 1 ? p0 + m : p0;
+      for (int64_t j = 0; j < m; ++j) {
+        const float* vj = vbase + keys[j] * stride;
+        const __m256 w0 = _mm256_set1_ps(p0[j]), w1 = _mm256_set1_ps(p1[j]);
+        for (int64_t i = 0; i < V; ++i) {
+          const __m256 x = _mm256_loadu_ps(vj + 8 * i);
+          acc[0][i] = _mm256_fmadd_ps(w0, x, acc[0][i]);
+          acc[1][i] = _mm256_fmadd_ps(w1, x, acc[1][i]);
+        }
+      }
+      for (int64_t h = 0; h < n; ++h) {
+        const __m256 vinv = _mm256_set1_ps(inv[h0 + h]);
+        for (int64_t i = 0; i < V; ++i)
+          _mm256_storeu_ps(out + (h0 + h) * out_stride + 8 * i, _mm256_mul_ps(acc[h][i], vinv));
+      }
+    }
+    return;
+  }
   if (D % 8 == 0 && D <= 256) {
     const int64_t V = D / 8;
     for (int64_t h = 0; h < G; ++h) {

@@ -9,7 +9,9 @@
 // q4 (the layers): each row of x is first quantized to int16 in blocks of 32 (scale
 // dx = max|x| / 32767: an error below 2e-5 of the block's largest value, finer than bf16), and the
 // 4-bit codes multiply it as integers, 16 products per instruction (`madd`), summed exactly in
-// int32; per block, y += d * dx * (q . xq) + m * sum(x), in float. (llama.cpp quantizes x to int8
+// int32; per block, y += d * dx * (q . xq) + m * sum(x), in float. Where the CPU has VNNI
+// (AVX-512 VNNI or AVX-VNNI), `vpdpwssd` does the multiply and the add in one instruction: the
+// same integers, so the same bits, in half the instructions. (llama.cpp quantizes x to int8
 // for twice the products per instruction; on SmolLM2 that cost 10x the KL divergence from the
 // float model, measured, so this kernel keeps 16 bits.)
 //   Layout: [N/16, K/32, 320] bytes per (tile of 16 output columns, block of 32 inputs): fp16
@@ -26,8 +28,8 @@
 // and columns are tiled or split across threads. So a row's result never depends on which other
 // rows share the call, which keeps batched decoding bit-identical to one sequence decoded alone.
 //
-// Only built with AVX2 + FMA + F16C; elsewhere `simd()` says false and the engine uses PyTorch's
-// packed kernels instead.
+// Only built with AVX2 + FMA + F16C (VNNI where the CPU has it: `kernels.vnni`); elsewhere
+// `simd()` says false and the engine uses PyTorch's packed kernels instead.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -81,9 +83,24 @@ inline __m256i pair(const int16_t* p) {  // (x[k], x[k+1]) in every 32-bit lane
   return _mm256_set1_epi32(v);
 }
 
-// R rows from r0 times one tile of 16 columns.
+// VNNI (`vpdpwssd`) fuses the pair multiply (`madd`) and the add: the same exact integers.
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define GEARSHIFT_VNNI 1
+inline __m256i dpwssd(__m256i acc, __m256i w, __m256i x) { return _mm256_dpwssd_epi32(acc, w, x); }
+#elif defined(__AVXVNNI__)
+#define GEARSHIFT_VNNI 1
+inline __m256i dpwssd(__m256i acc, __m256i w, __m256i x) { return _mm256_dpwssd_avx_epi32(acc, w, x); }
+#else
+#define GEARSHIFT_VNNI 0
+#endif
+
+// R rows from r0 times one tile of 16 columns. Each row keeps its integer sums per block for
+// columns 0-7 / 8-15, and with few rows splits them by inputs 4c + {0,1} / 4c + {2,3} too: the
+// fused VNNI instruction has a latency of ~4-5 cycles, so one or two rows need more independent
+// chains to keep it busy, while four rows have enough and need the registers.
 template <int R>
 void q4_tile(const QuantRows& x, const uint8_t* W, float* y, int64_t N, int64_t r0, int64_t t) {
+  constexpr int S = R <= 2 ? 2 : 1;
   const int64_t nb = x.nb;
   __m256 lo[R], hi[R];
   for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm256_setzero_ps();
@@ -92,8 +109,9 @@ void q4_tile(const QuantRows& x, const uint8_t* W, float* y, int64_t N, int64_t 
     const uint8_t* blk = W + (t * nb + b) * Q4_TILE_BYTES;
     for (int l = 0; l < Q4_TILE_BYTES; l += 64)  // the stream runs ahead of the arithmetic
       _mm_prefetch(reinterpret_cast<const char*>(blk + PREFETCH * Q4_TILE_BYTES + l), _MM_HINT_T0);
-    __m256i ilo[R], ihi[R];  // exact int32 sums (|q . xq| < 32 * 15 * 32767) for columns 0-7, 8-15
-    for (int r = 0; r < R; ++r) ilo[r] = ihi[r] = _mm256_setzero_si256();
+    __m256i ilo[S][R], ihi[S][R];  // exact int32 sums (|q . xq| < 32 * 15 * 32767) for columns 0-7, 8-15
+    for (int s = 0; s < S; ++s)
+      for (int r = 0; r < R; ++r) ilo[s][r] = ihi[s][r] = _mm256_setzero_si256();
     for (int c = 0; c < 8; ++c) {
       const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 + 32 * c));
       const __m256i v0 = _mm256_and_si256(raw, nibble), v1 = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble);
@@ -105,8 +123,15 @@ void q4_tile(const QuantRows& x, const uint8_t* W, float* y, int64_t N, int64_t 
       for (int r = 0; r < R; ++r) {
         const int16_t* xq = x.q + (r0 + r) * x.K + b * BLOCK + 4 * c;
         const __m256i x0 = pair(xq), x1 = pair(xq + 2);
-        ilo[r] = _mm256_add_epi32(ilo[r], _mm256_add_epi32(_mm256_madd_epi16(w0lo, x0), _mm256_madd_epi16(w1lo, x1)));
-        ihi[r] = _mm256_add_epi32(ihi[r], _mm256_add_epi32(_mm256_madd_epi16(w0hi, x0), _mm256_madd_epi16(w1hi, x1)));
+#if GEARSHIFT_VNNI
+        ilo[0][r] = dpwssd(ilo[0][r], w0lo, x0);
+        ihi[0][r] = dpwssd(ihi[0][r], w0hi, x0);
+        ilo[S - 1][r] = dpwssd(ilo[S - 1][r], w1lo, x1);
+        ihi[S - 1][r] = dpwssd(ihi[S - 1][r], w1hi, x1);
+#else
+        ilo[0][r] = _mm256_add_epi32(ilo[0][r], _mm256_add_epi32(_mm256_madd_epi16(w0lo, x0), _mm256_madd_epi16(w1lo, x1)));
+        ihi[0][r] = _mm256_add_epi32(ihi[0][r], _mm256_add_epi32(_mm256_madd_epi16(w0hi, x0), _mm256_madd_epi16(w1hi, x1)));
+#endif
       }
     }
     const __m256 dlo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
@@ -114,9 +139,11 @@ void q4_tile(const QuantRows& x, const uint8_t* W, float* y, int64_t N, int64_t 
     const __m256 mlo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 32)));
     const __m256 mhi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 48)));
     for (int r = 0; r < R; ++r) {
+      __m256i il = ilo[0][r], ih = ihi[0][r];
+      if (S == 2 && GEARSHIFT_VNNI) il = _mm256_add_epi32(il, ilo[S - 1][r]), ih = _mm256_add_epi32(ih, ihi[S - 1][r]);
       const __m256 dx = _mm256_set1_ps(x.dx[(r0 + r) * nb + b]), xs = _mm256_set1_ps(x.xs[(r0 + r) * nb + b]);
-      lo[r] = _mm256_fmadd_ps(mlo, xs, _mm256_fmadd_ps(_mm256_mul_ps(dlo, dx), _mm256_cvtepi32_ps(ilo[r]), lo[r]));
-      hi[r] = _mm256_fmadd_ps(mhi, xs, _mm256_fmadd_ps(_mm256_mul_ps(dhi, dx), _mm256_cvtepi32_ps(ihi[r]), hi[r]));
+      lo[r] = _mm256_fmadd_ps(mlo, xs, _mm256_fmadd_ps(_mm256_mul_ps(dlo, dx), _mm256_cvtepi32_ps(il), lo[r]));
+      hi[r] = _mm256_fmadd_ps(mhi, xs, _mm256_fmadd_ps(_mm256_mul_ps(dhi, dx), _mm256_cvtepi32_ps(ih), hi[r]));
     }
   }
   for (int r = 0; r < R; ++r) {
