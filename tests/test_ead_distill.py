@@ -18,6 +18,7 @@ from gearshift.model import ExitHead
 from gearshift.sampling import entropy
 from gearshift.strategies import make_drafter as build_drafter
 from gearshift.tools.distill import (
+    TASK_OPENERS,
     DistillConfig,
     distill,
     distill_loss,
@@ -25,6 +26,7 @@ from gearshift.tools.distill import (
     export,
     self_prompts,
     student_from_target,
+    training_prompts,
 )
 from tiny import VOCAB, tiny_model_dir
 
@@ -200,6 +202,17 @@ def test_self_prompts_are_requests_the_target_writes_itself(llm):  # the default
     assert len(first) == 4 and len(set(first)) == 4 and all(len(q) >= 16 for q in first)
     assert self_prompts(llm, 4, seed=3, max_tokens=48, batch=8) == first  # seeded: a resumed run sees the same
     assert self_prompts(llm, 4, seed=4, max_tokens=48, batch=8) != first
+
+
+def test_task_prompts_open_with_a_task_and_carry_text_the_target_wrote(llm, tmp_path):
+    cfg = DistillConfig(out=tmp_path, layers=[], prompts=["What is 2 + 2?"], task_prompts=len(TASK_OPENERS))
+    prompts = training_prompts(llm, cfg)
+    assert prompts[0] == "What is 2 + 2?" and len(prompts) == 1 + len(TASK_OPENERS)
+    # one per opener, interleaved, each with text after it
+    assert [next(o for o in TASK_OPENERS if p.startswith(o)) for p in prompts[1:]] == list(TASK_OPENERS)
+    assert all(len(p) >= len(o) + 16 for p, o in zip(prompts[1:], TASK_OPENERS))
+    saved = (tmp_path / "task_prompts.json").read_text()
+    assert training_prompts(llm, cfg) == prompts and (tmp_path / "task_prompts.json").read_text() == saved
 
 
 def test_distill_cli_errors(pair, tmp_path):

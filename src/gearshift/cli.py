@@ -569,8 +569,8 @@ def cmd_distill(a) -> None:
     if a.vocab < 256:
         raise GearshiftError("--vocab must be at least 256")
     layers = [] if a.head == "eagle" else pick_layers(llm.model.cfg.n_layers, a.layers, a.every)
-    if a.prompts < 0 or a.self_prompts < 0:
-        raise GearshiftError("--prompts and --self-prompts count prompts: use 0 or more")
+    if min(a.prompts, a.self_prompts, a.task_prompts) < 0:
+        raise GearshiftError("--prompts, --self-prompts and --task-prompts count prompts: use 0 or more")
     if (
         min(a.steps, a.batch_tokens, a.max_new_tokens, a.rank) < 1
         or a.lr <= 0
@@ -580,13 +580,14 @@ def cmd_distill(a) -> None:
     prompts = gsm8k_prompts(
         Path(a.prompts_file) if a.prompts_file else data_dir() / "gsm8k" / "train.jsonl", 0, a.prompts
     )
-    if not prompts and not a.self_prompts:
+    if not prompts and not a.self_prompts and not a.task_prompts:
         raise GearshiftError("no training prompts")
     cfg = DistillConfig(
         out=Path(a.out),
         layers=layers,
         prompts=prompts,
         self_prompts=a.self_prompts,
+        task_prompts=a.task_prompts,
         max_new_tokens=a.max_new_tokens,
         steps=a.steps,
         minutes=a.minutes,
@@ -876,6 +877,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="also train on this many requests the target writes itself (general text, Magpie-style)",
+    )
+    p.add_argument(
+        "--task-prompts",
+        type=int,
+        default=0,
+        help="and on this many task requests (translate, summarize, answer from a passage; the target writes the text)",
     )
     p.add_argument("--prompts-file", default=None, help="GSM8K-style JSONL (default: ../shared/data/gsm8k/train.jsonl)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="length of the target's answers")

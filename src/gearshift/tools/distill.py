@@ -12,7 +12,10 @@ batch by batch) and `checkpoint.pt` (student, optimizer and step, every `save_ev
 The result is a Hugging Face style directory that `--drafter model:PATH` loads.
 
 `--self-prompts N` adds N requests the target writes itself (Magpie): GSM8K alone makes a draft
-that is good at arithmetic word problems and little else.
+that is good at arithmetic word problems and little else. `--task-prompts N` adds N more whose
+user turn the target continues after a task opener (translate, summarize, answer from a passage,
+...: `TASK_OPENERS`), so it writes the passage itself: the requests people send with text to work
+on, which free-form self-prompts almost never are.
 
 `--early-exit` trains, on the same data, only an exit head (norm + low-rank adapter) on the
 target's first L blocks, the SortedNet / Kangaroo way: `--drafter early-exit:DIR` then drafts
@@ -48,6 +51,7 @@ class DistillConfig:
     layers: list[int]  # which of the target's blocks the draft starts from
     prompts: list[str]
     self_prompts: int = 0  # requests the target writes itself, added to `prompts`
+    task_prompts: int = 0  # requests with a task opener and a passage the target writes, added after those
     max_new_tokens: int = 128
     gen_batch: int = 16
     top_k: int = 32  # soft targets kept per position
@@ -80,28 +84,44 @@ def gsm8k_prompts(path: Path, first: int, count: int) -> list[str]:
     return [r["question"] for r in rows[first : first + count]]
 
 
-def self_prompts(llm, n: int, seed: int = 0, max_tokens: int = 64, batch: int = 32) -> list[str]:
+# Openers of the task prompts: what people ask a chat model to do with a text they paste in.
+TASK_OPENERS = (
+    "Translate the following German text into English:\n\n",
+    "Translate the following text into French:\n\n",
+    "Summarize the following article in a few sentences:\n\n",
+    "Read the passage below and answer the question that follows it.\n\n",
+    "Rewrite the following paragraph in simpler words:\n\n",
+    "List the people, places and dates mentioned in this text:\n\n",
+)
+
+
+def self_prompts(
+    llm, n: int, seed: int = 0, max_tokens: int = 64, batch: int = 32, opener: str = "", desc: str = "prompts"
+) -> list[str]:
     """`n` distinct user requests sampled from the chat template's open user turn (Magpie, Xu et
     al. 2024): an instruction-tuned model continuing there writes the kind of request it was tuned
     on, so a general-purpose draft needs no other text, and no benchmark prompt is ever seen.
     Requests cut off by `max_tokens` are dropped. Each round asks for `batch` samples of the open
-    turn (`n` = batch: sample j is seeded with the round's seed + j)."""
+    turn (`n` = batch: sample j is seeded with the round's seed + j). With an `opener`, the turn
+    starts with it and the target writes the text it is about (kept even where `max_tokens` cuts
+    it: the opener is the request)."""
     sentinel = "\x00"
     text = llm.tokenizer.apply_chat_template([{"role": "user", "content": sentinel}], add_generation_prompt=False)
-    prefix = llm.tokenizer.encode(text[: text.index(sentinel)], add_special_tokens=False)
+    prefix = llm.tokenizer.encode(text[: text.index(sentinel)] + opener, add_special_tokens=False)
     out: list[str] = []
-    bar = tqdm(total=n, desc="target writes training prompts", unit="prompt")
+    bar = tqdm(total=n, desc=f"target writes training {desc}", unit="prompt")
     for i in range(max(1, 10 * n // batch)):
         for c in llm.generate(
-            prefix, n=batch, temperature=1.0, top_p=0.95, seed=seed + i * batch, max_tokens=max_tokens
+            prefix, n=min(batch, 2 * n), temperature=1.0, top_p=0.95, seed=seed + i * batch, max_tokens=max_tokens
         ):
             q = c.text.strip()
-            if c.finish_reason == "stop" and len(q) >= 16 and q not in out and len(out) < n:
+            if (c.finish_reason == "stop" or opener) and len(q) >= 16 and q not in out and len(out) < n:
                 out.append(q)
                 bar.update(1)
         if len(out) == n:
             break
     bar.close()
+    out = [opener + q for q in out]
     if len(out) < n:
         tqdm.write(f"gearshift: the target wrote only {len(out)} usable requests of the {n} asked for")
     return out
@@ -111,16 +131,30 @@ def self_prompts(llm, n: int, seed: int = 0, max_tokens: int = 64, batch: int = 
 
 
 def training_prompts(llm, cfg: DistillConfig) -> list[str]:
-    """The configured prompts, then the `self_prompts` the target writes itself. Those are kept
-    beside the data (written whole or not at all, like the data and the checkpoint), so a resumed
-    run sees the same prompts in the same order."""
-    if not cfg.self_prompts:
-        return cfg.prompts
-    path = cfg.out / "self_prompts.json"
-    if not path.exists():
-        with atomic_file(path) as f:
-            f.write(json.dumps(self_prompts(llm, cfg.self_prompts, cfg.seed), indent=0).encode())
-    return cfg.prompts + json.loads(path.read_text())
+    """The configured prompts, then the `self_prompts` the target writes itself, then the task
+    prompts. Those are kept beside the data (written whole or not at all, like the data and the
+    checkpoint), so a resumed run sees the same prompts in the same order, and a run that adds
+    task prompts to an earlier one's data only generates answers for the new ones."""
+    prompts = list(cfg.prompts)
+    if cfg.self_prompts:
+        path = cfg.out / "self_prompts.json"
+        if not path.exists():
+            with atomic_file(path) as f:
+                f.write(json.dumps(self_prompts(llm, cfg.self_prompts, cfg.seed), indent=0).encode())
+        prompts += json.loads(path.read_text())
+    if cfg.task_prompts:
+        path = cfg.out / "task_prompts.json"
+        if not path.exists():
+            per = -(-cfg.task_prompts // len(TASK_OPENERS))
+            tasks = [
+                self_prompts(llm, per, cfg.seed + 7919 * (i + 1), 160, opener=o, desc=f"task texts {i + 1}")
+                for i, o in enumerate(TASK_OPENERS)
+            ]
+            mixed = [t[j] for j in range(per) for t in tasks if j < len(t)][: cfg.task_prompts]  # interleaved
+            with atomic_file(path) as f:
+                f.write(json.dumps(mixed, indent=0).encode())
+        prompts += json.loads(path.read_text())
+    return prompts
 
 
 def generate_data(llm, cfg: DistillConfig, prompts: list[str]) -> list[dict]:
