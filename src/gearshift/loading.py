@@ -25,7 +25,7 @@ from .errors import GearshiftError
 from .model import FORMATS, ExitHead, ModelConfig, Transformer, interleave_rope_rows, rope_inv_freq
 from .tokenizer import Tokenizer
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 CACHE_VERSION = 9
 
 
@@ -53,6 +53,7 @@ GGUF_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "attn_qkv": "self_attn.qkv_proj",  # Phi-3's fused q/k/v (split by `_split_fused`)
     "attn_q_norm": "self_attn.q_norm",
     "attn_k_norm": "self_attn.k_norm",
 }
@@ -65,6 +66,24 @@ def _hf_name(gguf_name: str) -> str | None:
         return base and f"model.layers.{parts[1]}.{base}.{parts[3]}"
     base = GGUF_NAMES.get(parts[0])
     return base and f"{base}.{parts[1]}"
+
+
+def _split_fused(tensors: dict, bits: dict, cfg: ModelConfig) -> None:
+    """Phi-3 keeps q/k/v in one `qkv_proj` and gate/up in one `gate_up_proj`: split them into the
+    Llama names (the model fuses them again its own way)."""
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}."
+        for fused, names, sizes in (
+            ("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), (q, kv, kv)),
+            ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj"), (cfg.hidden_dim, cfg.hidden_dim)),
+        ):
+            for kind in ("weight", "bias"):
+                key = f"{p}{fused}.{kind}"
+                if key in tensors:
+                    for name, part in zip(names, tensors.pop(key).split(list(sizes))):
+                        tensors[f"{p}{name}.{kind}"], bits[f"{p}{name}.{kind}"] = part.contiguous(), bits[key]
+                    bits.pop(key)
 
 
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -136,14 +155,18 @@ def read_gguf(path: Path) -> Checkpoint:
             cfg.rope_scaling = {"rope_type": "freq_factors", "factors": arr.tolist()}
             continue
         name = _hf_name(t.name)
+        if arch == "phi3" and t.name.endswith("ffn_up.weight"):  # gate and up, fused
+            name = name.replace("mlp.up_proj", "mlp.gate_up_proj")
         if name is None:
             raise GearshiftError(f"unexpected tensor {t.name} in {path.name}")
-        if arch not in ("qwen2", "qwen3") and t.name.split(".")[-2] in ("attn_q", "attn_k"):
+        if arch not in ("qwen2", "qwen3", "phi3") and t.name.split(".")[-2] in ("attn_q", "attn_k"):
             arr = _unpermute(arr, n_heads if t.name.split(".")[-2] == "attn_q" else n_kv)
         tensors[name] = torch.from_numpy(np.array(arr, dtype=np.float32))
         bits[name] = _gguf_bits(qtype)
         if arr.ndim == 2:
             counts[qtype.name] = counts.get(qtype.name, 0) + arr.size
+    if arch == "phi3":
+        _split_fused(tensors, bits, cfg)
     tok_dir = Path(tempfile.mkdtemp(prefix="gearshift-tok-"))
     _convert_gguf_tokenizer(path, tok_dir)
     return Checkpoint(cfg, tensors, bits, tok_dir, max(counts, key=counts.get))
@@ -191,7 +214,9 @@ def read_hf(path: Path) -> Checkpoint:
     eos = c.get("eos_token_id")
     n_heads = c["num_attention_heads"]
     max_len = c.get("max_position_embeddings", 4096)
-    if c.get("sliding_window") and c.get("use_sliding_window", arch == "mistral"):
+    if (c.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0) != 1.0:
+        raise GearshiftError(f"partial RoPE (partial_rotary_factor) in {path} is not supported")
+    if c.get("sliding_window") and c.get("use_sliding_window", arch in ("mistral", "phi3")):
         max_len = min(max_len, c["sliding_window"])  # beyond the window our full attention would differ
     cfg = ModelConfig(
         arch=arch,
@@ -226,6 +251,8 @@ def read_hf(path: Path) -> Checkpoint:
                 tensors[name] = t.float()
     if not tensors:
         raise GearshiftError(f"no tensors in the safetensors files of {path}")
+    if arch == "phi3":
+        _split_fused(tensors, bits, cfg)
     quantization = f"{int(max(bits.values()))}-bit float"
     if shared := c.get("gearshift_shared"):  # a distilled draft: embeddings and LM head live in its target
         base_path = Path(shared["base"])

@@ -1,4 +1,4 @@
-"""Llama-family transformer (Llama 2/3, SmolLM, Mistral, Qwen2, Qwen3) in plain PyTorch.
+"""Llama-family transformer (Llama 2/3, SmolLM, Mistral, Qwen2, Qwen3, Phi-3) in plain PyTorch.
 
 Written for decoding speed on small batches: q/k/v and gate/up are fused into one matmul each,
 the KV cache is static, and every linear layer can keep its weights 4- or 8-bit packed (native
