@@ -1,6 +1,8 @@
 """Architectures without downloads: tiny random models built with transformers' own config and
 model classes, saved as safetensors, and checked against transformers itself (float32 logits and
-greedy tokens), then through the engine's features (batching, speculative decoding)."""
+greedy tokens), then through the engine's features (batching, speculative decoding), and through
+llama.cpp's own GGUF converter. (`test_correctness` goes deeper on Llama and Qwen2: tied
+embeddings, biases, sharded checkpoints, hand-written GGUFs with k-quants.)"""
 
 import json
 import shutil
@@ -12,18 +14,15 @@ from tokenizers import models, pre_tokenizers
 
 from gearshift import LLM
 from gearshift.loading import load
+from tiny import TINY_DIMS, randomize
 
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 96
 COMMON = dict(
     vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=128,
+    **TINY_DIMS,
     num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
     tie_word_embeddings=False,
     bos_token_id=None,
     eos_token_id=None,  # random models would stop anywhere: compare fixed lengths
@@ -58,17 +57,13 @@ ARCHS = list(_configs())
 
 
 def tiny_hf(path, name: str, seed: int = 0, tokenizer=None):
-    """A random transformers model of this architecture, with weights large enough to make its
-    predictions peaked (the library's own init gives near-uniform ones) and every norm weight
-    different from 1 (a weight mapped to the wrong place would show). With `tokenizer` (a directory
-    of tokenizer files), that tokenizer and its vocabulary size; else a word-level one over VOCAB."""
-    torch.manual_seed(seed)
+    """A random transformers model of this architecture (`tiny.randomize`). With `tokenizer` (a
+    directory of tokenizer files), that tokenizer and its vocabulary size; else a word-level one
+    over VOCAB."""
     vocab = HFTokenizer.from_file(str(tokenizer / "tokenizer.json")).get_vocab_size() if tokenizer else VOCAB
     cfg = _configs(vocab)[name]()
     model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in n else 0.15 * torch.randn_like(p))
+    randomize(model, seed)
     model.save_pretrained(path, safe_serialization=True)
     if tokenizer is not None:
         for f in tokenizer.iterdir():

@@ -40,6 +40,7 @@ from gearshift import LLM, hub
 from gearshift.attention import Batch, Segment
 from gearshift.loading import load
 from gearshift.model import rope_inv_freq
+from tiny import TINY_DIMS, randomize
 
 TOL = 1e-4  # the stated tolerance: max |logit difference| against transformers, float32
 transformers.logging.set_verbosity_error()
@@ -148,20 +149,6 @@ VARIANTS = {
 }
 
 
-def randomize(model: torch.nn.Module, seed: int, std: float = 0.25) -> None:
-    """Overwrite every parameter: large random weights, norms away from 1, nonzero biases."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if "norm" in name:
-                p.copy_(1 + 0.3 * noise)
-            elif name.endswith("bias"):
-                p.copy_(0.5 * noise)
-            else:
-                p.copy_(std * noise)
-
-
 @lru_cache(maxsize=None)
 def hf_model(variant: str):
     """The variant's transformers model (hidden 64, 4 heads over 2 KV heads), random weights."""
@@ -170,12 +157,8 @@ def hf_model(variant: str):
     extra = {k: spec[k] for k in ("rope_scaling", "head_dim", "attention_bias", "mlp_bias") if k in spec}
     cfg = cls(
         vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
+        **TINY_DIMS,
         num_hidden_layers=spec["layers"],
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
         rms_norm_eps=1e-5,
         tie_word_embeddings=spec.get("tie", False),
         bos_token_id=1,
@@ -330,16 +313,7 @@ def test_batched_generate_equals_single_and_transformers(tiny):
 def test_llama_biases_are_loaded(bias, tmp_path):
     """LlamaConfig(attention_bias=True) also gives o_proj a bias; mlp_bias=True gives gate/up/down
     one. Loading such a checkpoint must reproduce transformers."""
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        **{bias: True},
-    )
+    cfg = LlamaConfig(vocab_size=VOCAB, **TINY_DIMS, num_hidden_layers=2, **{bias: True})
     ref = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
     randomize(ref, seed=11)
     ref.save_pretrained(tmp_path)

@@ -10,6 +10,28 @@ from tokenizers import models, pre_tokenizers
 
 VOCAB = 8
 
+# transformers config arguments of the tiny random models the architecture tests build with
+# transformers' own classes (test_correctness, test_architectures)
+TINY_DIMS = dict(
+    hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256
+)
+
+
+def randomize(model: torch.nn.Module, seed: int, std: float = 0.25) -> None:
+    """Overwrite every parameter: large random weights (peaked predictions, where transformers'
+    init gives near-uniform ones), norms away from 1, nonzero biases (a weight loaded into the
+    wrong place shows)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if "norm" in name:
+                p.copy_(1 + 0.3 * noise)
+            elif name.endswith("bias"):
+                p.copy_(0.5 * noise)
+            else:
+                p.copy_(std * noise)
+
 
 def tiny_model_dir(path: Path, layers: int, seed: int, vocab: int = VOCAB, head_scale: float = 0.04) -> Path:
     """A random Llama saved as a Hugging Face directory with a word-level tokenizer; a larger
