@@ -113,7 +113,9 @@ def converter(version: str = VERSION) -> Path:
     kept under $GEARSHIFT_HOME/llama.cpp/convert-VERSION; downloaded on first use."""
     root = default_dir() / f"convert-{version}"
     if not (root / CONVERTER[0]).exists():
-        with tempfile.TemporaryDirectory(prefix="gearshift-llama-cpp-") as tmp:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        # staged beside its final place: a rename cannot cross filesystems (/tmp is often tmpfs)
+        with tempfile.TemporaryDirectory(prefix=f".{root.name}-", dir=root.parent) as tmp:
             src = _source(Path(tmp), version, CONVERTER)
             missing = [m for m in CONVERTER if not (src / m).exists()]
             if missing:
@@ -122,7 +124,6 @@ def converter(version: str = VERSION) -> Path:
             staged.mkdir()
             for m in CONVERTER:
                 shutil.move(str(src / m), staged / m)
-            root.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.replace(staged, root)  # whole or not at all
             except OSError:
