@@ -100,7 +100,7 @@ inline __m256i dpwssd(__m256i acc, __m256i w, __m256i x) { return _mm256_dpwssd_
 // chains to keep it busy, while four rows have enough and need the registers.
 template <int R>
 void q4_tile(const QuantRows& x, const uint8_t* W, float* y, int64_t N, int64_t r0, int64_t t) {
-  constexpr int S = R <= 2 ? 2 : 1;
+  constexpr int S = GEARSHIFT_VNNI && R <= 2 ? 2 : 1;  // chains per column half (`madd` + `add`: one)
   const int64_t nb = x.nb;
   __m256 lo[R], hi[R];
   for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm256_setzero_ps();
@@ -140,7 +140,7 @@ void q4_tile(const QuantRows& x, const uint8_t* W, float* y, int64_t N, int64_t 
     const __m256 mhi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 48)));
     for (int r = 0; r < R; ++r) {
       __m256i il = ilo[0][r], ih = ihi[0][r];
-      if (S == 2 && GEARSHIFT_VNNI) il = _mm256_add_epi32(il, ilo[S - 1][r]), ih = _mm256_add_epi32(ih, ihi[S - 1][r]);
+      if (S == 2) il = _mm256_add_epi32(il, ilo[1][r]), ih = _mm256_add_epi32(ih, ihi[1][r]);
       const __m256 dx = _mm256_set1_ps(x.dx[(r0 + r) * nb + b]), xs = _mm256_set1_ps(x.xs[(r0 + r) * nb + b]);
       lo[r] = _mm256_fmadd_ps(mlo, xs, _mm256_fmadd_ps(_mm256_mul_ps(dlo, dx), _mm256_cvtepi32_ps(il), lo[r]));
       hi[r] = _mm256_fmadd_ps(mhi, xs, _mm256_fmadd_ps(_mm256_mul_ps(dhi, dx), _mm256_cvtepi32_ps(ih), hi[r]));

@@ -102,6 +102,17 @@ class Backend(Protocol):
 TRAINING_FREE = ("lookup", "suffix", "recycling", "hybrid", "early-exit")  # plus early-exit:L for every L
 
 
+def queue_full() -> APIError:
+    """The 503 for a server (one engine, or the replicas' front) with no room left to queue."""
+    return APIError(
+        503,
+        "the server is at capacity: too many requests are waiting; retry shortly",
+        type="service_unavailable",
+        code="queue_full",
+        headers={"Retry-After": "1"},
+    )
+
+
 class EngineHost:
     """An LLM, the AsyncEngine stepping it, and the one way a Job becomes its running requests.
 
@@ -184,13 +195,7 @@ class EngineHost:
         try:
             return self.engine.submit(requests)
         except QueueFull:
-            raise APIError(
-                503,
-                "the server is at capacity: too many requests are waiting; retry shortly",
-                type="service_unavailable",
-                code="queue_full",
-                headers={"Retry-After": "1"},
-            ) from None
+            raise queue_full() from None
 
     def stop(self) -> None:
         self.engine.stop()

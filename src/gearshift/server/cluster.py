@@ -51,7 +51,7 @@ from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, R
 from ..sequence import Completion, StepOutput
 from ..tokenizer import encode_prompt
 from .app import ServerConfig, create_backend_app
-from .backend import Accepted, EngineHost, Job, Refused, merged
+from .backend import Accepted, EngineHost, Job, Refused, merged, queue_full
 from .metrics import Metrics
 from .protocol import APIError
 from .routing import Decision, Router, RoutingConfig, shared_router
@@ -305,13 +305,7 @@ class RayBackend:
 
     async def start(self, job: Job) -> "RayRun":
         if sum(self.in_flight.values()) + self.unplaced >= self.capacity:
-            raise APIError(
-                503,
-                "the server is at capacity: too many requests are waiting; retry shortly",
-                type="service_unavailable",
-                code="queue_full",
-                headers={"Retry-After": "1"},
-            )
+            raise queue_full()
         run = RayRun(self, job)
         await run.place()
         return run
