@@ -30,9 +30,9 @@ COMMON = dict(
 )
 
 
-def _configs(vocab: int = VOCAB) -> dict:
+def _configs(vocab: int = VOCAB, **overrides) -> dict:
     t = transformers
-    common = {**COMMON, "vocab_size": vocab}
+    common = {**COMMON, "vocab_size": vocab, **overrides}
     return {
         "llama": lambda: t.LlamaConfig(**common),
         "llama3-rope": lambda: t.LlamaConfig(
@@ -50,18 +50,33 @@ def _configs(vocab: int = VOCAB) -> dict:
         "qwen2": lambda: t.Qwen2Config(**common),
         "qwen3": lambda: t.Qwen3Config(**common, head_dim=16),
         "phi3": lambda: t.Phi3Config(**common),
+        # a window of 8 in the first layer, so the 40-token checks slide it; a softmax scale that is not
+        # 1/sqrt(head_dim); each layer kind its own RoPE base
+        "gemma3": lambda: t.Gemma3TextConfig(
+            **{
+                "head_dim": 16,
+                "query_pre_attn_scalar": 24,
+                "sliding_window": 8,
+                "layer_types": ["sliding_attention", "full_attention"],
+                **common,
+            },
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+            },
+        ),
     }
 
 
 ARCHS = list(_configs())
 
 
-def tiny_hf(path, name: str, seed: int = 0, tokenizer=None):
-    """A random transformers model of this architecture (`tiny.randomize`). With `tokenizer` (a
-    directory of tokenizer files), that tokenizer and its vocabulary size; else a word-level one
-    over VOCAB."""
+def tiny_hf(path, name: str, seed: int = 0, tokenizer=None, **overrides):
+    """A random transformers model of this architecture (`tiny.randomize`), config arguments
+    overridden by `overrides`. With `tokenizer` (a directory of tokenizer files), that tokenizer and
+    its vocabulary size; else a word-level one over VOCAB."""
     vocab = HFTokenizer.from_file(str(tokenizer / "tokenizer.json")).get_vocab_size() if tokenizer else VOCAB
-    cfg = _configs(vocab)[name]()
+    cfg = _configs(vocab, **overrides)[name]()
     model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
     randomize(model, seed)
     model.save_pretrained(path, safe_serialization=True)
@@ -92,7 +107,7 @@ def hf_greedy(model, ids: list[int], n: int) -> list[int]:
 
 def test_logits_and_greedy_tokens_match_transformers(pair):
     name, hf, llm, path = pair
-    assert llm.model.cfg.arch == json.loads((path / "config.json").read_text())["model_type"]
+    assert llm.model.cfg.arch == json.loads((path / "config.json").read_text())["model_type"].replace("_text", "")
     ids = torch.randint(0, VOCAB, (40,), generator=torch.Generator().manual_seed(1)).tolist()
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0]
@@ -146,6 +161,11 @@ def convert():
 # (read through transformers' Qwen2 class, whose pre-tokenizer hash it then does not know) and
 # phi3 (its converter wants a SentencePiece tokenizer.model)
 GGUF_ARCHS = [a for a in ARCHS if a not in ("qwen2", "phi3")]
+# A GGUF says less than a Gemma 3 config: llama.cpp takes every sixth layer as global and scales
+# attention by head_dim (`loading._gguf_gemma3`), so the Gemma 3 model converted is one of that shape
+GGUF_OVERRIDES = {
+    "gemma3": dict(num_hidden_layers=6, query_pre_attn_scalar=16, layer_types=None, sliding_window_pattern=6)
+}
 
 
 @pytest.mark.parametrize("name", GGUF_ARCHS)
@@ -155,7 +175,7 @@ def test_llama_cpp_gguf_of_a_tiny_model_runs_like_its_safetensors(
     """The same tiny model, converted by llama.cpp's own convert_hf_to_gguf.py (float32): the GGUF
     path (llama.cpp's names, q/k row order, RoPE metadata) must give the safetensors path's logits."""
     hf_dir = tmp_path / "hf"
-    tiny_hf(hf_dir, name, seed=3, tokenizer=smollm2_tokenizer)
+    tiny_hf(hf_dir, name, seed=3, tokenizer=smollm2_tokenizer, **GGUF_OVERRIDES.get(name, {}))
     gguf_path = convert(hf_dir, tmp_path / "tiny.gguf")
     a = load(hf_dir, weights="float32", use_cache=False).model
     b = load(gguf_path, weights="float32", use_cache=False).model
@@ -175,8 +195,47 @@ def test_what_is_not_supported_is_a_one_line_error(tmp_path):
     (path / "config.json").write_text(json.dumps(c))
     with pytest.raises(GearshiftError, match="partial RoPE"):
         load(path, weights="float32", use_cache=False)
-    c.update(model_type="gemma3_text")
+    c.update(model_type="gemma2")
     (path / "config.json").write_text(json.dumps(c))
-    with pytest.raises(GearshiftError, match="unsupported architecture 'gemma3_text'") as e:
+    with pytest.raises(GearshiftError, match="unsupported architecture 'gemma2'") as e:
         load(path, weights="float32", use_cache=False)
     assert "\n" not in str(e.value)
+    tiny_hf(path, "gemma3")
+    c = json.loads((path / "config.json").read_text())
+    c["final_logit_softcapping"] = 30.0  # Gemma 2's; our logits are never capped
+    (path / "config.json").write_text(json.dumps(c))
+    with pytest.raises(GearshiftError, match="final_logit_softcapping is not supported") as e:
+        load(path, weights="float32", use_cache=False)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gemma3"])
+@pytest.mark.parametrize("weights", ["int4", "int8"])
+def test_the_fused_block_runs_qk_norm_and_gemmas_parts(name, weights, tmp_path, monkeypatch):
+    """Packed weights run each block as one native op (`csrc/block.cpp`), with QK-norm, Gemma's
+    post norms, GeGLU, query scale and sliding window in it: the same math as `Block.forward`
+    (rounded differently, so close), and the engine's exactness (batched = alone, lookup = plain)
+    holds on it."""
+    from gearshift.attention import Batch, Segment
+
+    tiny_hf(tmp_path, name, seed=5)
+    llm = LLM(load(tmp_path, weights=weights, use_cache=False))
+    m = llm.model
+    ids = torch.randint(0, VOCAB, (40,), generator=torch.Generator().manual_seed(6)).tolist()
+    with torch.inference_mode():
+        c1 = m.new_cache(1, 64)
+        b1 = Batch([Segment(0, ids, logits_from=0)], c1)
+        if not m._fused(b1):
+            pytest.skip("the native kernels are not built here")
+        fused = m(b1, c1)
+        with monkeypatch.context() as mp:
+            mp.setattr(type(m), "_fused", lambda self, b: False)
+            c2 = m.new_cache(1, 64)
+            plain = m(Batch([Segment(0, ids, logits_from=0)], c2), c2)
+    assert torch.allclose(fused, plain, atol=1e-2, rtol=1e-2), (name, (fused - plain).abs().max())
+    assert torch.equal(fused.argmax(-1), plain.argmax(-1))
+    prompts = [ids[:6], ids[:19], ids[:8] * 2 + ids[8:30]]
+    alone = [llm.generate(p, max_tokens=16, temperature=0).token_ids for p in prompts]
+    assert [c.token_ids for c in llm.generate(prompts, max_tokens=16, temperature=0)] == alone
+    spec = [c.token_ids for c in llm.generate(prompts, drafter="lookup", max_tokens=16, temperature=0)]
+    assert spec == alone

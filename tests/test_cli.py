@@ -343,3 +343,29 @@ def test_bench_serve_compares_with_llama_server(tmp_path):
         assert s["errors"] == 0 and s["requests"] == 2 and s["output_tok_per_s"] > 0
     assert "-np 2" in r["commands"]["llama.cpp"] and "--max-num-seqs 2" in r["commands"]["gearshift"]
     assert r["ratio_vs_llama_cpp"]["2"]["output_tok_per_s"] > 0
+
+
+def test_pull_gemma_by_name_into_a_fresh_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("GEARSHIFT_HOME", str(tmp_path))  # run() passes os.environ on
+    p = run("pull", "gemma-3-270m")
+    assert p.returncode == 0, p.stderr
+    path = Path(p.stdout.strip())
+    assert path == tmp_path / "models" / "gemma-3-270m-q4_k_m.gguf"
+    assert "https://ai.google.dev/gemma/terms" in p.stderr
+    with open(path, "rb") as f:
+        assert f.read(4) == b"GGUF"
+    assert hub.sha256_file(path) == hub.known_model("gemma-3-270m").sha256
+    assert [q.name for q in path.parent.iterdir()] == [path.name]  # no .pull-* or .part left behind
+    before = path.stat().st_mtime_ns
+    assert hub.resolve_model("gemma-3-270m") == path  # the name works wherever --model does, no re-download
+    assert hub.resolve_model("gemma-3-270m-q4_k_m.gguf") == path
+    assert path.stat().st_mtime_ns == before
+    again = run("pull", "gemma-3-270m")  # cached: still one line about the terms
+    assert again.returncode == 0 and Path(again.stdout.strip()) == path
+    assert again.stderr.count("ai.google.dev/gemma/terms") == 1
+
+
+def test_pull_unknown_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("GEARSHIFT_HOME", str(tmp_path))
+    assert_one_line_error(run("pull", "no-such-model"), "known models: smollm2-135m-instruct (default), gemma-3-270m")
+    assert not (tmp_path / "models").exists()

@@ -17,6 +17,10 @@ PyTorch attention call per row. Batched attention over many rows (one masked cal
 rounds differently per chunking; it is only used by `causal`, the training forward, where
 nothing is cached.
 
+A sliding-window layer (`KVCache.windows`, Gemma 3) holds every entry like any other, but each
+row attends only the last `window` positions up to its own (a tree node: up to its depth below the
+root), the positions transformers' and llama.cpp's masks give it.
+
 Token trees (speculative decoding) are rows too: a tree node sits at its depth below the root,
 and before it attends, its ancestors' entries are laid out after the prefix exactly as plain
 decoding of that path would have them; afterwards the entries are left in node order for
@@ -135,6 +139,7 @@ class Batch:
         self.paths = kernels.paths(cache.k.device.type, cache.k.dtype)
         native = exact and self.paths.attention
         self.native = (kernels.attend_q() if self.quantized else kernels.attend()) if native else None
+        self._window_rows: dict[int, torch.Tensor] = {}
         if self.native is not None:
             self.native_rows, self.native_extra = self._native_rows()
         self.tokens = torch.tensor(tokens, device=dev)
@@ -169,6 +174,15 @@ class Batch:
                 extra += [base + node for node in path[1:]]
         return torch.tensor(rows, dtype=torch.long), torch.tensor(extra, dtype=torch.long)
 
+    def window_rows(self, window: int) -> torch.Tensor:
+        """`native_rows` with a fifth column for a sliding-window layer: the first position each row
+        attends (its keys are positions lo..n-1 and then its extra entries), made once per step."""
+        if window not in self._window_rows:
+            r = self.native_rows
+            pos = r[:, 1] + r[:, 3] - r[:, 2]  # keys the row sees without a window (itself included)
+            self._window_rows[window] = torch.cat([r, (pos - window).clamp(min=0)[:, None]], 1).contiguous()
+        return self._window_rows[window]
+
     def advance(self, cache: KVCache) -> None:
         """After the forward wrote every segment's entries: its slot now holds them (trees in node
         order). The caller moves the lengths on (the model runner, `Transformer.run`), not the model."""
@@ -189,10 +203,12 @@ def cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, la
                 cache.write_quantized(layer, fmt, at, k[rows], v[rows])
     if batch.capture:
         batch.queries.append(torch.cat([q[rows] for rows in batch.capture.values()]))
+    window = cache.windows[layer]
     if batch.native is not None:
         holes = batch.holes[layer] if batch.holes is not None else NO_HOLES
         quant = cache.quantized_layer(layer) if batch.quantized else ()
-        return batch.native(q, cache.k[layer], cache.v[layer], batch.native_rows, batch.native_extra, holes, *quant)
+        rows = batch.native_rows if window is None else batch.window_rows(window)
+        return batch.native(q, cache.k[layer], cache.v[layer], rows, batch.native_extra, holes, *quant)
     if not batch.exact:
         return batched(q, cache, layer, batch)
     t, h, d = q.shape
@@ -204,14 +220,20 @@ def cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, la
         for i in range(run.n_plain):
             n = run.start + i + 1
             keys, values = cache.read(layer, run.slot, n, live)  # [1, KVH, n, D]
-            out.append(
-                F.scaled_dot_product_attention(
-                    qg[run.row + i], keys, values, attn_mask=None if live is None else live[..., :n]
-                )
-            )
+            mask = None if live is None else live[..., :n]
+            if window is not None and n > window:
+                mask = _in_window(mask, n, n, window, keys.device)
+            out.append(F.scaled_dot_product_attention(qg[run.row + i], keys, values, attn_mask=mask))
         if run.paths:
-            out += _tree_rows(qg, k, v, cache, layer, run, live)
+            out += _tree_rows(qg, k, v, cache, layer, run, live, window)
     return torch.stack(out).view(t, h, d)
+
+
+def _in_window(mask: torch.Tensor | None, n: int, seen: int, window: int, dev: torch.device) -> torch.Tensor:
+    """`mask` ([1, KVH or 1, 1, n]) narrowed to the last `window` of the `seen` keys a row sees: the
+    positions before seen - window are dropped (a tree node's own keys all sit after them)."""
+    keep = (torch.arange(n, device=dev) >= seen - window)[None, None, None]
+    return keep if mask is None else mask & keep
 
 
 NO_HOLES = torch.empty(0, dtype=torch.int64)
@@ -227,7 +249,7 @@ def holes_mask(cache: KVCache, layer: int, slot: int) -> torch.Tensor | None:
     return ((pos < h[:, :1]) | (pos >= h[:, 1:]))[None, :, None]
 
 
-def _tree_rows(qg, k, v, cache: KVCache, layer: int, run: _Run, live) -> list[torch.Tensor]:
+def _tree_rows(qg, k, v, cache: KVCache, layer: int, run: _Run, live, window: int | None) -> list[torch.Tensor]:
     """Attend tree nodes 1.. (node 0, the root, was attended as a plain row): each sees the prefix
     and its ancestors laid out after the root as plain decoding of its path has them."""
     slot_keys, slot_values, fmt = cache.k[layer, run.slot], cache.v[layer, run.slot], cache.formats[run.slot]
@@ -252,11 +274,10 @@ def _tree_rows(qg, k, v, cache: KVCache, layer: int, run: _Run, live) -> list[to
             laid[d : len(path)] = path[d:]
         n = base + len(path)
         keys, values = cache.read(layer, run.slot, n, live)
-        rows.append(
-            F.scaled_dot_product_attention(
-                qg[first + node], keys, values, attn_mask=None if live is None else live[..., :n]
-            )
-        )
+        mask = None if live is None else live[..., :n]
+        if window is not None and n > window:
+            mask = _in_window(mask, n, n, window, keys.device)
+        rows.append(F.scaled_dot_product_attention(qg[first + node], keys, values, attn_mask=mask))
     if laid != list(range(len(run.paths))):  # leave the entries in node order for the caller to compact
         lay(base, torch.arange(first, first + len(laid), device=k.device))
     return rows
@@ -272,6 +293,9 @@ def batched(q: torch.Tensor, cache: KVCache, layer: int, batch: Batch) -> torch.
         qr = q[run.row : run.row + n].transpose(0, 1)[None]  # [1, H, n, D]
         live = holes_mask(cache, layer, run.slot)
         keys, values = cache.read(layer, run.slot, end, live)  # (quantized: as the segment's last row sees them)
+        if cache.windows[layer] is not None:  # each row: the window before its own position, inclusive
+            seen = mask.sum(-1, keepdim=True) if not run.paths else _seen(run, n, mask.device)
+            mask = mask & (torch.arange(end, device=mask.device)[None] >= seen - cache.windows[layer])
         if live is not None:  # per KV head, repeated for its query heads
             mask = mask & live[0, :, :, :end].repeat_interleave(q.shape[1] // keys.shape[1], dim=0)
         y = F.scaled_dot_product_attention(qr, keys, values, attn_mask=mask, enable_gqa=q.shape[1] != keys.shape[1])
@@ -279,10 +303,25 @@ def batched(q: torch.Tensor, cache: KVCache, layer: int, batch: Batch) -> torch.
     return torch.cat(out)
 
 
-def causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: int, s: int) -> torch.Tensor:
-    """Training: whole sequences [b, s], nothing cached, one batched causal call (autograd-friendly)."""
+def _seen(run: _Run, n: int, dev: torch.device) -> torch.Tensor:
+    """[n, 1]: per row of a segment with a tree, the keys it sees without a window (chain rows:
+    positions up to themselves; a tree node: the prefix up to the root and its path below it)."""
+    seen = [run.start + i + 1 for i in range(run.n_plain)]
+    seen += [run.start + run.n_plain - 1 + len(p) for p in run.paths[1:]]
+    return torch.tensor(seen, device=dev)[:, None]
+
+
+def causal(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: int, s: int, window: int | None = None
+) -> torch.Tensor:
+    """Training: whole sequences [b, s], nothing cached, one batched causal call (autograd-friendly);
+    a sliding-window layer sees the last `window` positions up to each row's."""
     _, h, d = q.shape
     kvh = k.shape[1]
     q, k, v = (x.view(b, s, -1, d).transpose(1, 2) for x in (q, k, v))
-    y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=h != kvh)
+    mask = None
+    if window is not None and s > window:
+        i = torch.arange(s, device=q.device)
+        mask = (i[None] <= i[:, None]) & (i[None] > i[:, None] - window)
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=mask is None, attn_mask=mask, enable_gqa=h != kvh)
     return y.transpose(1, 2).reshape(b * s, h, d)

@@ -97,9 +97,14 @@ def _stats(c) -> str:
 
 
 def cmd_pull(a) -> None:
-    from .hub import pull
+    from . import hub
 
-    print(pull(force=a.force))
+    model = hub.known_model(a.model)
+    cached = hub.model_path(model.name).exists() and not a.force
+    path = hub.pull(model.name, force=a.force)
+    if cached and model.notice:  # a download has already shown it
+        print(f"gearshift: {model.license}", file=sys.stderr)
+    print(path)
 
 
 def cmd_generate(a) -> None:
@@ -183,6 +188,14 @@ def cmd_info(a) -> None:
         "device": str(m.device),
         "weight_memory_mb": round(weight_bytes / 2**20, 1),
         "kv_cache_kb_per_token": round(kv_per_token / 1024, 1),
+        **(
+            {
+                "sliding_window": f"{cfg.sliding_window} positions in {sum(map(bool, cfg.windows))} of "
+                f"{cfg.n_layers} layers (the cache holds every position; a sliding layer reads its window)"
+            }
+            if any(cfg.windows)
+            else {}
+        ),
         "load_seconds": round(loaded.load_seconds, 2),
         "conversion_cache": "hit" if loaded.cached else "miss",
     }
@@ -625,8 +638,9 @@ def cmd_calibrate_duo(a) -> None:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="gearshift", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("pull", help="download the default model into the cache")
-    p.add_argument("--force", action="store_true")
+    p = sub.add_parser("pull", help="download a known model (default: the default model) into the cache")
+    p.add_argument("model", nargs="?", default=None, help="gemma-3-270m or smollm2-135m-instruct (the default)")
+    p.add_argument("--force", action="store_true", help="download again even if the file is there")
     p.set_defaults(func=cmd_pull)
     p = sub.add_parser("generate", help="stream a completion for one prompt")
     p.add_argument("prompt")

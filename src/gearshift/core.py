@@ -77,6 +77,11 @@ class EngineCore:
             raise GearshiftError("the prompt is empty")
         if n >= self.window:
             raise GearshiftError(f"prompt is {n} tokens but the context window is {self.window}")
+        if request.kv is not None and request.kv.active and any(self.cache.windows):
+            # a policy's drops and compaction would shift the positions a sliding window counts from
+            raise GearshiftError(
+                f"KV policy {request.kv.label!r} does not apply to {self.model.cfg.arch} (it has sliding-window layers)"
+            )
 
     def add(self, request: Request) -> int:
         """Queue a request; returns its sequence id. It starts at a step boundary, when a slot is free."""

@@ -106,11 +106,10 @@ def memory_bandwidth(megabytes: int = 512, reps: int = 5) -> float:
 
 def bytes_per_token(model: Transformer, context: int) -> int:
     """Bytes one decode step must read: every weight of the layers and the LM head, one embedding
-    row, and the KV cache of `context` earlier tokens."""
+    row, and the KV cache of `context` earlier tokens (of a sliding-window layer, its window)."""
     weights = sum(
-        b.numel() * b.element_size()
-        for name, b in model.named_buffers()
-        if name != "embed" and not name.endswith("inv_freq")
+        b.numel() * b.element_size() for name, b in model.named_buffers() if name != "embed" and "inv_freq" not in name
     )
-    kv = 2 * model.cfg.n_layers * model.cfg.n_kv_heads * model.cfg.head_dim * model.embed.element_size()
-    return weights + model.cfg.dim * model.embed.element_size() + context * kv
+    entry = 2 * model.cfg.n_kv_heads * model.cfg.head_dim * model.embed.element_size()  # one layer, one position
+    read = sum(context if w is None else min(context, w) for w in model.cfg.windows)  # sliding layers: the window
+    return weights + model.cfg.dim * model.embed.element_size() + read * entry

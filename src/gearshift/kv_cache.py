@@ -104,6 +104,7 @@ class KVCache:
         ]
         self.rope_at_slot = [False] * slots  # keys re-rotated to their slot positions (StreamingLLM)
         self.inv_freq: torch.Tensor | None = None  # RoPE's frequencies (set by the model), for re-rotating
+        self.windows: list[int | None] = [None] * n_layers  # per layer, its attention window (set by the model)
         self.formats: list[str | None] = [None] * slots  # a slot's quantized copy, if any
         self.qfmt = torch.zeros(slots, 2, dtype=torch.int64)  # per slot: FORMATS code, recent window (the kernel's)
         self.kq = self.vq = self.ks = self.vs = None  # the quantized copies, allocated on first use

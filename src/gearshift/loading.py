@@ -22,11 +22,22 @@ import torch
 
 from . import hub
 from .errors import GearshiftError
-from .model import FORMATS, ExitHead, ModelConfig, Transformer, interleave_rope_rows, rope_inv_freq
+from .model import FORMATS, ExitHead, ModelConfig, Transformer, interleave_rope_rows
 from .tokenizer import Tokenizer
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3")
-CACHE_VERSION = 9
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3")
+CACHE_VERSION = 10
+GEMMA3_SLIDING_PATTERN = 6  # every sixth layer is global (llama.cpp's default when a GGUF gives no pattern)
+
+# Gemma's turn format, for a Gemma file that carries no template of its own (the base model's GGUF):
+# a system message opens the first user turn, the assistant's role is "model"
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% set ns = namespace(system='') %}"
+    "{% for m in messages %}{% if m['role'] == 'system' %}{% set ns.system = m['content'] + '\\n\\n' %}"
+    "{% else %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{{ ns.system + m['content'] | trim }}<end_of_turn>\n{% set ns.system = '' %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
 
 
 @dataclass
@@ -57,14 +68,22 @@ GGUF_NAMES = {
     "attn_q_norm": "self_attn.q_norm",
     "attn_k_norm": "self_attn.k_norm",
 }
+# Gemma 3 normalizes before and after both attention and MLP; Hugging Face's names differ from Llama's
+GEMMA3_NAMES = {
+    **GGUF_NAMES,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
 
 
-def _hf_name(gguf_name: str) -> str | None:
+def _hf_name(gguf_name: str, arch: str) -> str | None:
+    names = GEMMA3_NAMES if arch == "gemma3" else GGUF_NAMES
     parts = gguf_name.split(".")
     if parts[0] == "blk":
-        base = GGUF_NAMES.get(parts[2])
+        base = names.get(parts[2])
         return base and f"model.layers.{parts[1]}.{base}.{parts[3]}"
-    base = GGUF_NAMES.get(parts[0])
+    base = names.get(parts[0])
     return base and f"{base}.{parts[1]}"
 
 
@@ -141,6 +160,8 @@ def read_gguf(path: Path) -> Checkpoint:
         bos_token_id=tok_field("tokenizer.ggml.bos_token_id"),
         eos_token_ids=sorted({i for i in eos if i is not None}),
     )
+    if arch == "gemma3":
+        _gguf_gemma3(cfg, a, reader)
     scaling = a("rope.scaling.type")
     if scaling == "linear":
         cfg.rope_scaling = {"rope_type": "linear", "factor": a("rope.scaling.factor")}
@@ -154,12 +175,12 @@ def read_gguf(path: Path) -> Checkpoint:
         if t.name == "rope_freqs.weight":
             cfg.rope_scaling = {"rope_type": "freq_factors", "factors": arr.tolist()}
             continue
-        name = _hf_name(t.name)
+        name = _hf_name(t.name, arch)
         if arch == "phi3" and t.name.endswith("ffn_up.weight"):  # gate and up, fused
             name = name.replace("mlp.up_proj", "mlp.gate_up_proj")
         if name is None:
             raise GearshiftError(f"unexpected tensor {t.name} in {path.name}")
-        if arch not in ("qwen2", "qwen3", "phi3") and t.name.split(".")[-2] in ("attn_q", "attn_k"):
+        if arch not in ("qwen2", "qwen3", "phi3", "gemma3") and t.name.split(".")[-2] in ("attn_q", "attn_k"):
             arr = _unpermute(arr, n_heads if t.name.split(".")[-2] == "attn_q" else n_kv)
         tensors[name] = torch.from_numpy(np.array(arr, dtype=np.float32))
         bits[name] = _gguf_bits(qtype)
@@ -169,7 +190,35 @@ def read_gguf(path: Path) -> Checkpoint:
         _split_fused(tensors, bits, cfg)
     tok_dir = Path(tempfile.mkdtemp(prefix="gearshift-tok-"))
     _convert_gguf_tokenizer(path, tok_dir)
+    if arch == "gemma3" and not (tok_dir / "chat_template.jinja").exists():
+        config = json.loads((tok_dir / "tokenizer_config.json").read_text())
+        if not config.get("chat_template"):
+            (tok_dir / "chat_template.jinja").write_text(GEMMA_TEMPLATE)
     return Checkpoint(cfg, tensors, bits, tok_dir, max(counts, key=counts.get))
+
+
+def _gguf_gemma3(cfg: ModelConfig, a, reader) -> None:
+    """Gemma 3's settings as llama.cpp reads them from a GGUF: the window, every sixth layer global
+    (unless the file gives the pattern), a RoPE base of 10000 in the sliding layers, norms whose
+    weights already include Gemma's +1, and `<end_of_turn>` as a stop token."""
+    pattern = a("attention.sliding_window_pattern")
+    if isinstance(pattern, list):  # one flag per layer: true where the layer slides
+        sliding = [bool(x) for x in pattern]
+    else:
+        every = int(pattern or GEMMA3_SLIDING_PATTERN)
+        sliding = [(i + 1) % every != 0 for i in range(cfg.n_layers)]
+    cfg.layer_types = ["sliding_attention" if x else "full_attention" for x in sliding]
+    cfg.sliding_window = a("attention.sliding_window")
+    cfg.rope_local_theta = 10000.0
+    cfg.post_norms, cfg.act, cfg.embed_scale = True, "gelu_tanh", cfg.dim**0.5
+    if cfg.n_layers == 62:  # llama.cpp: Gemma 3 27B scales queries by the model dim per head, not head_dim
+        cfg.attn_scale = (cfg.dim / cfg.n_heads) ** -0.5
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if a(key):
+            raise GearshiftError(f"{key} is not supported (gemma3 with {key} = {a(key)})")
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    if "<end_of_turn>" in tokens:
+        cfg.eos_token_ids = sorted({*cfg.eos_token_ids, tokens.index("<end_of_turn>")})
 
 
 def _gguf_bits(qtype) -> float:
@@ -204,9 +253,14 @@ def read_hf(path: Path) -> Checkpoint:
         raise GearshiftError(f"{path} has no config.json (expected a Hugging Face model directory)")
     c = json.loads((path / "config.json").read_text())
     arch = c.get("model_type")
+    if arch == "gemma3_text":  # Gemma3ForCausalLM's config: ours is the text model of any Gemma 3
+        arch = "gemma3"
     if arch not in SUPPORTED:
         raise GearshiftError(f"unsupported architecture {arch!r} in {path}; gearshift runs {', '.join(SUPPORTED)}")
     rope = c.get("rope_parameters") or {}
+    gemma = _hf_gemma3(c, path) if arch == "gemma3" else {}
+    if gemma:
+        rope = rope.get("full_attention", rope)
     scaling = c.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if kind not in ("default", "linear", "llama3"):
@@ -236,8 +290,9 @@ def read_hf(path: Path) -> Checkpoint:
         bos_token_id=c.get("bos_token_id"),
         o_bias=arch != "qwen2" and c.get("attention_bias", False),
         mlp_bias=c.get("mlp_bias", False),
-        qk_norm=arch == "qwen3",
+        qk_norm=arch in ("qwen3", "gemma3"),
         eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
+        **gemma,
     )
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -253,6 +308,10 @@ def read_hf(path: Path) -> Checkpoint:
         raise GearshiftError(f"no tensors in the safetensors files of {path}")
     if arch == "phi3":
         _split_fused(tensors, bits, cfg)
+    if arch == "gemma3":  # Gemma's norms scale by 1 + weight (GGUF files store the sum)
+        for name in tensors:
+            if name.endswith("norm.weight"):
+                tensors[name] = tensors[name] + 1.0
     quantization = f"{int(max(bits.values()))}-bit float"
     if shared := c.get("gearshift_shared"):  # a distilled draft: embeddings and LM head live in its target
         base_path = Path(shared["base"])
@@ -263,6 +322,35 @@ def read_hf(path: Path) -> Checkpoint:
             tensors[name], bits[name] = base.tensors[name], base.bits[name]
         quantization += f" + shared from {base_path.name}"
     return Checkpoint(cfg, tensors, bits, path, quantization)
+
+
+def _hf_gemma3(c: dict, path: Path) -> dict:
+    """ModelConfig fields of a Gemma 3 text config (transformers 4.5x and 5 spellings), refusing
+    what the model code does not do."""
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if c.get(key):
+            raise GearshiftError(f"{key} is not supported (set to {c[key]} in {path})")
+    if c.get("use_bidirectional_attention"):
+        raise GearshiftError(f"bidirectional attention (use_bidirectional_attention in {path}) is not supported")
+    if c.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        raise GearshiftError(f"unsupported activation {c['hidden_activation']!r} in {path}")
+    n = c["num_hidden_layers"]
+    every = c.get("sliding_window_pattern", GEMMA3_SLIDING_PATTERN)
+    types = c.get("layer_types") or [
+        "full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(n)
+    ]
+    local = (c.get("rope_parameters") or {}).get("sliding_attention", {})
+    if local.get("rope_type", "default") != "default":
+        raise GearshiftError(f"RoPE scaling in the sliding layers ({path}) is not supported")
+    return {
+        "post_norms": True,
+        "act": "gelu_tanh",
+        "embed_scale": c["hidden_size"] ** 0.5,
+        "attn_scale": c.get("query_pre_attn_scalar", c.get("head_dim", 256)) ** -0.5,
+        "sliding_window": c.get("sliding_window"),
+        "layer_types": list(types),
+        "rope_local_theta": local.get("rope_theta", c.get("rope_local_base_freq", 10000.0)),
+    }
 
 
 def read_checkpoint(path: Path) -> Checkpoint:
@@ -303,7 +391,7 @@ def build_model(ck: Checkpoint, fmts: dict[str, str], dtype: torch.dtype) -> Tra
     with torch.device("meta"):
         model = Transformer(cfg, fmts, dtype)
     model.to_empty(device="cpu")
-    model.inv_freq = torch.empty(0)
+    model.init_rope()
     model.embed = t["model.embed_tokens.weight"].to(dtype)
     model.norm.weight = t["model.norm.weight"]
     model.lm_head.set_weight(t.get("lm_head.weight", t["model.embed_tokens.weight"]))
@@ -324,7 +412,12 @@ def build_model(ck: Checkpoint, fmts: dict[str, str], dtype: torch.dtype) -> Tra
         )
         layer.down.set_weight(t[p + "mlp.down_proj.weight"], t.get(p + "mlp.down_proj.bias"))
         layer.attn_norm.weight = t[p + "input_layernorm.weight"]
-        layer.mlp_norm.weight = t[p + "post_attention_layernorm.weight"]
+        if cfg.post_norms:  # Gemma: post_attention_layernorm is the attention output's norm
+            layer.post_attn_norm.weight = t[p + "post_attention_layernorm.weight"]
+            layer.mlp_norm.weight = t[p + "pre_feedforward_layernorm.weight"]
+            layer.post_mlp_norm.weight = t[p + "post_feedforward_layernorm.weight"]
+        else:
+            layer.mlp_norm.weight = t[p + "post_attention_layernorm.weight"]
         if cfg.qk_norm:  # per head, so in the rows' interleaved-pair order
             layer.q_norm.weight = interleave_rope_rows(t[p + "self_attn.q_norm.weight"], 1)
             layer.k_norm.weight = interleave_rope_rows(t[p + "self_attn.k_norm.weight"], 1)
@@ -348,7 +441,7 @@ def _cache_key(path: Path, weights: str) -> str:
 
 
 def _finish(model: Transformer, device: torch.device) -> Transformer:
-    model.inv_freq = rope_inv_freq(model.cfg)
+    model.init_rope()
     return model.to(device).eval()
 
 

@@ -1,4 +1,4 @@
-"""Llama-family transformer (Llama 2/3, SmolLM, Mistral, Qwen2, Qwen3, Phi-3) in plain PyTorch.
+"""Llama-family transformer (Llama 2/3, SmolLM, Mistral, Qwen2, Qwen3, Phi-3, Gemma 3) in plain PyTorch.
 
 Written for decoding speed on small batches: q/k/v and gate/up are fused into one matmul each,
 the KV cache is static, and every linear layer can keep its weights 4- or 8-bit packed (native
@@ -44,18 +44,37 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False  # Llama's attention_bias also biases o_proj; Qwen2 biases only q/k/v
     mlp_bias: bool = False
-    qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Qwen3)
+    qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Qwen3, Gemma 3)
+    # Gemma 3: norms of the attention and MLP outputs before each residual add, GeGLU, embeddings
+    # scaled by sqrt(dim), its own softmax scale, and sliding-window layers with their own RoPE base
+    post_norms: bool = False
+    act: str = "silu"  # or "gelu_tanh" (GeGLU)
+    embed_scale: float = 1.0
+    attn_scale: float | None = None  # None: 1/sqrt(head_dim)
+    sliding_window: int | None = None  # keys a sliding layer's row sees: itself and the window - 1 before it
+    layer_types: list[str] | None = None  # per layer "sliding_attention" or "full_attention" (None: all full)
+    rope_local_theta: float | None = None  # the sliding layers' RoPE base (None: rope_theta)
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def window(self, layer: int) -> int | None:
+        """The layer's attention window (None: every earlier position)."""
+        sliding = self.layer_types is not None and self.layer_types[layer] == "sliding_attention"
+        return self.sliding_window if sliding else None
+
+    @property
+    def windows(self) -> list[int | None]:
+        return [self.window(i) for i in range(self.n_layers)]
+
     def n_params(self) -> int:
         attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
         mlp = 3 * self.dim * self.hidden_dim
         emb = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
-        return self.n_layers * (attn + mlp + 2 * self.dim) + emb + self.dim
+        norms = (4 if self.post_norms else 2) * self.dim + (2 * self.head_dim if self.qk_norm else 0)
+        return self.n_layers * (attn + mlp + norms) + emb + self.dim
 
 
 Q4_COLS, Q8_COLS = 16, 8  # output columns per tile of the native kernels (csrc/linear.cpp); N is padded to whole tiles
@@ -221,11 +240,13 @@ class ExitHead(nn.Module):
         return self.norm(h + F.linear(F.linear(h, self.a.to(h.dtype)), self.b.to(h.dtype)))
 
 
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies, with the Llama 3 and linear scaling schemes transformers implements."""
+def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> torch.Tensor:
+    """Inverse frequencies, with the Llama 3 and linear scaling schemes transformers implements;
+    `local`: those of the sliding-window layers (Gemma 3: their own base, never scaled)."""
     dim = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    sc = cfg.rope_scaling or {}
+    theta = cfg.rope_local_theta if local and cfg.rope_local_theta else cfg.rope_theta
+    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    sc = {} if local else cfg.rope_scaling or {}
     kind = sc.get("rope_type", sc.get("type", "default"))
     if kind == "linear":
         inv = inv / sc["factor"]
@@ -277,6 +298,12 @@ class Block(nn.Module):
         self.down = Linear(cfg.hidden_dim, cfg.dim, fmt, bias=cfg.mlp_bias)
         if cfg.qk_norm:  # weights in the interleaved-pair order of q/k's rows (`interleave_rope_rows`)
             self.q_norm, self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps), RMSNorm(cfg.head_dim, cfg.norm_eps)
+        if cfg.post_norms:
+            self.post_attn_norm, self.post_mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps), RMSNorm(cfg.dim, cfg.norm_eps)
+        # the kernels' softmax scale is 1/sqrt(D); another scale (Gemma's query_pre_attn_scalar) goes into q
+        self.q_scale = None if cfg.attn_scale is None else cfg.attn_scale * math.sqrt(cfg.head_dim)
+        if self.q_scale == 1.0:
+            self.q_scale = None
         self._fused_weights: tuple | None = None
 
     def fused_weights(self) -> tuple:
@@ -296,7 +323,23 @@ class Block(nn.Module):
                 self.down.tiles,
                 f(self.down.bias),
             )
+            cfg, norm = self.cfg, lambda name: f(getattr(self, name).weight) if hasattr(self, name) else None  # noqa: E731
+            scales = lambda lin: lin.scales if lin.fmt == "int8" else None  # noqa: E731
+            self._fused_extras = (
+                norm("q_norm"),
+                norm("k_norm"),
+                norm("post_attn_norm"),
+                norm("post_mlp_norm"),
+                *(scales(lin) for lin in (self.qkv, self.o, self.gate_up, self.down)),
+                self.q_scale or 1.0,
+                cfg.act == "gelu_tanh",
+            )
         return self._fused_weights
+
+    def fused_extras(self) -> tuple:
+        """The fused block's optional arguments: QK-norm, post norms, int8 scales, q scale, GeGLU."""
+        self.fused_weights()
+        return self._fused_extras
 
     def forward(self, x: torch.Tensor, rot: torch.Tensor, attend: Attend) -> torch.Tensor:
         """x: [tokens, dim]: activations stay 2-D between blocks, as the linear kernels take them.
@@ -309,10 +352,13 @@ class Block(nn.Module):
         if cfg.qk_norm:
             qk = torch.cat([self.q_norm(qk[:, : cfg.n_heads]), self.k_norm(qk[:, cfg.n_heads :])], dim=1)
         qk = apply_rope(qk, rot)
-        y = attend(qk[:, : cfg.n_heads], qk[:, cfg.n_heads :], v.view(t, cfg.n_kv_heads, cfg.head_dim))
-        x = x + self.o(y.reshape(t, -1))
+        q = qk[:, : cfg.n_heads] if self.q_scale is None else qk[:, : cfg.n_heads] * self.q_scale
+        y = self.o(attend(q, qk[:, cfg.n_heads :], v.view(t, cfg.n_kv_heads, cfg.head_dim)).reshape(t, -1))
+        x = x + (self.post_attn_norm(y) if cfg.post_norms else y)
         gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
-        return x + self.down(F.silu(gate) * up)
+        act = F.silu(gate) if cfg.act == "silu" else F.gelu(gate, approximate="tanh")
+        y = self.down(act * up)
+        return x + (self.post_mlp_norm(y) if cfg.post_norms else y)
 
 
 class Transformer(nn.Module):
@@ -326,18 +372,26 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = Linear(cfg.dim, cfg.vocab_size, fmts["lm_head"])
         with torch.device("cpu"):  # real numbers even when built on "meta" (which would also import torch._refs)
-            inv_freq = rope_inv_freq(cfg)
+            inv_freq, local = rope_inv_freq(cfg), rope_inv_freq(cfg, local=True)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        # the fused block takes int4 layers, float32 activations, and outputs of whole 16-column tiles
+        self.register_buffer("inv_freq_local", local, persistent=False)  # sliding layers' (Gemma 3)
+        self.windows = cfg.windows
+        # the fused block takes int4 or int8 layers, float32 activations, and outputs of whole 16-column tiles
         whole_tiles = all(
             n % Q4_COLS == 0 for n in (cfg.dim, 2 * cfg.hidden_dim, cfg.head_dim * (cfg.n_heads + 2 * cfg.n_kv_heads))
         )
-        # (QK-norm is not in the fused block: such models run the block as PyTorch ops)
-        self._fusable = fmts["layers"] == "int4" and dtype == torch.float32 and whole_tiles and not cfg.qk_norm
+        packed = fmts["layers"] in ("int4", "int8")
+        self._fusable = packed and dtype == torch.float32 and whole_tiles and cfg.act in ("silu", "gelu_tanh")
 
     @property
     def device(self) -> torch.device:
         return self.embed.device
+
+    def init_rope(self) -> None:
+        """Compute RoPE's frequencies (buffers not saved with the weights: a model built on "meta"
+        and then loaded needs them again)."""
+        self.inv_freq = rope_inv_freq(self.cfg).to(self.device)
+        self.inv_freq_local = rope_inv_freq(self.cfg, local=True).to(self.device)
 
     def new_cache(self, slots: int = 1, max_len: int | None = None, n_layers: int | None = None) -> KVCache:
         c = self.cfg
@@ -345,11 +399,24 @@ class Transformer(nn.Module):
             n_layers or c.n_layers, slots, c.n_kv_heads, max_len or c.max_seq_len, c.head_dim, self.dtype, self.device
         )
         cache.inv_freq = self.inv_freq.to(self.device)
+        cache.windows = self.windows[: cache.k.shape[0]]
         return cache
 
-    def _rotation(self, positions: torch.Tensor) -> torch.Tensor:
-        freqs = positions[:, None].float() * self.inv_freq  # [tokens, D/2]
+    def _rotation(self, positions: torch.Tensor, local: bool = False) -> torch.Tensor:
+        freqs = positions[:, None].float() * (self.inv_freq_local if local else self.inv_freq)  # [tokens, D/2]
         return torch.polar(torch.ones_like(freqs), freqs)[:, None]
+
+    def _rotations(self, positions: torch.Tensor, n_layers: int | None) -> list[torch.Tensor]:
+        """Each layer's RoPE rotation (sliding layers may have their own base: one tensor per kind)."""
+        rot = self._rotation(positions)
+        if self.cfg.rope_local_theta is None or not any(self.windows):
+            return [rot] * len(self.layers[:n_layers])
+        local = self._rotation(positions, local=True)
+        return [rot if w is None else local for w in self.windows[:n_layers]]
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = F.embedding(tokens, self.embed)
+        return x if self.cfg.embed_scale == 1.0 else x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
 
     def forward(self, batch: Batch, cache: KVCache, n_layers: int | None = None, hidden: bool = False) -> torch.Tensor:
         """Run a batch of segments, each appended to its cache slot; return the logits (float32) of
@@ -361,31 +428,33 @@ class Transformer(nn.Module):
         use: the final norm and LM head are shared, so it costs no extra weights); `hidden`
         returns the last block's output for those rows instead.
         """
-        x = F.embedding(batch.tokens, self.embed)
-        rot = self._rotation(batch.positions)
+        x = self.embed_tokens(batch.tokens)
+        rots = self._rotations(batch.positions, n_layers)
         if self._fused(batch):
-            cos_sin = torch.view_as_real(rot).reshape(len(x), -1).contiguous()
+            cos_sin = {id(r): torch.view_as_real(r).reshape(len(x), -1).contiguous() for r in rots}
             heads, eps = (self.cfg.n_heads, self.cfg.n_kv_heads), self.cfg.norm_eps
             for i, layer in enumerate(self.layers[:n_layers]):
                 holes = batch.holes[i] if batch.holes is not None else attention.NO_HOLES
                 quant = cache.quantized_layer(i) if batch.quantized else attention.NO_QUANT
+                window = cache.windows[i]
                 x = torch.ops.gearshift.block(
                     x,
                     *layer.fused_weights(),
-                    cos_sin,
+                    cos_sin[id(rots[i])],
                     cache.k[i],
                     cache.v[i],
                     batch.write,
-                    batch.native_rows,
+                    batch.native_rows if window is None else batch.window_rows(window),
                     batch.native_extra,
                     holes,
                     *quant,
                     *heads,
                     eps,
+                    *layer.fused_extras(),
                 )
         else:
             for i, layer in enumerate(self.layers[:n_layers]):
-                x = layer(x, rot, partial(attention.cached, cache=cache, layer=i, batch=batch))
+                x = layer(x, rots[i], partial(attention.cached, cache=cache, layer=i, batch=batch))
         if batch.feature_index is not None:  # (segments that asked: a draft head reads them)
             batch.features = x[batch.feature_index]
         if batch.out is not None:
@@ -395,7 +464,7 @@ class Transformer(nn.Module):
         return x if hidden else self.logits(x)
 
     def _fused(self, batch: Batch) -> bool:
-        """Whether blocks run as one native op each (`csrc/block.cpp`): int4 layers, float32
+        """Whether blocks run as one native op each (`csrc/block.cpp`): int4 or int8 layers, float32
         activations and cache on a CPU with the native kernels. The same math as `Block.forward`,
         computed row by row like the rest, without a few hundred small ops' dispatch per step. A step
         that keeps queries for a KV policy (`Segment.capture_from`) runs the unfused path, which has them."""
@@ -427,8 +496,8 @@ class Transformer(nn.Module):
         """Training: whole unpadded sequences [B, S], causal attention, nothing cached; returns the
         last block's output [B, S, dim] (training picks the rows it needs and applies `logits`)."""
         b, s = tokens.shape
-        x = F.embedding(tokens.reshape(-1), self.embed)
-        rot = self._rotation(torch.arange(s, device=tokens.device).repeat(b))
-        for layer in self.layers[:n_layers]:
-            x = layer(x, rot, partial(attention.causal, b=b, s=s))
+        x = self.embed_tokens(tokens.reshape(-1))
+        rots = self._rotations(torch.arange(s, device=tokens.device).repeat(b), n_layers)
+        for i, layer in enumerate(self.layers[:n_layers]):
+            x = layer(x, rots[i], partial(attention.causal, b=b, s=s, window=self.windows[i]))
         return x.view(b, s, -1)

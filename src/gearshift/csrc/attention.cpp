@@ -304,7 +304,8 @@ void attend_unit_q(const float* q, float scale, const float* kbase, const float*
 }  // namespace
 
 // q [T, H, D]; k, v [slots, max_len, KVH, D] (one layer); rows [T, 4] int64: slot, n, e0, e1
-// (keys: positions 0..n-1, then extra[e0:e1]); holes [slots, KVH, 2] int64 (or empty): per slot and
+// (keys: positions 0..n-1, then extra[e0:e1]), or [T, 5] with lo, a sliding-window layer's first
+// position (keys: positions lo..n-1, then the extra ones); holes [slots, KVH, 2] int64 (or empty): per slot and
 // KV head, positions [a, b) that hold no entry (what a KV policy dropped; `KVCache.holes`), skipped.
 // Quantized slots (qfmt [slots, 2] int64: format, recent; or empty): a row reads all but its last
 // `recent` keys from kq/vq [slots, max_len, KVH, D] uint8 with ks/vs [slots, max_len, KVH, 4] float.
@@ -329,6 +330,9 @@ at::Tensor attend_q(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const int64_t* xp = extra.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
   const int64_t stride = KVH * D;
+  TORCH_CHECK(rows.dim() == 2 && (rows.size(1) == 4 || rows.size(1) == 5) && rows.size(0) == T,
+              "gearshift::attend: rows must be [T, 4] or [T, 5]");
+  const int64_t rc = rows.size(1);
   const bool has_holes = holes.numel() > 0;
   TORCH_CHECK(!has_holes || (holes.dim() == 3 && holes.size(0) == k.size(0) && holes.size(1) == KVH
                              && holes.size(2) == 2), "gearshift::attend: holes must be [slots, KVH, 2]");
@@ -349,16 +353,18 @@ at::Tensor attend_q(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     std::vector<int64_t> keys;
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t t = unit / KVH, g = unit % KVH;
-      const int64_t slot = rp[4 * t], n = rp[4 * t + 1], e0 = rp[4 * t + 2], e1 = rp[4 * t + 3];
-      TORCH_CHECK(slot >= 0 && n >= 0 && n + (e1 - e0) <= L && n + (e1 - e0) > 0, "gearshift::attend: bad row");
+      const int64_t* r = rp + rc * t;
+      const int64_t slot = r[0], n = r[1], e0 = r[2], e1 = r[3], lo = rc == 5 ? r[4] : 0;
+      TORCH_CHECK(slot >= 0 && n >= 0 && n + (e1 - e0) <= L && n + (e1 - e0) > 0 && lo >= 0,
+                  "gearshift::attend: bad row");
       int64_t a = 0, b = 0;  // the hole [a, b) within [0, n)
       if (hp != nullptr) {
         b = std::min(hp[2 * (slot * KVH + g) + 1], n);
         a = std::min(hp[2 * (slot * KVH + g)], b);
       }
       keys.clear();
-      for (int64_t j = 0; j < a; ++j) keys.push_back(j);
-      for (int64_t j = b; j < n; ++j) keys.push_back(j);
+      for (int64_t j = lo; j < a; ++j) keys.push_back(j);
+      for (int64_t j = std::max(b, lo); j < n; ++j) keys.push_back(j);
       for (int64_t j = e0; j < e1; ++j) keys.push_back(xp[j]);
       TORCH_CHECK(!keys.empty(), "gearshift::attend: a row with no keys");
       const int64_t m = static_cast<int64_t>(keys.size());

@@ -7,8 +7,11 @@
 // (same formats, same order of operations per row): like every kernel here it computes each row
 // on its own, so a row's result never depends on the other rows of the step.
 //
-// Used for int4 blocks with float32 activations and caches on a CPU with AVX2 (model.Block falls
-// back to its PyTorch ops elsewhere).
+// Used for int4 or int8 blocks with float32 activations and caches on a CPU with AVX2 (model.Block
+// falls back to its PyTorch ops elsewhere). The optional parts are those of Qwen3 and Gemma 3:
+// RMSNorm of each query and key head, a query scale, norms of the attention and MLP outputs before
+// their residual adds, and GeGLU (tanh GELU) in place of SwiGLU; a sliding-window layer's rows
+// come with their first position (`attend_q`).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -27,6 +30,7 @@ at::Tensor attend_q(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 void quantize_into(const at::Tensor& k, const at::Tensor& v, const at::Tensor& write, const at::Tensor& kq,
                    const at::Tensor& vq, const at::Tensor& ks, const at::Tensor& vs, const at::Tensor& qfmt);
 at::Tensor linear_q4(const at::Tensor& x, const at::Tensor& blocks);
+at::Tensor linear_q8(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& scale);
 
 namespace {
 
@@ -51,6 +55,67 @@ void add_bias(at::Tensor& y, const std::optional<at::Tensor>& b) {
   if (b.has_value()) y.add_(*b);
 }
 
+// A packed linear layer: int4 tiles, or int8 tiles with their per-column scales.
+at::Tensor packed(const at::Tensor& x, const at::Tensor& tiles, const std::optional<at::Tensor>& scales) {
+  return scales.has_value() ? linear_q8(x, tiles, *scales) : linear_q4(x, tiles);
+}
+
+// `rms_norm` of each D-float head of one row, in place (the same math, row by row).
+void norm_heads(float* p, int64_t heads, int64_t D, const float* w, float eps) {
+  for (int64_t head = 0; head < heads; ++head, p += D) {
+    float ss = 0.f;
+    for (int64_t i = 0; i < D; ++i) ss += p[i] * p[i];
+    const float r = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
+    for (int64_t i = 0; i < D; ++i) p[i] = p[i] * r * w[i];
+  }
+}
+
+// gate [T, 2F] (gate then up per row) -> act(gate) * up [T, F]: SiLU, or GELU's tanh form (GeGLU)
+at::Tensor gated(const at::Tensor& gu, bool gelu) {
+  const int64_t T = gu.size(0), F = gu.size(1) / 2;
+  auto act = at::empty({T, F}, gu.options());
+  const float* gp = gu.data_ptr<float>();
+  float* ap = act.data_ptr<float>();
+  constexpr float c = 0.7978845608028654f, k3 = 0.044715f;  // sqrt(2 / pi)
+  for (int64_t t = 0; t < T; ++t) {
+    const float* g = gp + t * 2 * F;
+    const float* u = g + F;
+    float* a = ap + t * F;
+    int64_t i = 0;
+#ifdef GEARSHIFT_AVX2
+    const __m256 one = _mm256_set1_ps(1.f), hi = _mm256_set1_ps(88.f);
+    if (gelu) {
+      const __m256 two = _mm256_set1_ps(2.f), half = _mm256_set1_ps(0.5f), cv = _mm256_set1_ps(c),
+                   kv = _mm256_set1_ps(k3);
+      for (; i + 8 <= F; i += 8) {  // tanh(z) = 1 - 2 / (exp(2z) + 1)
+        const __m256 gv = _mm256_loadu_ps(g + i);
+        const __m256 z = _mm256_mul_ps(cv, _mm256_fmadd_ps(_mm256_mul_ps(kv, gv), _mm256_mul_ps(gv, gv), gv));
+        const __m256 e = gearshift_simd::exp8(_mm256_min_ps(_mm256_mul_ps(two, z), hi));
+        const __m256 th = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(e, one)));
+        _mm256_storeu_ps(a + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(half, gv), _mm256_add_ps(one, th)),
+                                              _mm256_loadu_ps(u + i)));
+      }
+    } else {
+      for (; i + 8 <= F; i += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + i);
+        const __m256 e = gearshift_simd::exp8(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), gv), hi));
+        _mm256_storeu_ps(a + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
+      }
+    }
+#endif
+    for (; i < F; ++i) {
+      if (gelu) {
+        const float z = c * (g[i] + k3 * g[i] * g[i] * g[i]);
+        const float th = 1.f - 2.f / (std::exp(std::min(2.f * z, 88.f)) + 1.f);
+        a[i] = 0.5f * g[i] * (1.f + th) * u[i];
+      } else {
+        a[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+      }
+    }
+  }
+  return act;
+}
+
 }  // namespace
 
 // x [T, dim]; rot [T, D]: (cos, sin) pairs per row; cache k/v [slots, L, KVH, D] of this layer;
@@ -63,7 +128,11 @@ at::Tensor block(const at::Tensor& x, const at::Tensor& attn_norm, const at::Ten
                  const at::Tensor& cache_k, const at::Tensor& cache_v, const at::Tensor& write,
                  const at::Tensor& rows, const at::Tensor& extra, const at::Tensor& holes, const at::Tensor& kq,
                  const at::Tensor& vq, const at::Tensor& ks, const at::Tensor& vs, const at::Tensor& qfmt,
-                 int64_t n_heads, int64_t n_kv_heads, double eps) {
+                 int64_t n_heads, int64_t n_kv_heads, double eps, const std::optional<at::Tensor>& q_norm,
+                 const std::optional<at::Tensor>& k_norm, const std::optional<at::Tensor>& post_attn_norm,
+                 const std::optional<at::Tensor>& post_mlp_norm, const std::optional<at::Tensor>& qkv_scales,
+                 const std::optional<at::Tensor>& o_scales, const std::optional<at::Tensor>& gate_up_scales,
+                 const std::optional<at::Tensor>& down_scales, double q_scale, bool gelu) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2, "gearshift::block: x");
   TORCH_CHECK(cache_k.is_contiguous() && cache_v.is_contiguous() && write.is_contiguous() && rot.is_contiguous(),
               "gearshift::block: contiguous cache, write and rot");
@@ -72,12 +141,17 @@ at::Tensor block(const at::Tensor& x, const at::Tensor& attn_norm, const at::Ten
               "gearshift::block: shapes do not match");
 
   // attention half
-  at::Tensor h = linear_q4(rms_norm(x, attn_norm, eps), qkv);  // [T, (H + 2 KVH) D]
+  at::Tensor h = packed(rms_norm(x, attn_norm, eps), qkv, qkv_scales);  // [T, (H + 2 KVH) D]
   add_bias(h, qkv_bias);
   const int64_t width = (H + 2 * KVH) * D;
   float* hp = h.data_ptr<float>();
   const float* rp = rot.data_ptr<float>();
-  for (int64_t t = 0; t < T; ++t) {  // RoPE on q and k: interleaved pairs, one complex multiply each
+  const auto qs = static_cast<float>(q_scale);
+  for (int64_t t = 0; t < T; ++t) {  // [QK-norm,] RoPE on q and k: interleaved pairs, one complex multiply each
+    if (q_norm.has_value()) {
+      norm_heads(hp + t * width, H, D, q_norm->data_ptr<float>(), static_cast<float>(eps));
+      norm_heads(hp + t * width + H * D, KVH, D, k_norm->data_ptr<float>(), static_cast<float>(eps));
+    }
     const float* cs = rp + t * D;
     for (int64_t head = 0; head < H + KVH; ++head) {
       float* p = hp + t * width + head * D;
@@ -86,6 +160,8 @@ at::Tensor block(const at::Tensor& x, const at::Tensor& attn_norm, const at::Ten
         p[2 * i] = a * c - b * s;
         p[2 * i + 1] = a * s + b * c;
       }
+      if (q_scale != 1.0 && head < H)
+        for (int64_t i = 0; i < D; ++i) p[i] *= qs;
     }
   }
   const int64_t* wp = write.data_ptr<int64_t>();
@@ -101,34 +177,17 @@ at::Tensor block(const at::Tensor& x, const at::Tensor& attn_norm, const at::Ten
     quantize_into(h.narrow(1, H * D, KVH * D).view({T, KVH, D}), h.narrow(1, (H + KVH) * D, KVH * D).view({T, KVH, D}),
                   write, kq, vq, ks, vs, qfmt);
   at::Tensor y = attend_q(q, cache_k, cache_v, rows, extra, holes, kq, vq, ks, vs, qfmt).view({T, H * D});
-  at::Tensor out = linear_q4(y, o);
+  at::Tensor out = packed(y, o, o_scales);
   add_bias(out, o_bias);
+  if (post_attn_norm.has_value()) out = rms_norm(out, *post_attn_norm, eps);
   out.add_(x);
 
   // MLP half
-  at::Tensor gu = linear_q4(rms_norm(out, mlp_norm, eps), gate_up);  // [T, 2 F]
+  at::Tensor gu = packed(rms_norm(out, mlp_norm, eps), gate_up, gate_up_scales);  // [T, 2 F]
   add_bias(gu, gate_up_bias);
-  const int64_t F = gu.size(1) / 2;
-  auto act = at::empty({T, F}, x.options());
-  const float* gp = gu.data_ptr<float>();
-  float* ap = act.data_ptr<float>();
-  for (int64_t t = 0; t < T; ++t) {  // SiLU(gate) * up
-    const float* g = gp + t * 2 * F;
-    const float* u = g + F;
-    float* a = ap + t * F;
-    int64_t i = 0;
-#ifdef GEARSHIFT_AVX2
-    const __m256 one = _mm256_set1_ps(1.f), hi = _mm256_set1_ps(88.f);
-    for (; i + 8 <= F; i += 8) {
-      const __m256 gv = _mm256_loadu_ps(g + i);
-      const __m256 e = gearshift_simd::exp8(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), gv), hi));
-      _mm256_storeu_ps(a + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
-    }
-#endif
-    for (; i < F; ++i) a[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
-  }
-  at::Tensor d = linear_q4(act, down);
+  at::Tensor d = packed(gated(gu, gelu), down, down_scales);  // act(gate) * up
   add_bias(d, down_bias);
+  if (post_mlp_norm.has_value()) d = rms_norm(d, *post_mlp_norm, eps);
   return d.add_(out);
 }
 
@@ -137,6 +196,8 @@ TORCH_LIBRARY_FRAGMENT(gearshift, m) {
       "block(Tensor x, Tensor attn_norm, Tensor qkv, Tensor? qkv_bias, Tensor o, Tensor? o_bias, Tensor mlp_norm, "
       "Tensor gate_up, Tensor? gate_up_bias, Tensor down, Tensor? down_bias, Tensor rot, Tensor cache_k, "
       "Tensor cache_v, Tensor write, Tensor rows, Tensor extra, Tensor holes, Tensor kq, Tensor vq, Tensor ks, "
-      "Tensor vs, Tensor qfmt, int n_heads, int n_kv_heads, float eps) -> Tensor",
+      "Tensor vs, Tensor qfmt, int n_heads, int n_kv_heads, float eps, Tensor? q_norm, Tensor? k_norm, "
+      "Tensor? post_attn_norm, Tensor? post_mlp_norm, Tensor? qkv_scales, Tensor? o_scales, Tensor? gate_up_scales, "
+      "Tensor? down_scales, float q_scale, bool gelu) -> Tensor",
       &block);
 }

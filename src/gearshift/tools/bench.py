@@ -98,6 +98,9 @@ def run_quick(
             "server": " ".join(server.cmd),
         }
         results["ratio_vs_llama_cpp"] = eng["gearshift"]["tok_per_s"] / eng["llama.cpp"]["tok_per_s"]
+        results["agreement_vs_llama_cpp"] = agreement(
+            llm, prompts, eng["gearshift"]["outputs"], eng["llama.cpp"]["outputs"], AGREEMENT_TOKENS
+        )
         lb = llama_cpp.bench(path, threads, prefix=llama_cpp_dir)
         if lb:
             results["llama_cpp"].update(pp512=lb["pp512"], tg128=lb["tg128"], bench=lb["command"])
@@ -119,6 +122,35 @@ def run_quick(
     costs = hardware.measure(llm.model, sizes=VERIFY_SIZES)
     results["forward_cost_ms"] = {str(n): 1000 * c for n, c in zip(costs.sizes, costs.seconds)}
     return _emit(results, _print_quick, _plot_quick, json_path, plot_path)
+
+
+AGREEMENT_TOKENS = 64
+
+
+def agreement(llm: LLM, prompts: list[list[int]], ours: list[list[int]], theirs: list[list[int]], n: int) -> dict:
+    """How far two engines' greedy outputs agree: per prompt, the tokens both wrote before they first
+    part (of the first n), and there, our logit gaps: top-1 to top-2, and top-1 to the token the other
+    engine chose. Partings at small gaps are near-ties that rounding decides (quantized kernels, int8
+    or int16 activations); a large gap would be a real difference in the model."""
+    rows = []
+    for ids, a, b in zip(prompts, ours, theirs):
+        a, b = a[:n], b[:n]
+        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        row = {"agree": same, "of": min(n, len(a), len(b))}
+        if same < row["of"]:
+            seq = ids + a[:same]  # every row is computed as decoding computed it (exact attention)
+            logits = llm.model.run(seq, llm.model.new_cache(1, len(seq)), logits_from=len(seq) - 1)[-1]
+            top = logits.topk(2)
+            row.update(
+                ours=a[same],
+                theirs=b[same],
+                top2_gap=float(top.values[0] - top.values[1]),
+                gap_to_theirs=float(logits[a[same]] - logits[b[same]]),
+                theirs_rank=int((logits > logits[b[same]]).sum()),
+            )
+        rows.append(row)
+    agree, total = sum(r["agree"] for r in rows), sum(r["of"] for r in rows)
+    return {"tokens": n, "fraction": agree / max(total, 1), "prompts": rows}
 
 
 VERIFY_SIZES = (1, 2, 4, 8, 16)
@@ -150,6 +182,14 @@ def _print_quick(r: dict) -> None:
         print(f"speedup vs transformers: {r['speedup_vs_transformers']:.2f}x")
     if "ratio_vs_llama_cpp" in r:
         print(f"ratio to llama.cpp (llama-server, same prompts): {r['ratio_vs_llama_cpp']:.2f}")
+    if "agreement_vs_llama_cpp" in r:
+        ag = r["agreement_vs_llama_cpp"]
+        parted = [p for p in ag["prompts"] if "top2_gap" in p]
+        gaps = ", ".join(f"{p['agree']}: {p['top2_gap']:.2f}/{p['gap_to_theirs']:.2f}" for p in parted)
+        print(
+            f"greedy agreement with llama.cpp (first {ag['tokens']} tokens): {ag['fraction']:.1%}"
+            + (f"; where they part (token: our top-2 gap/gap to llama.cpp's token): {gaps}" if parted else "")
+        )
     if "ratio_vs_llama_cpp_tg128" in r:
         lc = r["llama_cpp"]
         print(

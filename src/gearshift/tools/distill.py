@@ -39,7 +39,7 @@ from tqdm import tqdm
 from ..errors import GearshiftError
 from ..hub import atomic_file
 from ..loading import Checkpoint, _unpermute, build_model, read_checkpoint
-from ..model import ExitHead, Transformer, rope_inv_freq
+from ..model import ExitHead, Transformer
 from .data import read_jsonl
 
 SHARED = ("model.embed_tokens.weight", "lm_head.weight")
@@ -198,13 +198,16 @@ def student_from_target(ck: Checkpoint, layers: list[int]) -> Transformer:
     for new, old in enumerate(layers):
         prefix = f"model.layers.{old}."
         t.update({f"model.layers.{new}." + k[len(prefix) :]: v for k, v in ck.tensors.items() if k.startswith(prefix)})
-    cfg = ck.config.__class__(**{**ck.config.to_dict(), "n_layers": len(layers)})
+    types = ck.config.layer_types
+    cfg = ck.config.__class__(
+        **{**ck.config.to_dict(), "n_layers": len(layers), "layer_types": types and [types[i] for i in layers]}
+    )
     model = build_model(
         Checkpoint(cfg, t, ck.bits, ck.tokenizer_dir, ck.quantization),
         {"layers": "float32", "lm_head": "float32"},
         torch.float32,
     )
-    model.inv_freq = rope_inv_freq(cfg)
+    model.init_rope()
     for module in [*model.layers.modules(), model.norm]:
         for name, buf in list(module.named_buffers(recurse=False)):
             if buf is not None and buf.is_floating_point():

@@ -13,7 +13,7 @@ import sys
 import torch
 
 from .. import hardware
-from ..model import ModelConfig, Transformer, rope_inv_freq
+from ..model import ModelConfig, Transformer
 
 SMOLLM2_135M = ModelConfig(
     arch="llama",
@@ -43,7 +43,7 @@ def random_model(cfg: ModelConfig, device: str, dtype: torch.dtype = torch.bfloa
             buf.fill_(1.0)
         else:
             buf.normal_(0.0, 0.02, generator=g)
-    model.inv_freq = rope_inv_freq(cfg).to(device)
+    model.init_rope()
     return model.eval()
 
 
