@@ -7,7 +7,7 @@ import torch
 
 from gearshift import kernels
 from gearshift.attention import Batch, Segment
-from gearshift.model import Linear, dequantize_int4, quantize_int4, quantize_int8, unpack_int4
+from gearshift.model import Linear, dequantize_int4, quantize_int4, quantize_int8, unpack_int4, unpack_int8
 
 pytestmark = pytest.mark.skipif(not kernels.linear(), reason="native kernels need AVX2/FMA/F16C and a compiler")
 
@@ -40,12 +40,14 @@ def test_products_match_float_math_and_rows_are_independent(n, k):
     tiles = quantize_int4(w)
     y4 = torch.ops.gearshift.linear_q4(x, tiles)[:, :n]
     ref4 = x.double() @ dequantize_int4(tiles)[:n].double().T
-    # x is quantized to int8 per block of 32 (as llama.cpp does): close, not exact
+    # x is quantized to int16 per block of 32 and the weights to 4 bits: close, not exact
     assert (y4.double() - ref4).norm() / ref4.norm() < 2e-2
     q8, s8 = quantize_int8(w)
+    assert torch.equal(unpack_int8(q8)[:n], (w / s8[:n, None]).round().to(torch.int8))  # the layout's inverse
     y8 = torch.ops.gearshift.linear_q8(x, q8, s8)
-    ref8 = x.double() @ (q8.transpose(1, 2).reshape(-1, k).double() * s8.double()[:, None]).T
-    assert torch.allclose(y8.double(), ref8, atol=1e-4, rtol=1e-5)
+    ref8 = x.double() @ (unpack_int8(q8).double() * s8.double()[:, None]).T
+    # x is quantized to int16 per block of 32, as for int4: a relative error near 2^-15
+    assert (y8.double() - ref8).norm() / ref8.norm() < 1e-4
     for op, args in ((torch.ops.gearshift.linear_q4, (tiles,)), (torch.ops.gearshift.linear_q8, (q8, s8))):
         full = op(x, *args)
         for rows in (slice(0, 1), slice(5, 6), slice(2, 9), slice(12, 13)):  # every tile shape: 1-3 rows, 4s
@@ -95,25 +97,25 @@ assert kernels.linear()
 g = torch.Generator().manual_seed(3)
 out = []
 for n, k in ((960, 576), (576, 1536), (48, 64)):
-    tiles = torch.load(sys.argv[1])[f"{n}x{k}"]
+    tiles, q8, s8 = torch.load(sys.argv[1])[f"{n}x{k}"]
     x = torch.randn(9, k, generator=g) * torch.rand(9, k, generator=g) ** 4 * 10
     out += [torch.ops.gearshift.linear_q4(x[:m].contiguous(), tiles) for m in (1, 2, 3, 4, 9)]
+    out += [torch.ops.gearshift.linear_q8(x[:m].contiguous(), q8, s8) for m in (1, 2, 3, 4, 9)]
 torch.save(out, sys.argv[2])
 """
 
 
 @pytest.mark.skipif(kernels.vnni() is None, reason="this CPU has no VNNI")
 def test_vnni_products_are_the_bits_of_madd_and_add(tmp_path):
-    """The int4 kernel built with VNNI (fused multiply-add of int16 pairs) against the same source
-    built without it: integer sums are exact, so every output must be the same bits."""
+    """The int4 and int8 kernels built with VNNI (fused multiply-add of int16 pairs) against the same
+    source built without it: integer sums are exact, so every output must be the same bits."""
     import os
     import subprocess
     import sys
 
     g = torch.Generator().manual_seed(4)
-    tiles = {
-        f"{n}x{k}": quantize_int4(torch.randn(n, k, generator=g) * 0.05) for n, k in ((960, 576), (576, 1536), (48, 64))
-    }
+    weights = {f"{n}x{k}": torch.randn(n, k, generator=g) * 0.05 for n, k in ((960, 576), (576, 1536), (48, 64))}
+    tiles = {name: (quantize_int4(w), *quantize_int8(w)) for name, w in weights.items()}
     torch.save(tiles, tmp_path / "tiles.pt")
     (tmp_path / "products.py").write_text(_PRODUCTS)
     runs = {}
@@ -127,7 +129,7 @@ def test_vnni_products_are_the_bits_of_madd_and_add(tmp_path):
             timeout=600,
         )
         runs[vnni] = torch.load(out)
-    assert len(runs["1"]) == 15
+    assert len(runs["1"]) == 30
     assert all(torch.equal(a, b) for a, b in zip(runs["1"], runs["0"]))
 
 

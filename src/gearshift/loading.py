@@ -26,7 +26,7 @@ from .model import FORMATS, ExitHead, ModelConfig, Transformer, interleave_rope_
 from .tokenizer import Tokenizer
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3")
-CACHE_VERSION = 10
+CACHE_VERSION = 11
 GEMMA3_SLIDING_PATTERN = 6  # every sixth layer is global (llama.cpp's default when a GGUF gives no pattern)
 
 # Gemma's turn format, for a Gemma file that carries no template of its own (the base model's GGUF):

@@ -130,19 +130,31 @@ def dequantize_int4(tiles: torch.Tensor) -> torch.Tensor:
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel int8 (gpt-fast's weight-only int8), in tiles of 8 output
-    columns for the native kernel: int8 [N/8, K, 8] and float32 scales [N] (N padded to 8)."""
+    columns for the native kernel: int8 [N/8, K, 8] holding, per pair of inputs (2c, 2c + 1), the
+    16 bytes w[2c][j], w[2c+1][j] of columns j = 0..7 (the pairs the kernel multiplies), and float32
+    scales [N] (N padded to 8)."""
     w = _pad_rows(w.float(), Q8_COLS)
+    n, k = w.shape
     scale = (w.abs().amax(-1) / 127).clamp(min=1e-10)
     q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
-    return q.reshape(-1, Q8_COLS, w.shape[1]).transpose(1, 2).contiguous(), scale
+    if k % 2:
+        raise ValueError(f"int8 weights need an even number of inputs, got {k}")
+    # [t, j, c, p] -> [t, c, j, p]
+    return q.reshape(n // Q8_COLS, Q8_COLS, k // 2, 2).transpose(1, 2).reshape(n // Q8_COLS, k, Q8_COLS), scale
+
+
+def unpack_int8(tiles: torch.Tensor) -> torch.Tensor:
+    """`quantize_int8`'s tiles back to codes [N, K] (int8)."""
+    t, k, _ = tiles.shape
+    return tiles.reshape(t, k // 2, Q8_COLS, 2).transpose(1, 2).reshape(t * Q8_COLS, k)
 
 
 class Linear(nn.Module):
     """y = x W^T (+ b), with W kept dense or packed to int8/int4.
 
-    Packed weights run on the native kernels (`kernels.linear()`, `csrc/linear.cpp`: int4 with
-    activations quantized to int16 per block of 32 and integer products, int8 in float; each weight
-    block unpacked once for up to four rows) or, where those are not built, on PyTorch's packed CPU
+    Packed weights run on the native kernels (`kernels.linear()`, `csrc/linear.cpp`: activations
+    quantized to int16 per block of 32 inputs, integer products with the int4 or int8 weights; each
+    weight block unpacked once for up to four rows) or, where those are not built, on PyTorch's packed CPU
     kernels (bf16 activations), converted on first use. Both compute every row on its own, so a
     row's result never depends on the other rows of the call.
     """
@@ -183,14 +195,13 @@ class Linear(nn.Module):
                 scales = torch.stack([d, m + 8 * d], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
                 self._torch_packed = packed, scales
             else:
-                q = self.tiles.transpose(1, 2).reshape(-1, self.in_features).contiguous()
-                self._torch_packed = q, self.scales.to(torch.bfloat16)
+                self._torch_packed = unpack_int8(self.tiles).contiguous(), self.scales.to(torch.bfloat16)
         return self._torch_packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [tokens, in_features] in the compute dtype (2-D: the packed kernels want it so)."""
         if self.fmt in ("int4", "int8"):
-            if kernels.paths(x.device.type, torch.float32).linear:
+            if kernels.paths(x.device.type, torch.float32).linear and self.in_features % GROUP == 0:
                 xf = x.float().contiguous()
                 y = (
                     torch.ops.gearshift.linear_q4(xf, self.tiles)
@@ -380,7 +391,9 @@ class Transformer(nn.Module):
         whole_tiles = all(
             n % Q4_COLS == 0 for n in (cfg.dim, 2 * cfg.hidden_dim, cfg.head_dim * (cfg.n_heads + 2 * cfg.n_kv_heads))
         )
-        packed = fmts["layers"] in ("int4", "int8")
+        packed = fmts["layers"] in ("int4", "int8") and all(
+            k % GROUP == 0 for k in (cfg.dim, cfg.hidden_dim, cfg.n_heads * cfg.head_dim)
+        )
         self._fusable = packed and dtype == torch.float32 and whole_tiles and cfg.act in ("silu", "gelu_tanh")
 
     @property

@@ -20,8 +20,13 @@
 //   nibble, so an AND (or a shift and an AND) and a widening give the 16-bit lanes `madd` pairs
 //   with (x[k], x[k+1]).
 //   w = q * d + m (GGUF's Q4_1 block: min/max quantization with fp16 d and m).
-// q8 (the LM head): float32 x times int8 weights converted to float, tiles of 8 columns:
-//   int8 [N/8, K, 8] and a float32 scale per column; w = q * s.
+// q8 (the LM head; every layer of a file with 5-8-bit weights): the same int16 activations times
+//   int8 weights widened to 16 bits, in the same pair products (vpdpwssd / madd), tiles of 8 columns:
+//   int8 [N/8, K/2, 8, 2] (stored as [N/8, K, 8]): inputs 2c and 2c + 1 of the tile's 8 columns, as
+//   the 16 bytes (w[2c][0], w[2c+1][0], w[2c][1], ...), and a float32 scale per column; w = q * s.
+//   (Converting the int8 weights to float for float FMAs, as this kernel did before, left the LM
+//   head compute-bound at about a third of the memory bandwidth; integer pairs do 16 products
+//   per instruction where that did 8 in about five.)
 //
 // Exactness: every output element is computed by one fixed sequence of operations (integer sums
 // are exact; float steps in a fixed order per row and column), whatever M is and however rows
@@ -50,7 +55,7 @@ namespace {
 
 #ifdef GEARSHIFT_LINEAR
 
-constexpr int64_t BLOCK = 32, Q4_COLS = 16, Q4_TILE_BYTES = 320;
+constexpr int64_t BLOCK = 32, Q4_COLS = 16, Q4_TILE_BYTES = 320, Q8_COLS = 8, Q8_BLOCK_BYTES = BLOCK * Q8_COLS;
 constexpr int64_t PREFETCH = 8;  // blocks ahead
 
 // x quantized per row and block: int16 codes, scale, and the float sum of the block.
@@ -152,25 +157,43 @@ void q4_tile(const QuantRows& x, const uint8_t* W, float* y, int64_t N, int64_t 
   }
 }
 
-template <int R, int CV>
-void q8_tile(const float* x, int64_t K, const int8_t* W, const float* s, float* y, int64_t N, int64_t r0,
-             int64_t t0) {
-  __m256 acc[R][CV];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < CV; ++c) acc[r][c] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    if ((k & 7) == 0)  // each tile is its own stream: keep one cache line in flight ahead of each
-      for (int c = 0; c < CV; ++c)
-        _mm_prefetch(reinterpret_cast<const char*>(W + ((t0 + c) * K + k) * 8 + 8 * 64), _MM_HINT_T0);
-    for (int c = 0; c < CV; ++c) {
-      const __m256 w = _mm256_cvtepi32_ps(
-          _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(W + ((t0 + c) * K + k) * 8))));
-      for (int r = 0; r < R; ++r) acc[r][c] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + (r0 + r) * K + k), w, acc[r][c]);
+// R rows from r0 times one tile of 8 columns. The int8 weights widen to 16 bits and meet the
+// rows' int16 codes in the same pair products as q4 (exact int32 sums per block: |sum| < 32 * 127 *
+// 32767); each block's sum is scaled by the row's block scale, the total by the columns' scales. One
+// or two rows split their sums over more chains (the fused VNNI instruction's latency), like q4.
+template <int R>
+void q8_tile(const QuantRows& x, const int8_t* W, const float* s, float* y, int64_t N, int64_t r0, int64_t t) {
+  constexpr int S = R == 1 ? 4 : R == 2 ? 2 : 1;
+  const int64_t nb = x.nb;
+  const int8_t* tile = W + t * x.K * Q8_COLS;
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const int8_t* blk = tile + b * Q8_BLOCK_BYTES;
+    for (int l = 0; l < Q8_BLOCK_BYTES; l += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(blk + PREFETCH * Q8_BLOCK_BYTES + l), _MM_HINT_T0);
+    __m256i is[S][R];
+    for (int c = 0; c < S; ++c)
+      for (int r = 0; r < R; ++r) is[c][r] = _mm256_setzero_si256();
+    for (int c = 0; c < BLOCK / 2; ++c) {  // inputs 2c, 2c + 1: 16-bit lanes (w[2c][j], w[2c+1][j])
+      const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16 * c)));
+      for (int r = 0; r < R; ++r) {
+        const __m256i xp = pair(x.q + (r0 + r) * x.K + b * BLOCK + 2 * c);
+#if GEARSHIFT_VNNI
+        is[c % S][r] = dpwssd(is[c % S][r], w, xp);
+#else
+        is[c % S][r] = _mm256_add_epi32(is[c % S][r], _mm256_madd_epi16(w, xp));
+#endif
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      __m256i sum = is[0][r];
+      for (int c = 1; c < S; ++c) sum = _mm256_add_epi32(sum, is[c][r]);
+      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(x.dx[(r0 + r) * nb + b]), _mm256_cvtepi32_ps(sum), acc[r]);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < CV; ++c)
-      _mm256_storeu_ps(y + (r0 + r) * N + (t0 + c) * 8, _mm256_mul_ps(acc[r][c], _mm256_loadu_ps(s + (t0 + c) * 8)));
+  const __m256 sc = _mm256_loadu_ps(s + t * Q8_COLS);
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(y + (r0 + r) * N + t * Q8_COLS, _mm256_mul_ps(acc[r], sc));
 }
 
 using std::integral_constant;
@@ -242,34 +265,23 @@ at::Tensor linear_q4(const at::Tensor& x, const at::Tensor& tiles) {
 at::Tensor linear_q8(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& scale) {
 #ifdef GEARSHIFT_LINEAR
   TORCH_CHECK(tiles.scalar_type() == at::kChar && tiles.is_contiguous() && tiles.dim() == 3 && tiles.size(2) == 8 &&
-              scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == tiles.size(0) * 8,
-              "gearshift::linear_q8: tiles must be contiguous int8 [N/8, K, 8], scale float32 [N]");
-  const int64_t N = tiles.size(0) * 8, K = tiles.size(1);
+              tiles.size(1) % BLOCK == 0 && scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
+              scale.numel() == tiles.size(0) * 8,
+              "gearshift::linear_q8: tiles must be contiguous int8 [N/8, K, 8] (K a multiple of 32), scale float32 [N]");
+  const int64_t N = tiles.size(0) * Q8_COLS, K = tiles.size(1), nb = K / BLOCK;
   check_x(x, K);
   const int64_t M = x.size(0);
   auto y = at::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
+  auto xq = at::empty({M, K}, x.options().dtype(at::kShort));
+  auto scales = at::empty({2, M, nb}, x.options());
+  quantize_rows(x.data_ptr<float>(), M, K, xq.data_ptr<int16_t>(), scales[0].data_ptr<float>(),
+                scales[1].data_ptr<float>());
+  const QuantRows rows{xq.data_ptr<int16_t>(), scales[0].data_ptr<float>(), scales[1].data_ptr<float>(), K, nb};
   const int8_t* wp = tiles.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  // one float accumulator chain per (row, tile of 8): tasks of 8 tiles, so a single row still
-  // keeps eight chains in flight; more rows take fewer tiles at once
-  const int64_t groups = N / 8 / 8, rest = N / 8 % 8;
-  at::parallel_for(0, groups + (rest ? 1 : 0), std::max<int64_t>(1, grain(M, K) / 8), [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) {
-      const int64_t t0 = g * 8, n = g < groups ? 8 : rest;
-      int64_t r = 0;
-      if (n == 8) {
-        for (; r + 4 <= M; r += 4)
-          for (int64_t u = 0; u < 8; u += 2) q8_tile<4, 2>(xp, K, wp, sp, yp, N, r, t0 + u);
-        for (; r + 2 <= M; r += 2)
-          for (int64_t u = 0; u < 8; u += 4) q8_tile<2, 4>(xp, K, wp, sp, yp, N, r, t0 + u);
-        for (; r < M; ++r) q8_tile<1, 8>(xp, K, wp, sp, yp, N, r, t0);
-      } else {
-        for (; r < M; ++r)
-          for (int64_t u = 0; u < n; ++u) q8_tile<1, 1>(xp, K, wp, sp, yp, N, r, t0 + u);
-      }
-    }
+  run_tiles(M, N / Q8_COLS, std::max<int64_t>(1, grain(M, K) / 2), [&](auto rr, int64_t r0, int64_t t) {
+    q8_tile<decltype(rr)::value>(rows, wp, sp, yp, N, r0, t);
   });
   return y;
 #else
