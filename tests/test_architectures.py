@@ -50,6 +50,7 @@ def _configs(vocab: int = VOCAB, **overrides) -> dict:
         "qwen2": lambda: t.Qwen2Config(**common),
         "qwen3": lambda: t.Qwen3Config(**common, head_dim=16),
         "phi3": lambda: t.Phi3Config(**common),
+        "smollm3": lambda: t.SmolLM3Config(**{"no_rope_layers": [1, 0], **common}),  # layer 1: no RoPE
         # a window of 8 in the first layer, so the 40-token checks slide it; a softmax scale that is not
         # 1/sqrt(head_dim); each layer kind its own RoPE base
         "gemma3": lambda: t.Gemma3TextConfig(
@@ -161,10 +162,12 @@ def convert():
 # (read through transformers' Qwen2 class, whose pre-tokenizer hash it then does not know) and
 # phi3 (its converter wants a SentencePiece tokenizer.model)
 GGUF_ARCHS = [a for a in ARCHS if a not in ("qwen2", "phi3")]
-# A GGUF says less than a Gemma 3 config: llama.cpp takes every sixth layer as global and scales
-# attention by head_dim (`loading._gguf_gemma3`), so the Gemma 3 model converted is one of that shape
+# A GGUF says less than a Gemma 3 or SmolLM3 config: llama.cpp takes every sixth Gemma layer as
+# global and scales attention by head_dim (`loading._gguf_gemma3`), and every fourth SmolLM3 layer as
+# NoPE, so the models converted are of that shape
 GGUF_OVERRIDES = {
-    "gemma3": dict(num_hidden_layers=6, query_pre_attn_scalar=16, layer_types=None, sliding_window_pattern=6)
+    "gemma3": dict(num_hidden_layers=6, query_pre_attn_scalar=16, layer_types=None, sliding_window_pattern=6),
+    "smollm3": dict(num_hidden_layers=4, no_rope_layers=None),  # llama.cpp: every fourth layer is NoPE
 }
 
 
@@ -177,8 +180,12 @@ def test_llama_cpp_gguf_of_a_tiny_model_runs_like_its_safetensors(
     hf_dir = tmp_path / "hf"
     tiny_hf(hf_dir, name, seed=3, tokenizer=smollm2_tokenizer, **GGUF_OVERRIDES.get(name, {}))
     gguf_path = convert(hf_dir, tmp_path / "tiny.gguf")
-    a = load(hf_dir, weights="float32", use_cache=False).model
-    b = load(gguf_path, weights="float32", use_cache=False).model
+    from_hf, from_gguf = (load(p, weights="float32", use_cache=False) for p in (hf_dir, gguf_path))
+    text = "Hello world, it's 2026: tokens; émigré!"
+    assert from_gguf.tokenizer.encode(text, add_special_tokens=False) == from_hf.tokenizer.encode(
+        text, add_special_tokens=False
+    )
+    a, b = from_hf.model, from_gguf.model
     ids = torch.randint(0, a.cfg.vocab_size, (40,), generator=torch.Generator().manual_seed(4)).tolist()
     la, lb = a.run(ids, a.new_cache(1, 64)), b.run(ids, b.new_cache(1, 64))
     assert torch.allclose(la, lb, atol=1e-5, rtol=1e-5), (name, (la - lb).abs().max())
@@ -239,3 +246,16 @@ def test_the_fused_block_runs_qk_norm_and_gemmas_parts(name, weights, tmp_path, 
     assert [c.token_ids for c in llm.generate(prompts, max_tokens=16, temperature=0)] == alone
     spec = [c.token_ids for c in llm.generate(prompts, drafter="lookup", max_tokens=16, temperature=0)]
     assert spec == alone
+
+
+def test_kv_policies_are_refused_where_positions_are_not_plain(tmp_path):
+    """Streaming re-rotates kept keys, which a NoPE layer never had; a window counts positions a
+    policy's drops would shift: both are refused with one line, before any work."""
+    from gearshift.errors import GearshiftError
+
+    for name, kind in (("smollm3", "NoPE"), ("gemma3", "sliding-window")):
+        tiny_hf(tmp_path / name, name)
+        llm = LLM(load(tmp_path / name, weights="float32", use_cache=False))
+        with pytest.raises(GearshiftError, match=f"does not apply to {name} \\(it has {kind} layers\\)") as e:
+            llm.generate([1, 2, 3], kv_policy="streaming", kv_budget=64, max_tokens=4)
+        assert "\n" not in str(e.value)

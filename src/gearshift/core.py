@@ -77,10 +77,12 @@ class EngineCore:
             raise GearshiftError("the prompt is empty")
         if n >= self.window:
             raise GearshiftError(f"prompt is {n} tokens but the context window is {self.window}")
-        if request.kv is not None and request.kv.active and any(self.cache.windows):
-            # a policy's drops and compaction would shift the positions a sliding window counts from
+        if request.kv is not None and request.kv.active and (any(self.cache.windows) or self.model.cfg.no_rope):
+            # a policy's drops would shift the positions a sliding window counts from; re-rotating kept keys
+            # (streaming) would rotate a NoPE layer's
+            kind = "sliding-window" if any(self.cache.windows) else "NoPE"
             raise GearshiftError(
-                f"KV policy {request.kv.label!r} does not apply to {self.model.cfg.arch} (it has sliding-window layers)"
+                f"KV policy {request.kv.label!r} does not apply to {self.model.cfg.arch} (it has {kind} layers)"
             )
 
     def add(self, request: Request) -> int:

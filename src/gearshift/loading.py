@@ -25,7 +25,8 @@ from .errors import GearshiftError
 from .model import FORMATS, ExitHead, ModelConfig, Transformer, interleave_rope_rows
 from .tokenizer import Tokenizer
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3", "smollm3")
+SMOLLM3_NOPE_INTERVAL = 4  # every fourth layer has no RoPE (llama.cpp's fixed step for SmolLM3 GGUFs)
 CACHE_VERSION = 11
 GEMMA3_SLIDING_PATTERN = 6  # every sixth layer is global (llama.cpp's default when a GGUF gives no pattern)
 
@@ -162,6 +163,8 @@ def read_gguf(path: Path) -> Checkpoint:
     )
     if arch == "gemma3":
         _gguf_gemma3(cfg, a, reader)
+    if arch == "smollm3":
+        cfg.no_rope = [i for i in range(cfg.n_layers) if (i + 1) % SMOLLM3_NOPE_INTERVAL == 0]
     scaling = a("rope.scaling.type")
     if scaling == "linear":
         cfg.rope_scaling = {"rope_type": "linear", "factor": a("rope.scaling.factor")}
@@ -231,11 +234,22 @@ def _gguf_bits(qtype) -> float:
     return float(digits[0]) if digits else 8
 
 
+# Architectures whose GGUF transformers does not read yet, though their tokenizer and metadata are
+# Llama's: their tokenizer is read as Llama's
+GGUF_READ_AS_LLAMA = ("smollm3",)
+
+
 def _convert_gguf_tokenizer(path: Path, out: Path) -> None:
     """Let transformers build the fast tokenizer from GGUF metadata once; we keep its files."""
     import transformers
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
     transformers.logging.set_verbosity_error()
+    mapping = gguf_utils.GGUF_TO_TRANSFORMERS_MAPPING["config"]
+    for arch in GGUF_READ_AS_LLAMA:
+        if arch not in gguf_utils.GGUF_SUPPORTED_ARCHITECTURES and "llama" in mapping:
+            mapping[arch] = mapping["llama"]
+            gguf_utils.GGUF_SUPPORTED_ARCHITECTURES.append(arch)
     try:
         tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as e:
@@ -294,6 +308,11 @@ def read_hf(path: Path) -> Checkpoint:
         eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
         **gemma,
     )
+    if arch == "smollm3":  # no_rope_layers: 1 where the layer takes RoPE, 0 where it has none
+        flags = c.get("no_rope_layers") or [
+            int((i + 1) % c.get("no_rope_layer_interval", SMOLLM3_NOPE_INTERVAL) != 0) for i in range(cfg.n_layers)
+        ]
+        cfg.no_rope = [i for i, use in enumerate(flags) if not use]
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise GearshiftError(f"no *.safetensors files in {path}")

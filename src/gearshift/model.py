@@ -1,4 +1,4 @@
-"""Llama-family transformer (Llama 2/3, SmolLM, Mistral, Qwen2, Qwen3, Phi-3, Gemma 3) in plain PyTorch.
+"""Llama-family transformer (Llama 2/3, SmolLM2/3, Mistral, Qwen2, Qwen3, Phi-3, Gemma 3) in plain PyTorch.
 
 Written for decoding speed on small batches: q/k/v and gate/up are fused into one matmul each,
 the KV cache is static, and every linear layer can keep its weights 4- or 8-bit packed (native
@@ -54,6 +54,7 @@ class ModelConfig:
     sliding_window: int | None = None  # keys a sliding layer's row sees: itself and the window - 1 before it
     layer_types: list[str] | None = None  # per layer "sliding_attention" or "full_attention" (None: all full)
     rope_local_theta: float | None = None  # the sliding layers' RoPE base (None: rope_theta)
+    no_rope: list[int] | None = None  # layers that take no RoPE at all (SmolLM3's NoPE layers)
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
 
@@ -420,12 +421,17 @@ class Transformer(nn.Module):
         return torch.polar(torch.ones_like(freqs), freqs)[:, None]
 
     def _rotations(self, positions: torch.Tensor, n_layers: int | None) -> list[torch.Tensor]:
-        """Each layer's RoPE rotation (sliding layers may have their own base: one tensor per kind)."""
+        """Each layer's RoPE rotation, one tensor per kind: sliding layers may have their own base,
+        and a NoPE layer's is the identity (cos 1, sin 0: multiplying by it changes no bit)."""
         rot = self._rotation(positions)
-        if self.cfg.rope_local_theta is None or not any(self.windows):
-            return [rot] * len(self.layers[:n_layers])
-        local = self._rotation(positions, local=True)
-        return [rot if w is None else local for w in self.windows[:n_layers]]
+        rots = [rot] * len(self.layers[:n_layers])
+        if self.cfg.rope_local_theta is not None and any(self.windows):
+            local = self._rotation(positions, local=True)
+            rots = [rot if w is None else local for rot, w in zip(rots, self.windows)]
+        if self.cfg.no_rope:
+            identity = torch.ones_like(rot)
+            rots = [identity if i in self.cfg.no_rope else r for i, r in enumerate(rots)]
+        return rots
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         x = F.embedding(tokens, self.embed)
