@@ -100,6 +100,9 @@ def _job(pending: PendingRequest | None) -> Job | None:
     return pending.args[0]
 
 
+STALE_S = 5.0  # a request ranked for a busy replica may take another after waiting this long
+
+
 class GearshiftRequestRouter(RequestRouter):
     """Ranks EngineReplica replicas for each job with `routing.Router`: the chosen one first, the
     rest (least loaded first) after it, so Serve falls back when the first is at capacity."""
@@ -142,6 +145,23 @@ class GearshiftRequestRouter(RequestRouter):
         by_id = {r.replica_id.unique_id: r for r in usable}
         return [[by_id[decision.order[0]]], [by_id[r] for r in decision.order[1:]]]
 
+    def _waiting_for(self, replica: str) -> PendingRequest | None:
+        """Which waiting request a replica found by a task without a request of its own goes to: one
+        ranked for that replica, else one that no cached prefix ties elsewhere, else (so that
+        nothing waits forever) one that has waited `STALE_S`, else none: the task routes again.
+        Giving it to the oldest request, as before, let a chat's next turn land on the replica that
+        did not hold it: a task ranked for the oldest request, another task served that one first,
+        and the replica went to the next, ranked for the other replica."""
+        waiting = [pr for pr in self._pending_requests_to_fulfill if not pr.future.done()]
+        decided = [(pr, self.decisions.get(pr.metadata.internal_request_id)) for pr in waiting]
+        for pr, d in decided:
+            if d is not None and d.order[0] == replica:
+                return pr
+        for pr, d in decided:
+            if d is None or d.reason != "cache":
+                return pr
+        return next((pr for pr in waiting if time.time() - pr.created_at > STALE_S), None)
+
     def _oldest_pending(self) -> PendingRequest | None:
         for pr in self._pending_requests_to_fulfill:
             if not pr.future.done():
@@ -150,11 +170,11 @@ class GearshiftRequestRouter(RequestRouter):
 
     def _fulfill_next_pending_request(self, replica: RunningReplica, request_metadata=None) -> None:
         """Give the replica to the request it was chosen for; a task without a request of its own
-        gives it to the oldest waiting one (Serve's base class would give it to nobody, and a
-        request whose task gave it up would wait forever)."""
+        gives it to a waiting one (`_waiting_for`; Serve's base class would give it to nobody, and a
+        request whose task gave it up could wait forever)."""
         pr = self._get_pending_request_matching_internal_request_id(request_metadata)
         if pr is None and request_metadata is None:
-            pr = self._oldest_pending()
+            pr = self._waiting_for(replica.replica_id.unique_id)
         if pr is not None:
             self._record_queue_wait_time(pr)
             pr.future.set_result(replica)

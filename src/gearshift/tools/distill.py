@@ -198,9 +198,14 @@ def student_from_target(ck: Checkpoint, layers: list[int]) -> Transformer:
     for new, old in enumerate(layers):
         prefix = f"model.layers.{old}."
         t.update({f"model.layers.{new}." + k[len(prefix) :]: v for k, v in ck.tensors.items() if k.startswith(prefix)})
-    types = ck.config.layer_types
+    types, nope = ck.config.layer_types, ck.config.no_rope
     cfg = ck.config.__class__(
-        **{**ck.config.to_dict(), "n_layers": len(layers), "layer_types": types and [types[i] for i in layers]}
+        **{
+            **ck.config.to_dict(),
+            "n_layers": len(layers),
+            "layer_types": types and [types[i] for i in layers],  # each block keeps its kind
+            "no_rope": nope and [new for new, old in enumerate(layers) if old in nope],
+        }
     )
     model = build_model(
         Checkpoint(cfg, t, ck.bits, ck.tokenizer_dir, ck.quantization),
