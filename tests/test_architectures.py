@@ -50,6 +50,19 @@ def _configs(vocab: int = VOCAB, **overrides) -> dict:
         "qwen2": lambda: t.Qwen2Config(**common),
         "qwen3": lambda: t.Qwen3Config(**common, head_dim=16),
         "phi3": lambda: t.Phi3Config(**common),
+        # Phi-3-128k's LongRoPE: within the pretraining length (64 here, so the 40-token checks stay in
+        # it) the short factors and cos/sin scaled by the attention factor; the context stops there
+        "phi3-longrope": lambda: t.Phi3Config(
+            **{**common, "max_position_embeddings": 256},
+            original_max_position_embeddings=64,
+            rope_parameters={
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "short_factor": [1.0 + 0.4 * i for i in range(8)],
+                "long_factor": [2.0 + i for i in range(8)],
+                "original_max_position_embeddings": 64,
+            },
+        ),
         "smollm3": lambda: t.SmolLM3Config(**{"no_rope_layers": [1, 0], **common}),  # layer 1: no RoPE
         # a window of 8 in the first layer, so the 40-token checks slide it; a softmax scale that is not
         # 1/sqrt(head_dim); each layer kind its own RoPE base
@@ -109,6 +122,8 @@ def hf_greedy(model, ids: list[int], n: int) -> list[int]:
 def test_logits_and_greedy_tokens_match_transformers(pair):
     name, hf, llm, path = pair
     assert llm.model.cfg.arch == json.loads((path / "config.json").read_text())["model_type"].replace("_text", "")
+    if name == "phi3-longrope":
+        assert llm.model.cfg.max_seq_len == 64 and llm.model.cfg.rope_scaling["attention_factor"] > 1
     ids = torch.randint(0, VOCAB, (40,), generator=torch.Generator().manual_seed(1)).tolist()
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0]
@@ -161,7 +176,7 @@ def convert():
 # Left out, because the borrowed BPE tokenizer does not get through the converter for them: qwen2
 # (read through transformers' Qwen2 class, whose pre-tokenizer hash it then does not know) and
 # phi3 (its converter wants a SentencePiece tokenizer.model)
-GGUF_ARCHS = [a for a in ARCHS if a not in ("qwen2", "phi3")]
+GGUF_ARCHS = [a for a in ARCHS if a not in ("qwen2", "phi3", "phi3-longrope")]
 # A GGUF says less than a Gemma 3 or SmolLM3 config: llama.cpp takes every sixth Gemma layer as
 # global and scales attention by head_dim (`loading._gguf_gemma3`), and every fourth SmolLM3 layer as
 # NoPE, so the models converted are of that shape

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -277,11 +278,13 @@ def read_hf(path: Path) -> Checkpoint:
         rope = rope.get("full_attention", rope)
     scaling = c.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
-    if kind not in ("default", "linear", "llama3"):
+    if kind not in ("default", "linear", "llama3", "longrope"):
         raise GearshiftError(f"unsupported RoPE scaling {kind!r} in {path}")
     eos = c.get("eos_token_id")
     n_heads = c["num_attention_heads"]
     max_len = c.get("max_position_embeddings", 4096)
+    if kind == "longrope":
+        scaling, max_len = _longrope(c, scaling, max_len)
     if (c.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0) != 1.0:
         raise GearshiftError(f"partial RoPE (partial_rotary_factor) in {path} is not supported")
     if c.get("sliding_window") and c.get("use_sliding_window", arch in ("mistral", "phi3")):
@@ -341,6 +344,20 @@ def read_hf(path: Path) -> Checkpoint:
             tensors[name], bits[name] = base.tensors[name], base.bits[name]
         quantization += f" + shared from {base_path.name}"
     return Checkpoint(cfg, tensors, bits, path, quantization)
+
+
+def _longrope(c: dict, scaling: dict, max_len: int) -> tuple[dict, int]:
+    """Phi-3's LongRoPE as transformers computes it up to the pretraining length: the short
+    factors, and cos/sin scaled by the attention factor. Past that length transformers switches every
+    position to the long factors, which a cache of keys rotated once cannot follow, so the context
+    stops there (as a sliding window caps Mistral's)."""
+    original = scaling.get("original_max_position_embeddings") or c.get("original_max_position_embeddings") or max_len
+    factor = scaling.get("factor") or max_len / original
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    short = {"rope_type": "longrope", "short_factor": list(scaling["short_factor"]), "attention_factor": attention}
+    return short, min(max_len, original)
 
 
 def _hf_gemma3(c: dict, path: Path) -> dict:

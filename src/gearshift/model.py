@@ -253,7 +253,7 @@ class ExitHead(nn.Module):
 
 
 def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> torch.Tensor:
-    """Inverse frequencies, with the Llama 3 and linear scaling schemes transformers implements;
+    """Inverse frequencies, with the Llama 3, linear and LongRoPE (short) schemes transformers implements;
     `local`: those of the sliding-window layers (Gemma 3: their own base, never scaled)."""
     dim = cfg.head_dim
     theta = cfg.rope_local_theta if local and cfg.rope_local_theta else cfg.rope_theta
@@ -273,6 +273,9 @@ def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> torch.Tensor:
         inv = torch.where(medium, smoothed, scaled)
     elif kind == "freq_factors":  # GGUF stores Llama 3 scaling as per-frequency divisors
         inv = inv / torch.tensor(sc["factors"], dtype=torch.float32)
+    elif kind == "longrope":  # Phi-3 within its pretraining length: the short factors (`loading._longrope`)
+        short = torch.tensor(sc["short_factor"], dtype=torch.float32)
+        inv = 1.0 / (short * theta ** (torch.arange(0, dim, 2).float() / dim))
     elif kind != "default":
         raise ValueError(f"unsupported rope scaling {kind!r}")
     return inv
@@ -418,7 +421,9 @@ class Transformer(nn.Module):
 
     def _rotation(self, positions: torch.Tensor, local: bool = False) -> torch.Tensor:
         freqs = positions[:, None].float() * (self.inv_freq_local if local else self.inv_freq)  # [tokens, D/2]
-        return torch.polar(torch.ones_like(freqs), freqs)[:, None]
+        # LongRoPE scales cos and sin by its attention factor (so q.k by its square); else 1
+        scale = 1.0 if local else (self.cfg.rope_scaling or {}).get("attention_factor", 1.0)
+        return torch.polar(torch.full_like(freqs, scale), freqs)[:, None]
 
     def _rotations(self, positions: torch.Tensor, n_layers: int | None) -> list[torch.Tensor]:
         """Each layer's RoPE rotation, one tensor per kind: sliding layers may have their own base,
