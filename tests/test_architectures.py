@@ -274,3 +274,16 @@ def test_kv_policies_are_refused_where_positions_are_not_plain(tmp_path):
         with pytest.raises(GearshiftError, match=f"does not apply to {name} \\(it has {kind} layers\\)") as e:
             llm.generate([1, 2, 3], kv_policy="streaming", kv_budget=64, max_tokens=4)
         assert "\n" not in str(e.value)
+
+
+def test_distilling_a_draft_of_a_layout_export_cannot_write_is_refused(tmp_path):
+    """`distill` writes a draft back in Llama's layout: for Gemma 3 (extra norms, windows) that would
+    be a draft that does not load, so it is refused before any work, in one line."""
+    from gearshift.errors import GearshiftError
+    from gearshift.tools.distill import DistillConfig, distill
+
+    tiny_hf(tmp_path / "gemma3", "gemma3")
+    llm = LLM(load(tmp_path / "gemma3", weights="float32", use_cache=False))
+    with pytest.raises(GearshiftError, match="not gemma3") as e:
+        distill(llm, DistillConfig(out=tmp_path / "draft", layers=[0], prompts=["t1 t2"]))
+    assert "\n" not in str(e.value) and not (tmp_path / "draft").exists()

@@ -178,8 +178,9 @@ class Batch:
         """`native_rows` with a fifth column for a sliding-window layer: the first position each row
         attends (its keys are positions lo..n-1 and then its extra entries), made once per step."""
         if window not in self._window_rows:
-            r = self.native_rows
+            r = self.native_rows.clone()
             pos = r[:, 1] + r[:, 3] - r[:, 2]  # keys the row sees without a window (itself included)
+            r[:, 2] = torch.maximum(r[:, 2], r[:, 3] - window)  # a node deeper than the window: its last ancestors
             self._window_rows[window] = torch.cat([r, (pos - window).clamp(min=0)[:, None]], 1).contiguous()
         return self._window_rows[window]
 
@@ -294,6 +295,8 @@ def batched(q: torch.Tensor, cache: KVCache, layer: int, batch: Batch) -> torch.
         live = holes_mask(cache, layer, run.slot)
         keys, values = cache.read(layer, run.slot, end, live)  # (quantized: as the segment's last row sees them)
         if cache.windows[layer] is not None:  # each row: the window before its own position, inclusive
+            # (a tree node's ancestors sit in node order, not at their depths: exact only for trees
+            # shallower than the window, which every drafter's are; this mode is not exact anyway)
             seen = mask.sum(-1, keepdim=True) if not run.paths else _seen(run, n, mask.device)
             mask = mask & (torch.arange(end, device=mask.device)[None] >= seen - cache.windows[layer])
         if live is not None:  # per KV head, repeated for its query heads

@@ -268,6 +268,8 @@ def read_hf(path: Path) -> Checkpoint:
         raise GearshiftError(f"{path} has no config.json (expected a Hugging Face model directory)")
     c = json.loads((path / "config.json").read_text())
     arch = c.get("model_type")
+    if arch == "gemma3" and "text_config" in c:
+        raise GearshiftError(f"{path} is a multimodal Gemma 3 checkpoint; gearshift runs Gemma 3's text models")
     if arch == "gemma3_text":  # Gemma3ForCausalLM's config: ours is the text model of any Gemma 3
         arch = "gemma3"
     if arch not in SUPPORTED:

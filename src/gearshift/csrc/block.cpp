@@ -85,15 +85,12 @@ at::Tensor gated(const at::Tensor& gu, bool gelu) {
 #ifdef GEARSHIFT_AVX2
     const __m256 one = _mm256_set1_ps(1.f), hi = _mm256_set1_ps(88.f);
     if (gelu) {
-      const __m256 two = _mm256_set1_ps(2.f), half = _mm256_set1_ps(0.5f), cv = _mm256_set1_ps(c),
-                   kv = _mm256_set1_ps(k3);
-      for (; i + 8 <= F; i += 8) {  // tanh(z) = 1 - 2 / (exp(2z) + 1)
+      const __m256 m2c = _mm256_set1_ps(-2.f * c), kv = _mm256_set1_ps(k3);
+      for (; i + 8 <= F; i += 8) {  // 0.5 g (1 + tanh z) = g / (1 + exp(-2z)): no cancellation for g < 0
         const __m256 gv = _mm256_loadu_ps(g + i);
-        const __m256 z = _mm256_mul_ps(cv, _mm256_fmadd_ps(_mm256_mul_ps(kv, gv), _mm256_mul_ps(gv, gv), gv));
-        const __m256 e = gearshift_simd::exp8(_mm256_min_ps(_mm256_mul_ps(two, z), hi));
-        const __m256 th = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(e, one)));
-        _mm256_storeu_ps(a + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(half, gv), _mm256_add_ps(one, th)),
-                                              _mm256_loadu_ps(u + i)));
+        const __m256 z2 = _mm256_mul_ps(m2c, _mm256_fmadd_ps(_mm256_mul_ps(kv, gv), _mm256_mul_ps(gv, gv), gv));
+        const __m256 e = gearshift_simd::exp8(_mm256_min_ps(z2, hi));
+        _mm256_storeu_ps(a + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
       }
     } else {
       for (; i + 8 <= F; i += 8) {
@@ -105,9 +102,8 @@ at::Tensor gated(const at::Tensor& gu, bool gelu) {
 #endif
     for (; i < F; ++i) {
       if (gelu) {
-        const float z = c * (g[i] + k3 * g[i] * g[i] * g[i]);
-        const float th = 1.f - 2.f / (std::exp(std::min(2.f * z, 88.f)) + 1.f);
-        a[i] = 0.5f * g[i] * (1.f + th) * u[i];
+        const float z2 = -2.f * c * (g[i] + k3 * g[i] * g[i] * g[i]);
+        a[i] = g[i] / (1.0f + std::exp(std::min(z2, 88.f))) * u[i];
       } else {
         a[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
       }

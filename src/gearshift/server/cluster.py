@@ -147,8 +147,8 @@ class GearshiftRequestRouter(RequestRouter):
 
     def _waiting_for(self, replica: str) -> PendingRequest | None:
         """Which waiting request a replica found by a task without a request of its own goes to: one
-        ranked for that replica, else one that no cached prefix ties elsewhere, else (so that
-        nothing waits forever) one that has waited `STALE_S`, else none: the task routes again.
+        ranked for that replica, else (so that nothing waits for long) the oldest that has waited
+        `STALE_S`, else one that no cached prefix ties elsewhere, else none: the task routes again.
         Giving it to the oldest request, as before, let a chat's next turn land on the replica that
         did not hold it: a task ranked for the oldest request, another task served that one first,
         and the replica went to the next, ranked for the other replica."""
@@ -157,10 +157,10 @@ class GearshiftRequestRouter(RequestRouter):
         for pr, d in decided:
             if d is not None and d.order[0] == replica:
                 return pr
-        for pr, d in decided:
-            if d is None or d.reason != "cache":
-                return pr
-        return next((pr for pr in waiting if time.time() - pr.created_at > STALE_S), None)
+        stale = next((pr for pr in waiting if time.time() - pr.created_at > STALE_S), None)
+        if stale is not None:  # first, so that newer traffic cannot keep passing it over
+            return stale
+        return next((pr for pr, d in decided if d is None or d.reason != "cache"), None)
 
     def _oldest_pending(self) -> PendingRequest | None:
         for pr in self._pending_requests_to_fulfill:

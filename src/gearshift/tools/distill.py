@@ -384,12 +384,21 @@ def export_exit(head: ExitHead, n_layers: int, target_path: Path, out: Path) -> 
     )
 
 
+DRAFT_ARCHS = ("llama", "mistral", "qwen2")  # what `export` writes back faithfully (Llama's layout)
+
+
 def distill(llm, cfg: DistillConfig, early_exit: bool = False, rank: int = 32) -> dict:
     """Both stages and the export; returns a summary (also written to summary.json).
 
     `early_exit` trains an exit head on the target's first `len(cfg.layers)` blocks instead of
     a separate draft: the blocks stay the target's own, only the head is stored.
     """
+    arch = llm.model.cfg.arch
+    if not early_exit and arch not in DRAFT_ARCHS:  # before any work: `export` writes Llama's layout
+        raise GearshiftError(
+            f"distilling a draft model supports {', '.join(DRAFT_ARCHS)} targets, not {arch} "
+            "(its QK-norm, extra norms or per-layer RoPE would not be exported); --early-exit works"
+        )
     cfg.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     data = generate_data(llm, cfg, training_prompts(llm, cfg))
