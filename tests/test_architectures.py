@@ -287,3 +287,18 @@ def test_distilling_a_draft_of_a_layout_export_cannot_write_is_refused(tmp_path)
     with pytest.raises(GearshiftError, match="not gemma3") as e:
         distill(llm, DistillConfig(out=tmp_path / "draft", layers=[0], prompts=["t1 t2"]))
     assert "\n" not in str(e.value) and not (tmp_path / "draft").exists()
+
+
+def test_generation_config_stop_ids_end_a_completion(tmp_path):
+    """Instruct models list their end-of-turn ids in generation_config.json (Llama 3.x, Gemma): the
+    engine stops at them as at the config's eos."""
+    tiny_hf(tmp_path, "llama")
+    prompt = [3, 9, 27, 4]
+    free = LLM(load(tmp_path, weights="float32", use_cache=False)).generate(prompt, max_tokens=6, temperature=0)
+    assert free.finish_reason == "length"
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [VOCAB - 1, free.token_ids[2]]}))
+    llm = LLM(load(tmp_path, weights="float32", use_cache=False))
+    assert {VOCAB - 1, free.token_ids[2]} <= set(llm.model.cfg.eos_token_ids)
+    out = llm.generate(prompt, max_tokens=6, temperature=0)
+    cut = free.token_ids.index(free.token_ids[2])  # the first time that token comes (the stop is not output)
+    assert out.finish_reason == "stop" and out.token_ids == free.token_ids[:cut]

@@ -310,7 +310,7 @@ def read_hf(path: Path) -> Checkpoint:
         o_bias=arch != "qwen2" and c.get("attention_bias", False),
         mlp_bias=c.get("mlp_bias", False),
         qk_norm=arch in ("qwen3", "gemma3"),
-        eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
+        eos_token_ids=_stop_ids(eos, path),
         **gemma,
     )
     if arch == "smollm3":  # no_rope_layers: 1 where the layer takes RoPE, 0 where it has none
@@ -346,6 +346,18 @@ def read_hf(path: Path) -> Checkpoint:
             tensors[name], bits[name] = base.tensors[name], base.bits[name]
         quantization += f" + shared from {base_path.name}"
     return Checkpoint(cfg, tensors, bits, path, quantization)
+
+
+def _stop_ids(eos, path: Path) -> list[int]:
+    """The config's end-of-sequence ids and generation_config.json's: instruct models list their
+    end-of-turn tokens there (Llama 3.x's <|eot_id|>, Gemma's <end_of_turn>), not in config.json."""
+    ids: set[int] = set()
+    gen = path / "generation_config.json"
+    extra = json.loads(gen.read_text()).get("eos_token_id") if gen.exists() else None
+    for value in (eos, extra):
+        if value is not None:
+            ids.update([value] if isinstance(value, int) else value)
+    return sorted(ids)
 
 
 def _longrope(c: dict, scaling: dict, max_len: int) -> tuple[dict, int]:
