@@ -221,18 +221,20 @@ def cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, la
         for i in range(run.n_plain):
             n = run.start + i + 1
             keys, values = cache.read(layer, run.slot, n, live)  # [1, KVH, n, D]
-            mask = None if live is None else live[..., :n]
-            if window is not None and n > window:
-                mask = _in_window(mask, n, window, keys.device)
+            mask = _row_mask(live, n, window, keys.device)
             out.append(F.scaled_dot_product_attention(qg[run.row + i], keys, values, attn_mask=mask))
         if run.paths:
             out += _tree_rows(qg, k, v, cache, layer, run, live, window)
     return torch.stack(out).view(t, h, d)
 
 
-def _in_window(mask: torch.Tensor | None, n: int, window: int, dev: torch.device) -> torch.Tensor:
-    """`mask` ([1, KVH or 1, 1, n]) narrowed to the last `window` of a row's n keys (a tree node's
-    keys are laid out as plain decoding of its path has them, so the same holds for it)."""
+def _row_mask(live: torch.Tensor | None, n: int, window: int | None, dev: torch.device) -> torch.Tensor | None:
+    """Which of a row's n keys it attends ([1, KVH or 1, 1, n]; None: all): the live ones (`holes_mask`),
+    and in a sliding-window layer the last `window` (a tree node's keys are laid out as plain decoding
+    of its path has them, so the same holds for it)."""
+    mask = None if live is None else live[..., :n]
+    if window is None or n <= window:
+        return mask
     keep = (torch.arange(n, device=dev) >= n - window)[None, None, None]
     return keep if mask is None else mask & keep
 
@@ -275,9 +277,7 @@ def _tree_rows(qg, k, v, cache: KVCache, layer: int, run: _Run, live, window: in
             laid[d : len(path)] = path[d:]
         n = base + len(path)
         keys, values = cache.read(layer, run.slot, n, live)
-        mask = None if live is None else live[..., :n]
-        if window is not None and n > window:
-            mask = _in_window(mask, n, window, keys.device)
+        mask = _row_mask(live, n, window, keys.device)
         rows.append(F.scaled_dot_product_attention(qg[first + node], keys, values, attn_mask=mask))
     if laid != list(range(len(run.paths))):  # leave the entries in node order for the caller to compact
         lay(base, torch.arange(first, first + len(laid), device=k.device))

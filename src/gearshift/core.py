@@ -77,10 +77,10 @@ class EngineCore:
             raise GearshiftError("the prompt is empty")
         if n >= self.window:
             raise GearshiftError(f"prompt is {n} tokens but the context window is {self.window}")
-        if request.kv is not None and request.kv.active and (any(self.cache.windows) or self.model.cfg.no_rope):
-            # a policy's drops would shift the positions a sliding window counts from; re-rotating kept keys
-            # (streaming) would rotate a NoPE layer's
-            kind = "sliding-window" if any(self.cache.windows) else "NoPE"
+        # a policy's drops would shift the positions a sliding window counts from; re-rotating kept keys
+        # (streaming) would rotate a NoPE layer's
+        kind = "sliding-window" if any(self.cache.windows) else "NoPE" if self.model.cfg.no_rope else None
+        if request.kv is not None and request.kv.active and kind:
             raise GearshiftError(
                 f"KV policy {request.kv.label!r} does not apply to {self.model.cfg.arch} (it has {kind} layers)"
             )

@@ -142,12 +142,14 @@ class LLM:
             kv = kv.for_model(self.loaded.path)
         make = make or self.strategy(drafter, ead)
         ids = self.encode(prompt)
-        return [
+        requests = [
             Request(
                 ids, p if p.seed is None or j == 0 else SamplingParams(**{**vars(p), "seed": p.seed + j}), make, kv=kv
             )
             for j in range(n)
         ]
+        self.core.check(requests[0])  # what the engine would refuse, refused here (the server's 400), not later
+        return requests
 
     def strategy(self, drafter: str | Drafter | None, ead: EAD | None, k: int | None = None):
         """The per-sequence strategy factory a request carries: plain, speculative or entropy-adaptive;

@@ -432,7 +432,7 @@ class Transformer(nn.Module):
         rots = [rot] * len(self.layers[:n_layers])
         if self.cfg.rope_local_theta is not None and any(self.windows):
             local = self._rotation(positions, local=True)
-            rots = [rot if w is None else local for rot, w in zip(rots, self.windows)]
+            rots = [r if w is None else local for r, w in zip(rots, self.windows)]
         if self.cfg.no_rope:
             identity = torch.ones_like(rot)
             rots = [identity if i in self.cfg.no_rope else r for i, r in enumerate(rots)]
