@@ -302,3 +302,83 @@ def test_generation_config_stop_ids_end_a_completion(tmp_path):
     out = llm.generate(prompt, max_tokens=6, temperature=0)
     cut = free.token_ids.index(free.token_ids[2])  # the first time that token comes (the stop is not output)
     assert out.finish_reason == "stop" and out.token_ids == free.token_ids[:cut]
+
+
+@pytest.mark.parametrize("impl", ["native", "pytorch"])
+@pytest.mark.parametrize("weights", ["float32", "int8"])
+def test_sliding_layers_hold_only_their_window(impl, weights, tmp_path, monkeypatch):
+    """Gemma 3's sliding layers keep only the positions a row can still see (`KVCache.front`):
+    with a window of 8 and entries moved every 5 positions, batched, lookup and tree decoding, a
+    chat's next turn continued in place, a prefix loaded back from host memory and one copied from
+    a busy slot all give the tokens of decoding each prompt alone with every position kept (the
+    batched attention mode too, on these prompts); and the sliding layers never write a page past
+    their bound."""
+    from gearshift import kernels, kv_cache
+
+    if impl == "pytorch":
+        monkeypatch.setitem(kernels._state, "loaded", False)
+    tiny_hf(tmp_path, "gemma3", seed=8)
+    loaded = load(tmp_path, weights=weights, use_cache=False)
+    g = torch.Generator().manual_seed(9)
+    a, b = (torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (30, 25))
+    prompts = [a[:17], b[:5], a[:8] * 3]
+
+    def alone(prompt: list[int], n: int = 40) -> list[int]:
+        with monkeypatch.context() as mp:
+            mp.setattr(kv_cache, "MOVE_EVERY", 10**9)  # every position kept
+            return LLM(loaded, prefix_cache=False).generate(prompt, max_tokens=n, temperature=0).token_ids
+
+    monkeypatch.setattr(kv_cache, "ROLLBACK", 3)
+    monkeypatch.setattr(kv_cache, "MOVE_EVERY", 5)
+    llm = LLM(loaded, max_num_seqs=3, max_batched_tokens=8)
+    cache = llm.core.cache
+    sliding = cache.sliding
+    assert sliding == [0] and cache.keep_back == 10
+    cache.k.fill_(float("nan"))
+    cache.v.fill_(float("nan"))
+    want = [alone(p) for p in prompts]
+    for drafter in (None, "lookup", "hybrid"):
+        got = [c.token_ids for c in llm.generate(prompts, drafter=drafter, max_tokens=40, temperature=0)]
+        assert got == want, drafter
+    assert min(cache.front) > 0
+    bound = cache.keep_back + kv_cache.MOVE_EVERY + 8  # + one step's rows (max_batched_tokens)
+    assert cache.k[sliding, :, bound:].isnan().all() and cache.v[sliding, :, bound:].isnan().all()
+    assert not cache.k[1, :, : min(cache.lengths)].isnan().any()  # the global layer holds every position
+    batched = LLM(loaded, max_num_seqs=3, max_batched_tokens=8, exact=False)  # (rounds differently; not at these ties)
+    assert [c.token_ids for c in batched.generate(prompts, drafter="hybrid", max_tokens=40, temperature=0)] == want
+
+    chat = LLM(loaded, max_num_seqs=1)  # one slot: a second conversation pushes the first to host memory
+    first = chat.generate(a, max_tokens=30, temperature=0).token_ids
+    turn = a + first + b[:6]
+    second = chat.generate(turn, max_tokens=20, temperature=0)
+    assert second.token_ids == alone(turn, 20) and second.stats.cached_tokens > 40  # continued in place
+    assert chat.core.cache.front[0] > 0
+    chat.generate(b, max_tokens=10, temperature=0)
+    (saved,) = chat.core.prefix.saved.values()
+    assert saved.entries.front > 0 and saved.entries.wk.shape[1] == len(saved.tokens) - saved.entries.front
+    turn += second.token_ids + b[:3]
+    third = chat.generate(turn, max_tokens=20, temperature=0)
+    assert third.token_ids == alone(turn, 20) and third.stats.cached_tokens == len(saved.tokens)
+
+    shared = [a + b + [5, 6, 7], a + b + [9, 1]]  # read 4 tokens a step: the second copies from the first
+    out = LLM(loaded, max_num_seqs=2, max_batched_tokens=4).generate(shared, max_tokens=20, temperature=0)
+    assert [c.token_ids for c in out] == [alone(p, 20) for p in shared]
+    assert out[1].stats.cached_tokens >= 32
+
+
+def test_a_rollback_past_what_the_sliding_layers_hold_is_refused(tmp_path, monkeypatch):
+    from gearshift import kv_cache
+
+    monkeypatch.setattr(kv_cache, "ROLLBACK", 3)
+    monkeypatch.setattr(kv_cache, "MOVE_EVERY", 5)
+    tiny_hf(tmp_path, "gemma3")
+    m = load(tmp_path, weights="float32", use_cache=False).model
+    cache = m.new_cache(1, 64)
+    m.run(list(range(1, 31)), cache)
+    m.run([7], cache)  # slides: the window of 8 and 3 more stay before the next row
+    assert cache.front[0] == 30 - cache.keep_back == 20
+    with pytest.raises(ValueError, match="hold positions 20 on only"):
+        cache.rollback(0, 26)
+    cache.rollback(0, 27)  # the next row, at 27, sees 20..27
+    cache.rollback(0, 0)
+    assert cache.front[0] == 0

@@ -743,3 +743,20 @@ def test_default_chat_template_matches_transformers(case, add_generation_prompt,
     assert smol_llm.tokenizer.encode_chat(messages, add_generation_prompt) == smol_ref_tokenizer.apply_chat_template(
         messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=False
     )
+
+
+def test_a_q8_0_embedding_table_stays_in_its_blocks(llm):
+    """The default model's token_embd is Q8_0: the model keeps its int8 codes and a scale per 32
+    values (a quarter of float32's memory), and every row it makes is the file's dequantized row,
+    bit for bit. A table with one value off its block's grid, or a float one, stays float."""
+    from gearshift.loading import q8_0_blocks, read_checkpoint
+
+    m = llm.model
+    assert m.fmts["embed"] == "q8_0" and m.embed is None and m.embed_q.dtype == torch.int8
+    ck = read_checkpoint(llm.loaded.path)
+    ref = ck.tensors["model.embed_tokens.weight"]
+    assert torch.equal(m.embed_rows(torch.arange(len(ref))), ref)
+    off = ref.clone()
+    off[5, 7] = torch.nextafter(off[5, 7], torch.tensor(float("inf")))
+    assert q8_0_blocks(ref) is not None and q8_0_blocks(off) is None
+    assert q8_0_blocks(torch.randn(4, 64, generator=torch.Generator().manual_seed(0))) is None

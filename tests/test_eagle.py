@@ -24,7 +24,7 @@ def random_drafter(target: LLM, vocab=None, **kw) -> EagleDrafter:
     torch.manual_seed(0)
     head = EagleHead(target.model, torch.arange(VOCAB) if vocab is None else vocab).eval()
     kw = {"max_nodes": 12, "depth": 4, "width": 2, "stop_below": 0.0, **kw}
-    return EagleDrafter(head, target.model.embed, "eagle", None, **kw)
+    return EagleDrafter(head, target.model.embed_rows, "eagle", None, **kw)
 
 
 class Recording(EagleDrafter):

@@ -55,18 +55,25 @@ def test_chat_turns_and_the_stop_token(gemma):
     # eos_ids is tested on the default model, and the Gemma file's ids are checked above)
 
 
-def test_past_the_window_speculation_and_batching_stay_exact(gemma):
-    """A 700-token prompt: the sliding layers drop what is 512 positions back. Lookup decoding and a
-    batch with a short prompt give plain decoding's tokens."""
-    text = " ".join(f"item {i} is {'red' if i % 3 else 'blue'};" for i in range(120))
+def test_past_the_window_speculation_and_batching_stay_exact(gemma, monkeypatch):
+    """A prompt of over 800 tokens: the sliding layers drop what is 512 positions back from what
+    they hold (`KVCache.front`). A batch with a short prompt, and then lookup decoding continuing
+    the cached prompt, give the tokens of decoding each alone with every position kept."""
+    from gearshift import kv_cache
+
+    text = " ".join(f"item {i} is {'red' if i % 3 else 'blue'};" for i in range(160))
     long = gemma.tokenizer.encode(text)
-    assert len(long) > 600
+    assert len(long) > 800
     short = gemma.encode([{"role": "user", "content": "Count to five."}])
-    alone = [gemma.generate(p, max_tokens=24, temperature=0).token_ids for p in (long, short)]
+    with monkeypatch.context() as mp:
+        mp.setattr(kv_cache, "MOVE_EVERY", 10**9)
+        kept = LLM(gemma.loaded, prefix_cache=False)
+        alone = [kept.generate(p, max_tokens=24, temperature=0).token_ids for p in (long, short)]
     together = [c.token_ids for c in gemma.generate([long, short], max_tokens=24, temperature=0)]
     assert together == alone
+    assert max(gemma.core.cache.front) > 0
     spec = gemma.generate(long, drafter="lookup", max_tokens=24, temperature=0)
-    assert spec.token_ids == alone[0]
+    assert spec.token_ids == alone[0] and spec.stats.cached_tokens == len(long) - 1
 
 
 def test_kv_policies_are_refused_with_one_line(gemma):

@@ -17,9 +17,11 @@ PyTorch attention call per row. Batched attention over many rows (one masked cal
 rounds differently per chunking; it is only used by `causal`, the training forward, where
 nothing is cached.
 
-A sliding-window layer (`KVCache.windows`, Gemma 3) holds every entry like any other, but each
-row attends only the last `window` positions up to its own (a tree node: up to its depth below the
-root), the positions transformers' and llama.cpp's masks give it.
+A sliding-window layer (`KVCache.windows`, Gemma 3) attends, for each row, only the last `window`
+positions up to its own (a tree node: up to its depth below the root), the positions transformers'
+and llama.cpp's masks give it; it holds only what rows can still see, from token position
+`KVCache.front[slot]` on at the front of the slot, so its writes, rows and reads are all that many
+positions lower (`Batch.sliding`, `KVCache.offset`).
 
 Token trees (speculative decoding) are rows too: a tree node sits at its depth below the root,
 and before it attends, its ancestors' entries are laid out after the prefix exactly as plain
@@ -87,7 +89,7 @@ class Batch:
         dev = cache.k.device
         if len({s.slot for s in segments}) != len(segments):
             raise ValueError("two segments of one batch write the same cache slot")
-        tokens, positions, write, out, runs = [], [], [], [], []
+        tokens, positions, write, write_sliding, out, runs = [], [], [], [], [], []
         self.out_slices: list[slice] = []  # per segment: its rows in the output
         self.capture: dict[int, slice] = {}  # segment index -> its rows whose queries are kept
         self.feature_rows: dict[int, slice] = {}  # segment index -> its rows in `features`
@@ -113,7 +115,9 @@ class Batch:
                 feature_index += range(row, row + len(seg.tokens))
             if seg.capture_from is not None:  # plain rows only: a draft's rows may be rejected
                 self.capture[i] = slice(row + seg.capture_from, row + n_plain)
-            write += range(seg.slot * cache.max_len + start, seg.slot * cache.max_len + start + len(seg.tokens))
+            at = seg.slot * cache.max_len + start
+            write += range(at, at + len(seg.tokens))
+            write_sliding += range(at - cache.front[seg.slot], at - cache.front[seg.slot] + len(seg.tokens))
             first = len(out)
             if seg.logits_from is not None:
                 out += range(row + seg.logits_from, row + len(seg.tokens))
@@ -139,12 +143,14 @@ class Batch:
         self.paths = kernels.paths(cache.k.device.type, cache.k.dtype)
         native = exact and self.paths.attention
         self.native = (kernels.attend_q() if self.quantized else kernels.attend()) if native else None
-        self._window_rows: dict[int, torch.Tensor] = {}
+        self._sliding: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.front = torch.tensor([cache.front[s.slot] for s in segments], dtype=torch.long)  # per segment
         if self.native is not None:
             self.native_rows, self.native_extra = self._native_rows()
         self.tokens = torch.tensor(tokens, device=dev)
         self.positions = torch.tensor(positions, device=dev)
         self.write = torch.tensor(write, device=dev)
+        self.write_sliding = self.write if not self.front.any() else torch.tensor(write_sliding, device=dev)
         self.out = None if len(out) == len(tokens) else torch.tensor(out, dtype=torch.long, device=dev)
         self.masks = None if exact else [self._mask(run, len(seg.tokens), dev) for seg, run in zip(segments, runs)]
 
@@ -165,24 +171,34 @@ class Batch:
     def _native_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """For the native kernel: per row (slot, n, e0, e1): it attends positions 0..n-1 of its slot,
         then extra[e0:e1] (a tree node's ancestors below the root, and itself, where they were written)."""
-        rows, extra = [], []
-        for run in self.runs:
+        rows, extra, self._extra_segment = [], [], []
+        for s, run in enumerate(self.runs):
             rows += [(run.slot, run.start + i + 1, 0, 0) for i in range(run.n_plain)]
             base = run.start + run.n_plain - 1
             for path in (run.paths or [])[1:]:
                 rows.append((run.slot, base + 1, len(extra), len(extra) + len(path) - 1))
                 extra += [base + node for node in path[1:]]
+                self._extra_segment += [s] * (len(path) - 1)
         return torch.tensor(rows, dtype=torch.long), torch.tensor(extra, dtype=torch.long)
 
-    def window_rows(self, window: int) -> torch.Tensor:
-        """`native_rows` with a fifth column for a sliding-window layer: the first position each row
-        attends (its keys are positions lo..n-1 and then its extra entries), made once per step."""
-        if window not in self._window_rows:
+    def sliding(self, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A sliding-window layer's write positions, native rows and extra entries, made once per
+        step: rows get a fifth column, the first position each attends (its keys are positions
+        lo..n-1 and then its extra entries), and every position is in the layer's slot positions
+        (`KVCache.front` lower)."""
+        if window not in self._sliding:
             r = self.native_rows.clone()
             pos = r[:, 1] + r[:, 3] - r[:, 2]  # keys the row sees without a window (itself included)
             r[:, 2] = torch.maximum(r[:, 2], r[:, 3] - window)  # a node deeper than the window: its last ancestors
-            self._window_rows[window] = torch.cat([r, (pos - window).clamp(min=0)[:, None]], 1).contiguous()
-        return self._window_rows[window]
+            r = torch.cat([r, (pos - window).clamp(min=0)[:, None]], 1)
+            extra = self.native_extra
+            if self.front.any():
+                front = self.front.repeat_interleave(torch.tensor([len(s.tokens) for s in self.segments]))
+                r[:, 1] -= front
+                r[:, 4] = (r[:, 4] - front).clamp(min=0)
+                extra = extra - self.front[torch.tensor(self._extra_segment, dtype=torch.long)]
+            self._sliding[window] = (self.write_sliding, r.contiguous(), extra)
+        return self._sliding[window]
 
     def advance(self, cache: KVCache) -> None:
         """After the forward wrote every segment's entries: its slot now holds them (trees in node
@@ -193,9 +209,11 @@ class Batch:
 
 def cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, layer: int, batch: Batch) -> torch.Tensor:
     """q [T, H, D], k/v [T, KVH, D] (RoPE applied): write k/v into the slots, attend every row exactly."""
+    window = cache.windows[layer]
+    write = batch.write if window is None else batch.write_sliding
     rows_k, rows_v = cache.rows[layer]
-    rows_k.index_copy_(0, batch.write, k)
-    rows_v.index_copy_(0, batch.write, v)
+    rows_k.index_copy_(0, write, k)
+    rows_v.index_copy_(0, write, v)
     if batch.quantized:  # the quantized copies of rows in quantized slots
         if batch.native is not None:
             torch.ops.gearshift.quantize_into(k, v, batch.write, *cache.quantized_layer(layer))
@@ -204,12 +222,11 @@ def cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, la
                 cache.write_quantized(layer, fmt, at, k[rows], v[rows])
     if batch.capture:
         batch.queries.append(torch.cat([q[rows] for rows in batch.capture.values()]))
-    window = cache.windows[layer]
     if batch.native is not None:
         holes = batch.holes[layer] if batch.holes is not None else NO_HOLES
         quant = cache.quantized_layer(layer) if batch.quantized else ()
-        rows = batch.native_rows if window is None else batch.window_rows(window)
-        return batch.native(q, cache.k[layer], cache.v[layer], rows, batch.native_extra, holes, *quant)
+        _, rows, extra = (None, batch.native_rows, batch.native_extra) if window is None else batch.sliding(window)
+        return batch.native(q, cache.k[layer], cache.v[layer], rows, extra, holes, *quant)
     if not batch.exact:
         return batched(q, cache, layer, batch)
     t, h, d = q.shape
@@ -218,13 +235,14 @@ def cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, la
     out = []
     for run in batch.runs:
         live = holes_mask(cache, layer, run.slot)
+        off = cache.offset(layer, run.slot)  # (a sliding layer's slot positions are lower)
         for i in range(run.n_plain):
-            n = run.start + i + 1
+            n = run.start + i + 1 - off
             keys, values = cache.read(layer, run.slot, n, live)  # [1, KVH, n, D]
             mask = _row_mask(live, n, window, keys.device)
             out.append(F.scaled_dot_product_attention(qg[run.row + i], keys, values, attn_mask=mask))
         if run.paths:
-            out += _tree_rows(qg, k, v, cache, layer, run, live, window)
+            out += _tree_rows(qg, k, v, cache, layer, run, live, window, off)
     return torch.stack(out).view(t, h, d)
 
 
@@ -252,7 +270,9 @@ def holes_mask(cache: KVCache, layer: int, slot: int) -> torch.Tensor | None:
     return ((pos < h[:, :1]) | (pos >= h[:, 1:]))[None, :, None]
 
 
-def _tree_rows(qg, k, v, cache: KVCache, layer: int, run: _Run, live, window: int | None) -> list[torch.Tensor]:
+def _tree_rows(
+    qg, k, v, cache: KVCache, layer: int, run: _Run, live, window: int | None, off: int
+) -> list[torch.Tensor]:
     """Attend tree nodes 1.. (node 0, the root, was attended as a plain row): each sees the prefix
     and its ancestors laid out after the root as plain decoding of its path has them."""
     slot_keys, slot_values, fmt = cache.k[layer, run.slot], cache.v[layer, run.slot], cache.formats[run.slot]
@@ -265,7 +285,7 @@ def _tree_rows(qg, k, v, cache: KVCache, layer: int, run: _Run, live, window: in
                 layer, fmt, run.slot * cache.max_len + at + torch.arange(len(idx), device=k.device), k[idx], v[idx]
             )
 
-    base = run.start + run.n_plain - 1  # the root's position; nodes were written at base + node
+    base = run.start + run.n_plain - 1 - off  # the root's slot position; nodes were written at base + node
     first = run.row + run.n_plain - 1  # the root's row
     laid = list(range(len(run.paths)))  # which node's entries sit at base, base + 1, ...
     rows = []
@@ -293,12 +313,13 @@ def batched(q: torch.Tensor, cache: KVCache, layer: int, batch: Batch) -> torch.
         end = run.start + n
         qr = q[run.row : run.row + n].transpose(0, 1)[None]  # [1, H, n, D]
         live = holes_mask(cache, layer, run.slot)
-        keys, values = cache.read(layer, run.slot, end, live)  # (quantized: as the segment's last row sees them)
+        off = cache.offset(layer, run.slot)  # (a sliding layer holds token positions off.. only)
+        keys, values = cache.read(layer, run.slot, end - off, live)  # (quantized: as the segment's last row sees them)
         if cache.windows[layer] is not None:  # each row: the window before its own position, inclusive
             # (a tree node's ancestors sit in node order, not at their depths: exact only for trees
             # shallower than the window, which every drafter's are; this mode is not exact anyway)
             seen = mask.sum(-1, keepdim=True) if not run.paths else _seen(run, n, mask.device)
-            mask = mask & (torch.arange(end, device=mask.device)[None] >= seen - cache.windows[layer])
+            mask = (mask & (torch.arange(end, device=mask.device)[None] >= seen - cache.windows[layer]))[:, off:]
         if live is not None:  # per KV head, repeated for its query heads
             mask = mask & live[0, :, :, :end].repeat_interleave(q.shape[1] // keys.shape[1], dim=0)
         y = F.scaled_dot_product_attention(qr, keys, values, attn_mask=mask, enable_gqa=q.shape[1] != keys.shape[1])

@@ -170,7 +170,8 @@ def cmd_info(a) -> None:
     loaded = load(a.model_path or a.model, device=a.device, weights=a.weights)
     m, cfg = loaded.model, loaded.model.cfg
     weight_bytes = sum(b.nbytes for b in m.buffers())
-    kv_per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * m.dtype.itemsize
+    entry = 2 * cfg.n_kv_heads * cfg.head_dim * m.dtype.itemsize  # one layer, one position
+    n_sliding = sum(map(bool, cfg.windows))
     info = {
         "path": str(loaded.path),
         "architecture": cfg.arch,
@@ -187,15 +188,8 @@ def cmd_info(a) -> None:
         "compute_dtype": str(m.dtype),
         "device": str(m.device),
         "weight_memory_mb": round(weight_bytes / 2**20, 1),
-        "kv_cache_kb_per_token": round(kv_per_token / 1024, 1),
-        **(
-            {
-                "sliding_window": f"{cfg.sliding_window} positions in {sum(map(bool, cfg.windows))} of "
-                f"{cfg.n_layers} layers (the cache holds every position; a sliding layer reads its window)"
-            }
-            if any(cfg.windows)
-            else {}
-        ),
+        "kv_cache_kb_per_token": round((cfg.n_layers - n_sliding) * entry / 1024, 1),
+        **({"sliding_window": _sliding_info(cfg, entry)} if n_sliding else {}),
         "load_seconds": round(loaded.load_seconds, 2),
         "conversion_cache": "hit" if loaded.cached else "miss",
     }
@@ -205,6 +199,22 @@ def cmd_info(a) -> None:
         width = max(map(len, info))
         for k, v in info.items():
             print(f"{k:<{width}}  {v}")
+
+
+def _sliding_info(cfg, entry: int) -> str:
+    """What a model's sliding-window layers hold: their window and the most positions they keep
+    (`kv_cache`: the window, a rollback margin and what piles up between moves, plus one step's rows
+    at the engine's default max_batched_tokens)."""
+    from .config import EngineConfig
+    from .kv_cache import MOVE_EVERY, ROLLBACK
+
+    n = sum(map(bool, cfg.windows))
+    most = max(w or 0 for w in cfg.windows) - 1 + ROLLBACK + MOVE_EVERY + EngineConfig.max_batched_tokens
+    most = min(cfg.max_seq_len, most)
+    return (
+        f"{cfg.sliding_window} positions in {n} of {cfg.n_layers} layers; they hold at most {most} positions "
+        f"({most * n * entry / 2**20:.1f} MiB) per sequence, the other layers every position (kv_cache_kb_per_token)"
+    )
 
 
 def _int_list(text: str, flag: str) -> list[int]:

@@ -110,6 +110,6 @@ def bytes_per_token(model: Transformer, context: int) -> int:
     weights = sum(
         b.numel() * b.element_size() for name, b in model.named_buffers() if name != "embed" and "inv_freq" not in name
     )
-    entry = 2 * model.cfg.n_kv_heads * model.cfg.head_dim * model.embed.element_size()  # one layer, one position
+    entry = 2 * model.cfg.n_kv_heads * model.cfg.head_dim * model.dtype.itemsize  # one layer, one position
     read = sum(context if w is None else min(context, w) for w in model.cfg.windows)  # sliding layers: the window
-    return weights + model.cfg.dim * model.embed.element_size() + read * entry
+    return weights + model.cfg.dim * model.dtype.itemsize + read * entry

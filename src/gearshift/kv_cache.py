@@ -24,15 +24,29 @@ per byte, a scale and minimum per half of the head, as KIVI's per-token groups),
 a row's keys from that copy except its `recent` last ones (KIVI's full-precision window). The float32
 entries stay: they are the recent window, what the prefix cache shares (exactly, with any request),
 and what a compaction gathers; what shrinks is what each step reads (`held_bytes`).
+
+A sliding-window layer (Gemma 3: five of every six) keeps only the positions a row can still see:
+its entries for token positions `front[slot]`.. sit from slot position 0 on, and once `MOVE_EVERY`
+positions more than it needs have piled up (`slide`, before a step), the ones it needs (its window
+and `ROLLBACK` more, for a rejected draft) move to the front. Pages past that are never written, so
+on a CPU such a layer costs a few thousand positions of memory however long the sequence runs
+(the global layers, as ever, every position). Every place that turns a token position into a slot
+position subtracts `offset(layer, slot)`; nothing else changes, and nothing is recomputed. KV
+policies and quantized copies are refused for such models (`EngineCore.check`), so a slot has
+either a front or holes, never both.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from . import kernels
 
 FORMATS = {"int8": 1, "int4": 2}  # quantized copies (see the module docstring); 0: float32 only
+ROLLBACK = 128  # positions a sliding layer keeps before its window: a rollback that far (a rejected draft) still works
+MOVE_EVERY = 128  # a sliding layer's entries move to the front once so many positions can be dropped
 
 
 def quantize(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,6 +87,25 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, fmt: str) -> torch.Ten
     )
 
 
+@dataclass
+class Entries:
+    """A copy of a slot's entries for its first n token positions (`KVCache.save`): the global
+    layers' [layers, n, KVH, D], the sliding layers' from token position `front` on."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    wk: torch.Tensor
+    wv: torch.Tensor
+    front: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.nbytes for x in (self.k, self.v, self.wk, self.wv))
+
+    def to(self, device: str | torch.device) -> Entries:
+        return Entries(*(x.to(device) for x in (self.k, self.v, self.wk, self.wv)), front=self.front)
+
+
 class KVCache:
     def __init__(
         self,
@@ -92,6 +125,7 @@ class KVCache:
         self.shift = [0] * slots  # positions dropped by a KV policy: token position = slot position + shift
         self.holes = torch.zeros(n_layers, slots, n_kv_heads, 2, dtype=torch.int64, device=device)
         self.compacted = [False] * slots  # whether a policy dropped entries of the slot's sequence
+        self.front = [0] * slots  # token position of the first entry the sliding layers hold (slot position 0)
         # views made once: per layer, every slot's rows for writes, and each slot as [1, kv heads, positions, D]
         # (4-D: the shape scaled_dot_product_attention's fused CPU kernel takes; 3-D falls back to a slow path)
         self.rows = [
@@ -123,6 +157,40 @@ class KVCache:
         """Keys and values of one position, every layer."""
         return 2 * self.k[:, 0, 0].numel() * self.k.element_size()
 
+    @property
+    def sliding(self) -> list[int]:
+        """The layers with an attention window."""
+        return [i for i, w in enumerate(self.windows) if w]
+
+    @property
+    def keep_back(self) -> int:
+        """Positions before the next row the sliding layers keep when they slide: the longest
+        window's, less the row itself, and `ROLLBACK` more."""
+        return max(w or 0 for w in self.windows) - 1 + ROLLBACK
+
+    def offset(self, layer: int, slot: int) -> int:
+        """What to subtract from a token position for the layer's slot position in `slot`."""
+        return self.front[slot] if self.windows[layer] else 0
+
+    def resumable(self, front: int, n: int) -> bool:
+        """Whether entries whose sliding layers start at token position `front` can go on from
+        position n: the next row there sees the window before it (at position 0, nothing)."""
+        return front == 0 or n == 0 or n - front >= max(w or 0 for w in self.windows) - 1
+
+    def slide(self, slot: int) -> None:
+        """Before a step: once the sliding layers hold `MOVE_EVERY` positions more than `keep_back`,
+        the last `keep_back` move to the front of the slot and the rest are forgotten."""
+        if not self.sliding:
+            return
+        keep = self.keep_back
+        drop = self.lengths[slot] - self.front[slot] - keep
+        if drop < MOVE_EVERY:
+            return
+        layers = torch.tensor(self.sliding, device=self.k.device)
+        for x in (self.k, self.v):
+            x[layers, slot, :keep] = x[layers, slot, drop : drop + keep]  # (the right side is a copy)
+        self.front[slot] += drop
+
     def tokens(self, slot: int) -> int:
         """Tokens the slot's sequence has been through (its held entries plus those dropped)."""
         return self.lengths[slot] + self.shift[slot]
@@ -135,11 +203,18 @@ class KVCache:
                 f"cannot roll back to {position}: slot {slot} holds {self.lengths[slot]} positions"
                 + (f" after dropping {self.shift[slot]}" if self.shift[slot] else "")
             )
+        if not self.resumable(self.front[slot], at):
+            raise ValueError(
+                f"cannot roll back to {position}: the sliding layers of slot {slot} hold positions "
+                f"{self.front[slot]} on only"
+            )
         self.lengths[slot] = at
+        if at == 0:
+            self.front[slot] = 0
 
     def reset(self, slot: int) -> None:
         """Empty the slot, dropped entries and holes forgotten."""
-        self.lengths[slot] = self.shift[slot] = 0
+        self.lengths[slot] = self.shift[slot] = self.front[slot] = 0
         self.holes[:, slot] = 0
         self.compacted[slot] = self.rope_at_slot[slot] = False
         self.set_format(slot, None)
@@ -267,6 +342,7 @@ class KVCache:
         return int(
             self.lengths[slot] * h.shape[0] * h.shape[1]
             - (h[..., 1].clamp(max=self.lengths[slot]) - h[..., 0]).clamp(min=0).sum()
+            - self.front[slot] * len(self.sliding) * h.shape[1]
         )
 
     def keep(self, slot: int, start: int, nodes: list[int]) -> None:
@@ -276,26 +352,71 @@ class KVCache:
         if nodes != list(range(len(nodes))):
             src = torch.tensor(nodes, device=self.k.device) + start
             end = start + len(nodes)
-            for x in self._stores(slot):
-                x[:, slot, start:end] = x[:, slot, src]
+            if not self.front[slot]:
+                for x in self._stores(slot):
+                    x[:, slot, start:end] = x[:, slot, src]
+            else:  # the sliding layers' slot positions are `front` lower
+                place = torch.arange(start, end, device=self.k.device)
+                for layers, off in self._groups(slot):
+                    for x in (self.k[:, slot], self.v[:, slot]):
+                        x[layers[:, None], place - off] = x[layers[:, None], src - off]
         self.lengths[slot] = start + len(nodes)
+
+    def _groups(self, slot: int) -> list[tuple[torch.Tensor, int]]:
+        """The global layers and the sliding ones (as index tensors), each with its offset in `slot`."""
+        dev = self.k.device
+        glob = [i for i, w in enumerate(self.windows) if not w]
+        return [(torch.tensor(glob, device=dev), 0), (torch.tensor(self.sliding, device=dev), self.front[slot])]
 
     def copy(self, src: int, dst: int, n: int, start: int = 0) -> None:
         """Give slot `dst` positions start..n of slot `src` (a prefix shared by two sequences;
-        `dst` already holds the positions before `start`)."""
-        self.k[:, dst, start:n] = self.k[:, src, start:n]
-        self.v[:, dst, start:n] = self.v[:, src, start:n]
+        `dst` already holds the positions before `start`). The sliding layers get the part of the
+        window before n that `src` holds, at the front of `dst`."""
+        if not self.resumable(self.front[src], n):
+            raise ValueError(f"slot {src}'s sliding layers no longer hold the window before position {n}")
+        lo = max(self.front[src], n - self.keep_back, 0) if self.sliding else 0
+        if lo == 0 and self.front[dst] == 0:
+            self.k[:, dst, start:n] = self.k[:, src, start:n]
+            self.v[:, dst, start:n] = self.v[:, src, start:n]
+        else:
+            (glob, _), (sliding, _) = self._groups(src)
+            fs = self.front[src]
+            for x in (self.k, self.v):
+                x[glob, dst, start:n] = x[glob, src, start:n]
+                x[sliding, dst, : n - lo] = x[sliding, src, lo - fs : n - fs]
+            self.front[dst] = lo
         self.lengths[dst] = n
         self._requantize(dst, start, n)
 
-    def save(self, slot: int, n: int, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """A copy of the first n positions of `slot`, in host memory by default."""
-        return self.k[:, slot, :n].to(device, copy=True), self.v[:, slot, :n].to(device, copy=True)
+    def save(self, slot: int, n: int, device: str | torch.device = "cpu") -> Entries:
+        """A copy of the slot's entries for its first n token positions, in host memory by default."""
+        if not self.sliding:
+            return Entries(*(x[:, slot, :n].to(device, copy=True) for x in (self.k, self.v)), *self._none(device))
+        (glob, _), (sliding, f) = self._groups(slot)
+        return Entries(
+            *(x[glob, slot, :n].to(device) for x in (self.k, self.v)),
+            *(x[sliding, slot, : max(n - f, 0)].to(device) for x in (self.k, self.v)),
+            front=f,
+        )
 
-    def load(self, slot: int, k: torch.Tensor, v: torch.Tensor, n: int) -> None:
-        """Put the first n positions of a saved copy back into `slot`."""
-        self.k[:, slot, :n] = k[:, :n]
-        self.v[:, slot, :n] = v[:, :n]
+    def _none(self, device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        empty = torch.empty(0, 0, *self.k.shape[3:], dtype=self.k.dtype, device=device)
+        return empty, empty
+
+    def load(self, slot: int, saved: Entries, n: int) -> None:
+        """Put the entries of the first n token positions of a saved copy back into `slot`."""
+        if not self.resumable(saved.front, n):
+            raise ValueError(f"the saved entries' sliding layers do not hold the window before position {n}")
+        if not self.sliding:
+            self.k[:, slot, :n] = saved.k[:, :n]
+            self.v[:, slot, :n] = saved.v[:, :n]
+        else:
+            (glob, _), (sliding, _) = self._groups(slot)
+            m = n - saved.front
+            for x, g, w in ((self.k, saved.k, saved.wk), (self.v, saved.v, saved.wv)):
+                x[glob, slot, :n] = g[:, :n]
+                x[sliding, slot, :m] = w[:, :m]
+            self.front[slot] = saved.front
         self.lengths[slot] = n
         self._requantize(slot, 0, n)
 

@@ -23,12 +23,12 @@ import torch
 
 from . import hub
 from .errors import GearshiftError
-from .model import FORMATS, ExitHead, ModelConfig, Transformer, interleave_rope_rows
+from .model import FORMATS, Q8_0_BLOCK, ExitHead, ModelConfig, Transformer, interleave_rope_rows
 from .tokenizer import Tokenizer
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3", "smollm3")
 SMOLLM3_NOPE_INTERVAL = 4  # every fourth layer has no RoPE (llama.cpp's fixed step for SmolLM3 GGUFs)
-CACHE_VERSION = 11
+CACHE_VERSION = 12
 GEMMA3_SLIDING_PATTERN = 6  # every sixth layer is global (llama.cpp's default when a GGUF gives no pattern)
 
 # Gemma's turn format, for a Gemma file that carries no template of its own (the base model's GGUF):
@@ -436,13 +436,42 @@ def choose_formats(bits: dict[str, float], device: torch.device, weights: str) -
     return {"layers": layers, "lm_head": "float32" if layers == "float32" else "int8"}
 
 
+def q8_0_blocks(w: torch.Tensor, rows: int = 8192) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """w [rows, cols] as GGUF Q8_0 blocks: int8 codes and a float32 scale per 32 values, if its
+    values are exactly such blocks' (a file's Q8_0 table, dequantized), else None. llama.cpp gives
+    each block's largest magnitude the code 127 and stores the scale as a float16, so dividing that
+    magnitude by 127 gives the scale back exactly; the check is that codes x scales is w, bit for bit."""
+    if w.dim() != 2 or w.shape[1] % Q8_0_BLOCK:
+        return None
+    codes = torch.empty(w.shape, dtype=torch.int8)
+    scales = torch.empty(w.shape[0], w.shape[1] // Q8_0_BLOCK, dtype=torch.float32)
+    for at in range(0, w.shape[0], rows):  # (in chunks: a 262k-row table would need GBs of temporaries)
+        b = w[at : at + rows].float().reshape(-1, w.shape[1] // Q8_0_BLOCK, Q8_0_BLOCK)
+        d = b.abs().amax(-1) / 127
+        q = torch.round(b / d.clamp(min=torch.finfo(torch.float32).tiny)[..., None])
+        if q.abs().max() > 127 or not torch.equal(q * d[..., None], b):
+            return None
+        codes[at : at + rows], scales[at : at + rows] = q.to(torch.int8).reshape(-1, w.shape[1]), d
+    return codes, scales
+
+
 def build_model(ck: Checkpoint, fmts: dict[str, str], dtype: torch.dtype) -> Transformer:
+    """The model with the checkpoint's weights in the formats given; a Q8_0 input embedding table
+    (`ck.bits` 8) stays in its blocks where its values are exactly theirs (`fmts["embed"]` is then
+    set to "q8_0")."""
     cfg, t = ck.config, ck.tensors
+    emb = t["model.embed_tokens.weight"]
+    blocks = q8_0_blocks(emb) if ck.bits.get("model.embed_tokens.weight", 32) == 8 else None
+    if blocks is not None:
+        fmts["embed"] = "q8_0"
     with torch.device("meta"):
         model = Transformer(cfg, fmts, dtype)
     model.to_empty(device="cpu")
     model.init_rope()
-    model.embed = t["model.embed_tokens.weight"].to(dtype)
+    if blocks is not None:
+        model.embed_q, model.embed_d = blocks
+    else:
+        model.embed = emb.to(dtype)
     model.norm.weight = t["model.norm.weight"]
     model.lm_head.set_weight(t.get("lm_head.weight", t["model.embed_tokens.weight"]))
     for i, layer in enumerate(model.layers):

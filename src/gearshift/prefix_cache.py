@@ -9,6 +9,10 @@ Three places can hold such a prefix (llama.cpp's per-slot longest common prefix,
 - the host LRU: before a free slot's entries are overwritten they are copied to host memory,
   least recently used first out, within a byte budget; a hit is copied back into the slot.
 
+A model with sliding-window layers holds only their recent positions (`KVCache.front`): a prefix
+is then found only where the window before its end is still held (`KVCache.resumable`), which the
+next turn of a chat always is, and a shared system prompt is while its sequence is young.
+
 A slot whose sequence had entries dropped by a KV policy (`kv_policy.py`) holds no exact prefix,
 so it is never copied; only the next turn of the same conversation under the same policy may
 continue it in place (its prompt extends everything the slot went through), which is how a
@@ -29,21 +33,18 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import torch
-
-from .kv_cache import KVCache
+from .kv_cache import Entries, KVCache
 from .slots import Holder, Slots
 
 
 @dataclass
 class Saved:
     tokens: list[int]
-    k: torch.Tensor
-    v: torch.Tensor
+    entries: Entries
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return self.entries.nbytes
 
 
 @dataclass
@@ -107,8 +108,9 @@ class PrefixCache:
         limit = len(prompt) - 1 if self.enabled else 0
         released = self.slots.released
 
-        def match(tokens: list[int]) -> int:
-            return min(limit, common_prefix(tokens, prompt)) if limit > 0 else 0
+        def match(tokens: list[int], front: int = 0) -> int:
+            n = min(limit, common_prefix(tokens, prompt)) if limit > 0 else 0
+            return n if self.cache.resumable(front, n) else 0  # (sliding layers: the window before n is held)
 
         policy = owner.kv.policy if getattr(owner, "kv", None) is not None else None
 
@@ -117,14 +119,15 @@ class PrefixCache:
             ok = policy == self.policies[s] and 0 < len(held) <= limit and common_prefix(held, prompt) == len(held)
             return len(held) if ok else 0
 
-        here = {s: continues(s) if self.cache.compacted[s] else match(self.contents[s]) for s in free}
+        front = self.cache.front
+        here = {s: continues(s) if self.cache.compacted[s] else match(self.contents[s], front[s]) for s in free}
         slot = max(free, key=lambda s: (here[s], -released[s]))  # continue a slot in place
         source, found = None, here[slot]
         for s in self.slots.owners:  # or copy from a running sequence, or from host memory, if that gives more
-            if (n := match(self.holding(s))) > found:
+            if (n := match(self.holding(s), front[s])) > found:
                 source, found = s, n
         for key, entry in self.saved.items():
-            if (n := match(entry.tokens)) > found:
+            if (n := match(entry.tokens, entry.entries.front)) > found:
                 source, found = ("saved", key), n
         hit = Hit(slot, found)
         if isinstance(source, tuple):
@@ -136,8 +139,10 @@ class PrefixCache:
             hit.slot = slot = min(free, key=lambda s: (len(self.contents[s]) > 0, released[s]))  # least recently freed
         if self.cache.compacted[slot]:
             hit.reset = source is not None or found == 0  # compacted entries nobody continues
-        elif len(self.contents[slot]) - (0 if source is not None else found) >= self.min_tokens and self._worth_saving(
-            self.contents[slot]
+        elif (
+            len(self.contents[slot]) - (0 if source is not None else found) >= self.min_tokens
+            and self.cache.resumable(front[slot], len(self.contents[slot]))
+            and self._worth_saving(self.contents[slot])
         ):
             hit.evict = self.contents[slot]  # what is about to be overwritten goes to host memory
         self.contents[slot] = []
@@ -175,14 +180,14 @@ class PrefixCache:
                 return False
         return True
 
-    def remember(self, tokens: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+    def remember(self, tokens: list[int], entries: Entries) -> None:
         """Put saved entries of `tokens` into the host LRU, dropping entries they cover and the oldest
         beyond the byte budget."""
         for key, entry in list(self.saved.items()):
             if common_prefix(entry.tokens, tokens) == len(entry.tokens):  # the new entry covers this one
                 self._drop(key)
         self._keys += 1
-        self.saved[self._keys] = Saved(list(tokens), k, v)
+        self.saved[self._keys] = Saved(list(tokens), entries)
         self.saved_bytes += self.saved[self._keys].nbytes
         while self.saved_bytes > self.budget:
             self._drop(next(iter(self.saved)))

@@ -56,9 +56,9 @@ class ModelRunner:
         if hit.reset:
             cache.reset(slot)
         if hit.evict:
-            self.prefix.remember(hit.evict, *cache.save(slot, len(hit.evict)))
+            self.prefix.remember(hit.evict, cache.save(slot, len(hit.evict)))
         if hit.saved is not None:
-            cache.load(slot, hit.saved.k.to(cache.k.device), hit.saved.v.to(cache.k.device), hit.found)
+            cache.load(slot, hit.saved.entries.to(cache.k.device), hit.found)
         elif hit.source is not None:
             cache.copy(hit.source, slot, hit.found)
         else:
@@ -111,6 +111,8 @@ class ModelRunner:
     def forward(self, tasks: list[Task]) -> Forward:
         """One target forward over every task's rows; each slot then holds its rows' entries."""
         segments = [self._segment(t) for t in tasks]
+        for seg in segments:  # sliding layers forget what no row can see any more
+            self.cache.slide(seg.slot)
         batch = Batch(segments, self.cache, exact=self.exact)
         t0 = time.perf_counter()
         logits = self.model(batch, self.cache)

@@ -119,9 +119,11 @@ class Scheduler:
             if other is seq or other.slot is None or self.prefix.cache.compacted[other.slot]:
                 continue  # (a slot whose policy dropped entries holds no exact prefix)
             n = min(limit, common_prefix(other.tokens, seq.tokens))
-            if min(n, other.computed) > held:
-                held, source = min(n, other.computed), other
-            soon = max(soon, min(n, reach.get(other.id, other.computed)))
+            front, resumable = self.prefix.cache.front[other.slot], self.prefix.cache.resumable
+            if min(n, other.computed) > held and resumable(front, min(n, other.computed)):
+                held, source = min(n, other.computed), other  # (sliding layers: while the window is held)
+            if resumable(front, m := min(n, reach.get(other.id, other.computed))):
+                soon = max(soon, m)
         copy = None
         if source is not None and held - seq.computed >= self.prefix.min_tokens:
             seq.stats.cached_tokens += held - seq.computed

@@ -238,7 +238,7 @@ def make_drafter(spec: str, target: Transformer, tokenizer: Tokenizer, target_pa
         return ModelDrafter(target, vocab, f"early-exit:{layers}", n_layers=int(layers))
     if spec.startswith("eagle:"):  # a trained EAGLE head (gearshift distill --head eagle)
         head = load_head(Path(spec[len("eagle:") :]), target_path, target)
-        return EagleDrafter(head, target.embed, spec, forward_costs(target, str(target_path)))
+        return EagleDrafter(head, target.embed_rows, spec, forward_costs(target, str(target_path)))
     if spec.startswith("model:"):
         # a draft only has to be fast (verification keeps the output exact): int8 on a CPU
         draft = load(

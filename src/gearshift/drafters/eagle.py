@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -150,7 +151,7 @@ class EagleDrafter:
     def __init__(
         self,
         head: EagleHead,
-        embed: torch.Tensor,
+        embed: Callable[[torch.Tensor], torch.Tensor],
         name: str,
         costs: CostModel | None = None,
         max_nodes: int = 32,
@@ -179,7 +180,7 @@ class EagleDrafter:
 
     def reset(self, prompt: list[int]) -> None:
         n = min(self.head.cfg.max_seq_len, len(prompt) + 4096)
-        dev = self.embed.device
+        dev = self.head.norm.weight.device
         if self.feats is None or len(self.feats) < n:
             self.feats = torch.zeros(n, self.head.cfg.dim, device=dev)
             self.k = torch.zeros(n, self.kvh, self.hd, device=dev)
@@ -244,12 +245,12 @@ class EagleDrafter:
         # (done >= last: nothing new since the last draft, which a step loop never asks for)
         if k <= 0 or self.have < last or last < 1 or self.done >= last or last + self.depth + 1 >= len(self.feats):
             return Proposal([])
-        head, dev = self.head, self.embed.device
+        head, dev = self.head, self.head.norm.weight.device
         t0 = time.perf_counter()
         # the context pairs (feature i, token i+1) not read yet, the root's pair last
         pos = torch.arange(self.done, last, device=dev)
         ids = torch.tensor(context[self.done + 1 : last + 1], device=dev)
-        h_root = head.step(self.feats[self.done : last], self.embed[ids], pos, self._ctx_attend(pos))[-1:]
+        h_root = head.step(self.feats[self.done : last], self.embed(ids), pos, self._ctx_attend(pos))[-1:]
         self.done = last
         # the tree: nodes in creation order (parents first), scores = cumulative draft probability
         tokens, parents, scores = [], [], []
@@ -290,7 +291,7 @@ class EagleDrafter:
             ids = torch.tensor([tokens[node] for node, _, _ in grow], device=dev)
             parent_h = torch.stack([self._parent_h(node, frontier, parents) for node, _, _ in grow])
             pos = torch.full((len(grow),), last + depth, device=dev)
-            h = head.step(parent_h, self.embed[ids], pos, self._tree_attend(tree_k, tree_v, anc))
+            h = head.step(parent_h, self.embed(ids), pos, self._tree_attend(tree_k, tree_v, anc))
             frontier = [(node, h[j], s, anc_rows[j]) for j, (node, s, _) in enumerate(grow)]
             self.per_depth = 0.9 * self.per_depth + 0.1 * (time.perf_counter() - t1 + spent / (depth + 1))
         keep = self._size(scores, k, time.perf_counter() - t0)

@@ -118,7 +118,7 @@ def train_eagle(llm, cfg: DistillConfig, vocab_size: int = 8192) -> dict:
     head = make_trainable(head).to(model.device)
     for p in [head.vocab, head.lm_head]:
         p.requires_grad_(False)
-    embed = model.embed.float()
+    embed = model.embed_rows(torch.arange(model.cfg.vocab_size, device=model.device)).float()
     torch.manual_seed(cfg.seed)
     t2 = time.perf_counter()
     summary = train(head, lambda b: eagle_loss(head, model.norm, embed, b), data, cfg)
