@@ -14,11 +14,14 @@ from tokenizers import models, pre_tokenizers
 
 from gearshift import LLM
 from gearshift.loading import load
+from gearshift.tools import llama_cpp
+from gearshift.tools.bench import agreement
 from tiny import TINY_DIMS, randomize
 
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 96
+LLAMA_CPP = llama_cpp.default_dir()  # the user's build, looked up before the session moves $GEARSHIFT_HOME
 COMMON = dict(
     vocab_size=VOCAB,
     **TINY_DIMS,
@@ -205,6 +208,22 @@ def test_llama_cpp_gguf_of_a_tiny_model_runs_like_its_safetensors(
     la, lb = a.run(ids, a.new_cache(1, 64)), b.run(ids, b.new_cache(1, 64))
     assert torch.allclose(la, lb, atol=1e-5, rtol=1e-5), (name, (la - lb).abs().max())
     assert torch.equal(la.argmax(-1), lb.argmax(-1))
+    if llama_cpp.binary("llama-server", LLAMA_CPP) is None:
+        return  # (llama.cpp is not built here: `gearshift build-llama-cpp`)
+    # the same GGUF through llama.cpp (float32 weights and KV cache): greedy tokens agree until a
+    # near-tie, where llama.cpp's float16 GELU table and float32 RoPE angles may decide otherwise
+    llm = LLM(from_gguf)
+    prompts = [ids[:5], ids[:30]]
+    ours = [llm.generate(p, max_tokens=16, temperature=0, ignore_eos=True).token_ids for p in prompts]
+    extra = ["-ctk", "f32", "-ctv", "f32"]
+    with llama_cpp.Server(gguf_path, threads=torch.get_num_threads(), ctx=128, prefix=LLAMA_CPP, extra=extra) as s:
+        theirs = [s.complete(p, 16, ignore_eos=True)["tokens"] for p in prompts]
+    result = agreement(llm, prompts, ours, theirs, 16)
+    for row in result["prompts"]:
+        assert row["of"] == 16 and (row["agree"] == 16 or (row["theirs_rank"] == 1 and row["gap_to_theirs"] < 0.01)), (
+            name,
+            row,
+        )
 
 
 def test_what_is_not_supported_is_a_one_line_error(tmp_path):

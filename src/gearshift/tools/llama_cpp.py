@@ -310,7 +310,7 @@ class Server:
                 self.proc.wait()
         self.log.close()
 
-    def complete(self, ids: list[int], max_tokens: int) -> dict:
+    def complete(self, ids: list[int], max_tokens: int, ignore_eos: bool = False) -> dict:
         """Greedy completion of token ids, no prompt cache: {"tokens", "seconds"} (client wall time)."""
         body = json.dumps(
             {
@@ -320,6 +320,7 @@ class Server:
                 "top_k": 1,
                 "cache_prompt": False,
                 "return_tokens": True,
+                "ignore_eos": ignore_eos,
             }
         ).encode()
         req = urllib.request.Request(self.url + "/completion", data=body, headers={"Content-Type": "application/json"})
