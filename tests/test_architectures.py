@@ -176,10 +176,11 @@ def convert():
     return llama_cpp.convert_hf
 
 
-# Left out, because the borrowed BPE tokenizer does not get through the converter for them: qwen2
-# (read through transformers' Qwen2 class, whose pre-tokenizer hash it then does not know) and
-# phi3 (its converter wants a SentencePiece tokenizer.model)
-GGUF_ARCHS = [a for a in ARCHS if a not in ("qwen2", "phi3", "phi3-longrope")]
+# Left out: qwen2, because the borrowed BPE tokenizer does not get through the converter for it
+# (transformers 5 reads it through its Qwen2 class whatever tokenizer_config.json says, and the
+# converter does not know that pre-tokenizer's hash). Phi-3's converter reads a GPT-2 BPE tokenizer
+# where tokenizer_config.json names one (Phi-4's path), else it wants SentencePiece's tokenizer.model
+GGUF_ARCHS = [a for a in ARCHS if a != "qwen2"]
 # A GGUF says less than a Gemma 3 or SmolLM3 config: llama.cpp takes every sixth Gemma layer as
 # global and scales attention by head_dim (`loading._gguf_gemma3`), and every fourth SmolLM3 layer as
 # NoPE, so the models converted are of that shape
@@ -197,6 +198,9 @@ def test_llama_cpp_gguf_of_a_tiny_model_runs_like_its_safetensors(
     path (llama.cpp's names, q/k row order, RoPE metadata) must give the safetensors path's logits."""
     hf_dir = tmp_path / "hf"
     tiny_hf(hf_dir, name, seed=3, tokenizer=smollm2_tokenizer, **GGUF_OVERRIDES.get(name, {}))
+    if name.startswith("phi3"):
+        config = json.loads((hf_dir / "tokenizer_config.json").read_text())
+        (hf_dir / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "GPT2Tokenizer"}))
     gguf_path = convert(hf_dir, tmp_path / "tiny.gguf")
     from_hf, from_gguf = (load(p, weights="float32", use_cache=False) for p in (hf_dir, gguf_path))
     text = "Hello world, it's 2026: tokens; émigré!"
@@ -208,8 +212,11 @@ def test_llama_cpp_gguf_of_a_tiny_model_runs_like_its_safetensors(
     la, lb = a.run(ids, a.new_cache(1, 64)), b.run(ids, b.new_cache(1, 64))
     assert torch.allclose(la, lb, atol=1e-5, rtol=1e-5), (name, (la - lb).abs().max())
     assert torch.equal(la.argmax(-1), lb.argmax(-1))
-    if llama_cpp.binary("llama-server", LLAMA_CPP) is None:
-        return  # (llama.cpp is not built here: `gearshift build-llama-cpp`)
+    if llama_cpp.binary("llama-server", LLAMA_CPP) is None or name == "phi3-longrope":
+        # (llama.cpp is not built here: `gearshift build-llama-cpp`. LongRoPE: llama.cpp picks the
+        # long or the short factors once, by its context size, not per position as transformers
+        # does; for this 64-position model it ran the long ones and parted at the first token)
+        return
     # the same GGUF through llama.cpp (float32 weights and KV cache): greedy tokens agree until a
     # near-tie, where llama.cpp's float16 GELU table and float32 RoPE angles may decide otherwise
     llm = LLM(from_gguf)

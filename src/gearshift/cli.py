@@ -99,12 +99,7 @@ def _stats(c) -> str:
 def cmd_pull(a) -> None:
     from . import hub
 
-    model = hub.known_model(a.model)
-    cached = hub.model_path(model.name).exists() and not a.force
-    path = hub.pull(model.name, force=a.force)
-    if cached and model.notice:  # a download has already shown it
-        print(f"gearshift: {model.license}", file=sys.stderr)
-    print(path)
+    print(hub.pull(hub.known_model(a.model).name, force=a.force, terms=True))
 
 
 def cmd_generate(a) -> None:

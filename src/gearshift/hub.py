@@ -126,11 +126,15 @@ def default_model_path() -> Path:
     return model_path(None)
 
 
-def pull(name: str | None = None, force: bool = False, quiet: bool = False) -> Path:
-    """Fetch a known model (None: the default) into the cache, idempotently, and return its path."""
+def pull(name: str | None = None, force: bool = False, quiet: bool = False, terms: bool = False) -> Path:
+    """Fetch a known model (None: the default) into the cache, idempotently, and return its path.
+    Terms the user must agree to (`KnownModel.notice`) are shown when it downloads, and with `terms`
+    (`gearshift pull`) when it is already there."""
     model = known_model(name)
     dest = model_path(model.name)
     if dest.exists() and not force:
+        if terms and model.notice and not quiet:
+            print(f"gearshift: {model.license}", file=sys.stderr)
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     requirements = [req for req, _ in model.pieces]

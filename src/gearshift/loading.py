@@ -171,13 +171,16 @@ def read_gguf(path: Path) -> Checkpoint:
         cfg.rope_scaling = {"rope_type": "linear", "factor": a("rope.scaling.factor")}
     elif scaling not in (None, "none"):
         raise GearshiftError(f"unsupported RoPE scaling {scaling!r} in {path.name}")
-    tensors, bits, counts = {}, {}, {}
+    tensors, bits, counts, longrope = {}, {}, {}, {}
     for t in reader.tensors:
         qtype = t.tensor_type
         arr = gguf.quants.dequantize(t.data, qtype).astype(np.float32, copy=False)
         arr = arr.reshape(tuple(reversed([int(d) for d in t.shape])))
         if t.name == "rope_freqs.weight":
             cfg.rope_scaling = {"rope_type": "freq_factors", "factors": arr.tolist()}
+            continue
+        if t.name in ("rope_factors_short.weight", "rope_factors_long.weight"):  # Phi-3-*-128k's LongRoPE
+            longrope[t.name.split(".")[0].removeprefix("rope_factors_") + "_factor"] = arr.tolist()
             continue
         name = _hf_name(t.name, arch)
         if arch == "phi3" and t.name.endswith("ffn_up.weight"):  # gate and up, fused
@@ -192,6 +195,10 @@ def read_gguf(path: Path) -> Checkpoint:
             counts[qtype.name] = counts.get(qtype.name, 0) + arr.size
     if arch == "phi3":
         _split_fused(tensors, bits, cfg)
+    if longrope:  # as the HF reader takes it: the short factors, within the pretraining length
+        longrope["original_max_position_embeddings"] = a("rope.scaling.original_context_length")
+        longrope["attention_factor"] = a("rope.scaling.attn_factor")
+        cfg.rope_scaling, cfg.max_seq_len = _longrope({}, longrope, cfg.max_seq_len)
     tok_dir = Path(tempfile.mkdtemp(prefix="gearshift-tok-"))
     _convert_gguf_tokenizer(path, tok_dir)
     if arch == "gemma3" and not (tok_dir / "chat_template.jinja").exists():
