@@ -385,6 +385,15 @@ def test_sliding_layers_hold_only_their_window(impl, weights, tmp_path, monkeypa
     turn += second.token_ids + b[:3]
     third = chat.generate(turn, max_tokens=20, temperature=0)
     assert third.token_ids == alone(turn, 20) and third.stats.cached_tokens == len(saved.tokens)
+    # a longer saved entry whose sliding layers moved on does not cover a shorter one it cannot serve:
+    # a branch from the shorter one's end still finds it
+    branch = LLM(loaded, max_num_seqs=1)
+    t1 = a[:20] + branch.generate(a[:20], max_tokens=5, temperature=0).token_ids
+    branch.generate(b[:20], max_tokens=3, temperature=0)  # t1's entries go to host memory
+    branch.generate(t1 + b, max_tokens=5, temperature=0)
+    branch.generate(b[:21], max_tokens=3, temperature=0)  # and t1 + b's, which slid past t1's end
+    fork = branch.generate(t1 + b[:6], max_tokens=10, temperature=0)
+    assert fork.stats.cached_tokens == len(t1) - 1 and fork.token_ids == alone(t1 + b[:6], 10)
 
     shared = [a + b + [5, 6, 7], a + b + [9, 1]]  # read 4 tokens a step: the second copies from the first
     out = LLM(loaded, max_num_seqs=2, max_batched_tokens=4).generate(shared, max_tokens=20, temperature=0)

@@ -107,9 +107,13 @@ def memory_bandwidth(megabytes: int = 512, reps: int = 5) -> float:
 def bytes_per_token(model: Transformer, context: int) -> int:
     """Bytes one decode step must read: every weight of the layers and the LM head, one embedding
     row, and the KV cache of `context` earlier tokens (of a sliding-window layer, its window)."""
+    table = ("embed", "embed_q", "embed_d")  # the input embedding table: one row of it is read
     weights = sum(
-        b.numel() * b.element_size() for name, b in model.named_buffers() if name != "embed" and "inv_freq" not in name
+        b.numel() * b.element_size()
+        for name, b in model.named_buffers()
+        if name not in table and "inv_freq" not in name
     )
+    row = sum(b[0].numel() * b.element_size() for name, b in model.named_buffers() if name in table)
     entry = 2 * model.cfg.n_kv_heads * model.cfg.head_dim * model.dtype.itemsize  # one layer, one position
     read = sum(context if w is None else min(context, w) for w in model.cfg.windows)  # sliding layers: the window
-    return weights + model.cfg.dim * model.dtype.itemsize + read * entry
+    return weights + row + read * entry

@@ -172,6 +172,12 @@ class KVCache:
         """What to subtract from a token position for the layer's slot position in `slot`."""
         return self.front[slot] if self.windows[layer] else 0
 
+    def saved_bytes(self, front: int, n: int) -> int:
+        """Bytes of `save`'s copy of n token positions whose sliding layers start at `front`."""
+        sliding = len(self.sliding)
+        per_layer = self.entry_bytes * self.k.shape[3]
+        return ((len(self.windows) - sliding) * n + sliding * max(n - front, 0)) * per_layer
+
     def resumable(self, front: int, n: int) -> bool:
         """Whether entries whose sliding layers start at token position `front` can go on from
         position n: the next row there sees the window before it (at position 0, nothing)."""
@@ -366,7 +372,10 @@ class KVCache:
         """The global layers and the sliding ones (as index tensors), each with its offset in `slot`."""
         dev = self.k.device
         glob = [i for i, w in enumerate(self.windows) if not w]
-        return [(torch.tensor(glob, device=dev), 0), (torch.tensor(self.sliding, device=dev), self.front[slot])]
+        return [
+            (torch.tensor(glob, dtype=torch.long, device=dev), 0),
+            (torch.tensor(self.sliding, dtype=torch.long, device=dev), self.front[slot]),
+        ]
 
     def copy(self, src: int, dst: int, n: int, start: int = 0) -> None:
         """Give slot `dst` positions start..n of slot `src` (a prefix shared by two sequences;
@@ -392,10 +401,15 @@ class KVCache:
         """A copy of the slot's entries for its first n token positions, in host memory by default."""
         if not self.sliding:
             return Entries(*(x[:, slot, :n].to(device, copy=True) for x in (self.k, self.v)), *self._none(device))
-        (glob, _), (sliding, f) = self._groups(slot)
+        f, sliding = self.front[slot], self.sliding
+        glob = [i for i in range(len(self.windows)) if i not in sliding]
+
+        def copy(x: torch.Tensor, layers: list[int], m: int) -> torch.Tensor:  # (layer by layer: no device copy)
+            return torch.stack([x[i, slot, :m].to(device) for i in layers]) if layers else self._none(device)[0]
+
         return Entries(
-            *(x[glob, slot, :n].to(device) for x in (self.k, self.v)),
-            *(x[sliding, slot, : max(n - f, 0)].to(device) for x in (self.k, self.v)),
+            *(copy(x, glob, n) for x in (self.k, self.v)),
+            *(copy(x, sliding, max(n - f, 0)) for x in (self.k, self.v)),
             front=f,
         )
 

@@ -142,7 +142,7 @@ class PrefixCache:
         elif (
             len(self.contents[slot]) - (0 if source is not None else found) >= self.min_tokens
             and self.cache.resumable(front[slot], len(self.contents[slot]))
-            and self._worth_saving(self.contents[slot])
+            and self._worth_saving(self.contents[slot], front[slot])
         ):
             hit.evict = self.contents[slot]  # what is about to be overwritten goes to host memory
         self.contents[slot] = []
@@ -169,13 +169,15 @@ class PrefixCache:
         self.contents[slot] = list(tokens) if self.enabled else []
         return tokens
 
-    def _worth_saving(self, tokens: list[int]) -> bool:
-        """Whether the host LRU should take `tokens`' entries (within the budget, not already held)."""
+    def _worth_saving(self, tokens: list[int], front: int = 0) -> bool:
+        """Whether the host LRU should take `tokens`' entries, whose sliding layers start at token
+        `front` (within the budget, not already held: a longer entry holds them if it can go on from
+        where they end, `KVCache.resumable`)."""
         n = len(tokens)
-        if not self.enabled or n * self.cache.bytes_per_token > self.budget:
+        if not self.enabled or self.cache.saved_bytes(front, n) > self.budget:
             return False
         for key, entry in self.saved.items():
-            if common_prefix(entry.tokens, tokens) == n:  # already saved, as part of a longer entry
+            if common_prefix(entry.tokens, tokens) == n and self.cache.resumable(entry.entries.front, n):
                 self.saved.move_to_end(key)
                 return False
         return True
@@ -184,8 +186,9 @@ class PrefixCache:
         """Put saved entries of `tokens` into the host LRU, dropping entries they cover and the oldest
         beyond the byte budget."""
         for key, entry in list(self.saved.items()):
-            if common_prefix(entry.tokens, tokens) == len(entry.tokens):  # the new entry covers this one
-                self._drop(key)
+            n = len(entry.tokens)
+            if common_prefix(entry.tokens, tokens) == n and self.cache.resumable(entries.front, n):
+                self._drop(key)  # the new entry covers this one
         self._keys += 1
         self.saved[self._keys] = Saved(list(tokens), entries)
         self.saved_bytes += self.saved[self._keys].nbytes
