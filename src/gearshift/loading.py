@@ -196,6 +196,8 @@ def read_gguf(path: Path) -> Checkpoint:
     if arch == "phi3":
         _split_fused(tensors, bits, cfg)
     if longrope:  # as the HF reader takes it: the short factors, within the pretraining length
+        if "short_factor" not in longrope or not a("rope.scaling.original_context_length"):
+            raise GearshiftError(f"{path.name} has LongRoPE factors without rope_factors_short or its original length")
         longrope["original_max_position_embeddings"] = a("rope.scaling.original_context_length")
         longrope["attention_factor"] = a("rope.scaling.attn_factor")
         cfg.rope_scaling, cfg.max_seq_len = _longrope({}, longrope, cfg.max_seq_len)
