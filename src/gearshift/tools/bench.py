@@ -85,7 +85,13 @@ def run_quick(
         for name in ("gearshift", "gearshift-float32"):
             eng[name]["identical_to_transformers"] = sum(o == r for o, r in zip(eng[name]["outputs"], ref)) / len(ref)
     threads = torch.get_num_threads()
-    results["prefill_tok_per_s"] = {str(n): _prefill_rate(llm, n) for n in PREFILL_LENGTHS}
+    prefill = {str(n): _prefill_rate(llm, n) for n in PREFILL_LENGTHS}
+    results["prefill_tok_per_s"] = {n: rate for n, (rate, _) in prefill.items()}
+    # what the slot holds after each prompt (a sliding-window layer: its window, `kv_cache.KVCache.slide`)
+    # beside every position of every layer
+    results["kv_cache_mib"] = {
+        n: {"held": st.kv_bytes / 2**20, "every_position": st.kv_full_bytes / 2**20} for n, (_, st) in prefill.items()
+    }
     if path.is_file() and llama_cpp.binary("llama-server", llama_cpp_dir):
         with llama_cpp.Server(path, threads, prefix=llama_cpp_dir) as server:
             eng["llama.cpp"] = {
@@ -157,12 +163,13 @@ VERIFY_SIZES = (1, 2, 4, 8, 16)
 PREFILL_LENGTHS = (512, 4096)
 
 
-def _prefill_rate(llm: LLM, n: int, reps: int = 2) -> float:
+def _prefill_rate(llm: LLM, n: int, reps: int = 2) -> tuple[float, object]:
     """Prompt tokens/s reading an n-token prompt (random tokens, prefix cache off): n over the
-    time to the first token, best of `reps`, as llama.cpp's ppN measures prompt processing."""
+    time to the first token, best of `reps`, as llama.cpp's ppN measures prompt processing; and the
+    last completion's stats (what its KV cache held)."""
     ids = torch.randint(0, llm.model.cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()
-    best = min(llm.generate(ids, max_tokens=1).stats.timing.ttft_s for _ in range(reps))
-    return n / best
+    runs = [llm.generate(ids, max_tokens=1).stats for _ in range(reps)]
+    return n / min(st.timing.ttft_s for st in runs), runs[-1]
 
 
 def _print_quick(r: dict) -> None:
@@ -204,6 +211,12 @@ def _print_quick(r: dict) -> None:
             else ""
         )
         print("prefill tok/s: " + ", ".join(f"{k} tokens: {v:.0f}" for k, v in pf.items()) + extra)
+    if "kv_cache_mib" in r:
+        kv = r["kv_cache_mib"]
+        print(
+            "KV cache after the prompt: "
+            + ", ".join(f"{k} tokens: {v['held']:.1f} MiB held of {v['every_position']:.1f}" for k, v in kv.items())
+        )
     if "roofline" in r:
         rf = r["roofline"]
         print(
