@@ -21,7 +21,7 @@ A sliding-window layer (`KVCache.windows`, Gemma 3) attends, for each row, only 
 positions up to its own (a tree node: up to its depth below the root), the positions transformers'
 and llama.cpp's masks give it; it holds only what rows can still see, from token position
 `KVCache.front[slot]` on at the front of the slot, so its writes, rows and reads are all that many
-positions lower (`Batch.sliding`, `KVCache.offset`).
+positions lower (`Batch.native_io`, `KVCache.offset`).
 
 Token trees (speculative decoding) are rows too: a tree node sits at its depth below the root,
 and before it attends, its ancestors' entries are laid out after the prefix exactly as plain
@@ -89,7 +89,7 @@ class Batch:
         dev = cache.k.device
         if len({s.slot for s in segments}) != len(segments):
             raise ValueError("two segments of one batch write the same cache slot")
-        tokens, positions, write, write_sliding, out, runs = [], [], [], [], [], []
+        tokens, positions, write, out, runs = [], [], [], [], []
         self.out_slices: list[slice] = []  # per segment: its rows in the output
         self.capture: dict[int, slice] = {}  # segment index -> its rows whose queries are kept
         self.feature_rows: dict[int, slice] = {}  # segment index -> its rows in `features`
@@ -115,9 +115,7 @@ class Batch:
                 feature_index += range(row, row + len(seg.tokens))
             if seg.capture_from is not None:  # plain rows only: a draft's rows may be rejected
                 self.capture[i] = slice(row + seg.capture_from, row + n_plain)
-            at = seg.slot * cache.max_len + start
-            write += range(at, at + len(seg.tokens))
-            write_sliding += range(at - cache.front[seg.slot], at - cache.front[seg.slot] + len(seg.tokens))
+            write += range(seg.slot * cache.max_len + start, seg.slot * cache.max_len + start + len(seg.tokens))
             first = len(out)
             if seg.logits_from is not None:
                 out += range(row + seg.logits_from, row + len(seg.tokens))
@@ -144,13 +142,17 @@ class Batch:
         native = exact and self.paths.attention
         self.native = (kernels.attend_q() if self.quantized else kernels.attend()) if native else None
         self._sliding: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self.front = torch.tensor([cache.front[s.slot] for s in segments], dtype=torch.long)  # per segment
+        front = torch.tensor([cache.front[s.slot] for s in segments], dtype=torch.long)  # per segment
+        # per row: what a sliding layer subtracts from its positions (None: nothing)
+        self.row_front = (
+            front.repeat_interleave(torch.tensor([len(s.tokens) for s in segments])) if front.any() else None
+        )
         if self.native is not None:
             self.native_rows, self.native_extra = self._native_rows()
         self.tokens = torch.tensor(tokens, device=dev)
         self.positions = torch.tensor(positions, device=dev)
         self.write = torch.tensor(write, device=dev)
-        self.write_sliding = self.write if not self.front.any() else torch.tensor(write_sliding, device=dev)
+        self.write_sliding = self.write if self.row_front is None else self.write - self.row_front.to(dev)
         self.out = None if len(out) == len(tokens) else torch.tensor(out, dtype=torch.long, device=dev)
         self.masks = None if exact else [self._mask(run, len(seg.tokens), dev) for seg, run in zip(segments, runs)]
 
@@ -171,32 +173,33 @@ class Batch:
     def _native_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """For the native kernel: per row (slot, n, e0, e1): it attends positions 0..n-1 of its slot,
         then extra[e0:e1] (a tree node's ancestors below the root, and itself, where they were written)."""
-        rows, extra, self._extra_segment = [], [], []
-        for s, run in enumerate(self.runs):
+        rows, extra, self._extra_row = [], [], []
+        for run in self.runs:
             rows += [(run.slot, run.start + i + 1, 0, 0) for i in range(run.n_plain)]
             base = run.start + run.n_plain - 1
             for path in (run.paths or [])[1:]:
                 rows.append((run.slot, base + 1, len(extra), len(extra) + len(path) - 1))
                 extra += [base + node for node in path[1:]]
-                self._extra_segment += [s] * (len(path) - 1)
+                self._extra_row += [len(rows) - 1] * (len(path) - 1)
         return torch.tensor(rows, dtype=torch.long), torch.tensor(extra, dtype=torch.long)
 
-    def sliding(self, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A sliding-window layer's write positions, native rows and extra entries, made once per
-        step: rows get a fifth column, the first position each attends (its keys are positions
-        lo..n-1 and then its extra entries), and every position is in the layer's slot positions
-        (`KVCache.front` lower)."""
+    def native_io(self, window: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A layer's write positions, native rows and extra entries. A sliding-window layer's are
+        made once per step: rows get a fifth column, the first position each attends (its keys are
+        positions lo..n-1 and then its extra entries), and every position is in the layer's slot
+        positions (`KVCache.front` lower)."""
+        if window is None:
+            return self.write, self.native_rows, self.native_extra
         if window not in self._sliding:
             r = self.native_rows.clone()
             pos = r[:, 1] + r[:, 3] - r[:, 2]  # keys the row sees without a window (itself included)
             r[:, 2] = torch.maximum(r[:, 2], r[:, 3] - window)  # a node deeper than the window: its last ancestors
             r = torch.cat([r, (pos - window).clamp(min=0)[:, None]], 1)
             extra = self.native_extra
-            if self.front.any():
-                front = self.front.repeat_interleave(torch.tensor([len(s.tokens) for s in self.segments]))
-                r[:, 1] -= front
-                r[:, 4] = (r[:, 4] - front).clamp(min=0)
-                extra = extra - self.front[torch.tensor(self._extra_segment, dtype=torch.long)]
+            if self.row_front is not None:
+                r[:, 1] -= self.row_front
+                r[:, 4] = (r[:, 4] - self.row_front).clamp(min=0)
+                extra = extra - self.row_front[torch.tensor(self._extra_row, dtype=torch.long)]
             self._sliding[window] = (self.write_sliding, r.contiguous(), extra)
         return self._sliding[window]
 
@@ -225,7 +228,7 @@ def cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, la
     if batch.native is not None:
         holes = batch.holes[layer] if batch.holes is not None else NO_HOLES
         quant = cache.quantized_layer(layer) if batch.quantized else ()
-        _, rows, extra = (None, batch.native_rows, batch.native_extra) if window is None else batch.sliding(window)
+        _, rows, extra = batch.native_io(window)
         return batch.native(q, cache.k[layer], cache.v[layer], rows, extra, holes, *quant)
     if not batch.exact:
         return batched(q, cache, layer, batch)

@@ -204,7 +204,7 @@ def _sliding_info(cfg, entry: int) -> str:
     from .kv_cache import MOVE_EVERY, ROLLBACK
 
     n = sum(map(bool, cfg.windows))
-    most = max(w or 0 for w in cfg.windows) - 1 + ROLLBACK + MOVE_EVERY + EngineConfig.max_batched_tokens
+    most = cfg.sliding_window - 1 + ROLLBACK + MOVE_EVERY + EngineConfig.max_batched_tokens
     most = min(cfg.max_seq_len, most)
     return (
         f"{cfg.sliding_window} positions in {n} of {cfg.n_layers} layers; they hold at most {most} positions "

@@ -163,10 +163,20 @@ class KVCache:
         return [i for i, w in enumerate(self.windows) if w]
 
     @property
+    def global_layers(self) -> list[int]:
+        """The layers without one: they hold every position."""
+        return [i for i, w in enumerate(self.windows) if not w]
+
+    @property
+    def window(self) -> int:
+        """The longest attention window (0: none)."""
+        return max(w or 0 for w in self.windows)
+
+    @property
     def keep_back(self) -> int:
         """Positions before the next row the sliding layers keep when they slide: the longest
         window's, less the row itself, and `ROLLBACK` more."""
-        return max(w or 0 for w in self.windows) - 1 + ROLLBACK
+        return self.window - 1 + ROLLBACK
 
     def offset(self, layer: int, slot: int) -> int:
         """What to subtract from a token position for the layer's slot position in `slot`."""
@@ -174,25 +184,25 @@ class KVCache:
 
     def saved_bytes(self, front: int, n: int) -> int:
         """Bytes of `save`'s copy of n token positions whose sliding layers start at `front`."""
-        sliding = len(self.sliding)
         per_layer = self.entry_bytes * self.k.shape[3]
-        return ((len(self.windows) - sliding) * n + sliding * max(n - front, 0)) * per_layer
+        return (len(self.global_layers) * n + len(self.sliding) * max(n - front, 0)) * per_layer
 
     def resumable(self, front: int, n: int) -> bool:
         """Whether entries whose sliding layers start at token position `front` can go on from
         position n: the next row there sees the window before it (at position 0, nothing)."""
-        return front == 0 or n == 0 or n - front >= max(w or 0 for w in self.windows) - 1
+        return front == 0 or n == 0 or n - front >= self.window - 1
 
     def slide(self, slot: int) -> None:
         """Before a step: once the sliding layers hold `MOVE_EVERY` positions more than `keep_back`,
         the last `keep_back` move to the front of the slot and the rest are forgotten."""
-        if not self.sliding:
+        sliding = self.sliding
+        if not sliding:
             return
         keep = self.keep_back
         drop = self.lengths[slot] - self.front[slot] - keep
         if drop < MOVE_EVERY:
             return
-        layers = torch.tensor(self.sliding, device=self.k.device)
+        layers = torch.tensor(sliding, device=self.k.device)
         for x in (self.k, self.v):
             x[layers, slot, :keep] = x[layers, slot, drop : drop + keep]  # (the right side is a copy)
         self.front[slot] += drop
@@ -371,9 +381,8 @@ class KVCache:
     def _groups(self, slot: int) -> list[tuple[torch.Tensor, int]]:
         """The global layers and the sliding ones (as index tensors), each with its offset in `slot`."""
         dev = self.k.device
-        glob = [i for i, w in enumerate(self.windows) if not w]
         return [
-            (torch.tensor(glob, dtype=torch.long, device=dev), 0),
+            (torch.tensor(self.global_layers, dtype=torch.long, device=dev), 0),
             (torch.tensor(self.sliding, dtype=torch.long, device=dev), self.front[slot]),
         ]
 
@@ -401,15 +410,14 @@ class KVCache:
         """A copy of the slot's entries for its first n token positions, in host memory by default."""
         if not self.sliding:
             return Entries(*(x[:, slot, :n].to(device, copy=True) for x in (self.k, self.v)), *self._none(device))
-        f, sliding = self.front[slot], self.sliding
-        glob = [i for i in range(len(self.windows)) if i not in sliding]
+        f = self.front[slot]
 
         def copy(x: torch.Tensor, layers: list[int], m: int) -> torch.Tensor:  # (layer by layer: no device copy)
             return torch.stack([x[i, slot, :m].to(device) for i in layers]) if layers else self._none(device)[0]
 
         return Entries(
-            *(copy(x, glob, n) for x in (self.k, self.v)),
-            *(copy(x, sliding, max(n - f, 0)) for x in (self.k, self.v)),
+            *(copy(x, self.global_layers, n) for x in (self.k, self.v)),
+            *(copy(x, self.sliding, max(n - f, 0)) for x in (self.k, self.v)),
             front=f,
         )
 

@@ -479,15 +479,13 @@ class Transformer(nn.Module):
             for i, layer in enumerate(self.layers[:n_layers]):
                 holes = batch.holes[i] if batch.holes is not None else attention.NO_HOLES
                 quant = cache.quantized_layer(i) if batch.quantized else attention.NO_QUANT
-                window = cache.windows[i]
-                io = (batch.write, batch.native_rows, batch.native_extra) if window is None else batch.sliding(window)
                 x = torch.ops.gearshift.block(
                     x,
                     *layer.fused_weights(),
                     cos_sin[id(rots[i])],
                     cache.k[i],
                     cache.v[i],
-                    *io,
+                    *batch.native_io(cache.windows[i]),
                     holes,
                     *quant,
                     *heads,
