@@ -433,9 +433,12 @@ def test_layers_have_no_import_cycle_and_tools_stay_outside_the_core():
 def test_batched_attention_mode_disagrees_only_at_near_ties(llm, alone, capsys):
     """The batched mode (`exact=False`: one masked attention call per sequence) against the exact
     default, teacher-forced on the exact greedy answers: prompt and answer read in one forward
-    each way. Exact logits reproduce every greedy token; the batched ones agree on >= 99% of
-    tokens, and wherever they pick another token the exact top-2 logit gap is below 1e-3
-    (printed: the gaps at every disagreement)."""
+    each way. Exact logits reproduce every greedy token; the batched ones agree on >= 98% of
+    tokens, and wherever they pick another token the exact top-2 logit gap is below 0.1 (printed:
+    the gaps at every disagreement). Near ties at that scale because the int4 layers quantize their
+    inputs to int8: a last-bit difference in attention can move a value across a rounding boundary
+    (a step of max|x| / 127) and the layers after it carry that on (measured: 3 of 256 differ, gaps
+    0.008-0.04; with the int16 inputs before, every gap was below 1e-3)."""
     m, engine = llm.model, LLM(llm.loaded)
     agree, total, gaps = 0, 0, []
     with torch.inference_mode():
@@ -455,5 +458,5 @@ def test_batched_attention_mode_disagrees_only_at_near_ties(llm, alone, capsys):
                 gaps.append(float(top2[0] - top2[1]))
     with capsys.disabled():
         print(f"\nbatched attention: {agree}/{total} greedy tokens agree; exact top-2 gaps where not: {gaps}")
-    assert agree / total >= 0.99
-    assert all(g < 1e-3 for g in gaps), gaps
+    assert agree / total >= 0.98
+    assert all(g < 0.1 for g in gaps), gaps

@@ -32,16 +32,36 @@ def test_int4_layout_recovers_q41_blocks():
     assert not dequantize_int4(tiles)[24:].any()
 
 
+def int8_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] as `linear_q4` quantizes it, in float64, and which blocks got residual codes: int8
+    per block of 32 (scale max|x| / 127), and where a block's largest value is more than 4x its RMS,
+    its residual x - dx q as int8 on a 254x finer scale."""
+    m, k = x.shape
+    xb = x.view(m, k // 32, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    dx, inv = amax / 127, torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    q = torch.round(xb * inv)
+    fine = amax * amax * 32 > 16 * (xb * xb).sum(-1, keepdim=True)
+    left = (xb.double() - q.double() * dx.double()).float()  # one rounding, as the kernel's fnmadd
+    r = torch.clamp(torch.round(left * (254 * inv)), -127, 127)
+    value = torch.where(fine, (254 * q.double() + r.double()) * (dx / 254).double(), q.double() * dx.double())
+    return value.view(m, k), fine.view(m, k // 32)
+
+
 @pytest.mark.parametrize("n,k", [(960, 576), (576, 1536), (40, 64)])
 def test_products_match_float_math_and_rows_are_independent(n, k):
     g = torch.Generator().manual_seed(1)
     w = torch.randn(n, k, generator=g) * 0.05
-    x = torch.randn(13, k, generator=g)
+    x = torch.randn(13, k, generator=g) * (1 + 20 * (torch.rand(13, k, generator=g) < 0.02))  # a few outliers
     tiles = quantize_int4(w)
     y4 = torch.ops.gearshift.linear_q4(x, tiles)[:, :n]
-    ref4 = x.double() @ dequantize_int4(tiles)[:n].double().T
-    # x is quantized to int16 per block of 32 and the weights to 4 bits: close, not exact
-    assert (y4.double() - ref4).norm() / ref4.norm() < 2e-2
+    xq, fine = int8_activations(x)
+    assert 0.1 < fine.float().mean() < 0.9  # both kinds of block
+    ref4 = xq @ dequantize_int4(tiles)[:n].double().T
+    # the same integers; only the float steps (per block, in float32) round
+    assert (y4.double() - ref4).norm() / ref4.norm() < 1e-5
+    exact = x.double() @ dequantize_int4(tiles)[:n].double().T
+    assert (y4.double() - exact).norm() / exact.norm() < 2e-2
     q8, s8 = quantize_int8(w)
     assert torch.equal(unpack_int8(q8)[:n], (w / s8[:n, None]).round().to(torch.int8))  # the layout's inverse
     y8 = torch.ops.gearshift.linear_q8(x, q8, s8)
@@ -52,6 +72,27 @@ def test_products_match_float_math_and_rows_are_independent(n, k):
         full = op(x, *args)
         for rows in (slice(0, 1), slice(5, 6), slice(2, 9), slice(12, 13)):  # every tile shape: 1-3 rows, 4s
             assert torch.equal(op(x[rows].contiguous(), *args), full[rows])
+
+
+def test_an_outlier_block_gets_the_resolution_of_int16():
+    """A block whose scale an outlier sets gets its residual codes: its other values come out ~100x
+    closer than int8 alone would leave them (a step of max|x| / 127)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 64, generator=g)
+    x[:, 3] = 40.0  # block 0 has an outlier, block 1 none
+    w = torch.zeros(32, 64)
+    w[:16, :32] = torch.randn(16, 32, generator=g) * 0.05  # columns 0-15 read block 0, 16-31 block 1
+    w[16:, 32:] = torch.randn(16, 32, generator=g) * 0.05
+    tiles = quantize_int4(w)
+    y = torch.ops.gearshift.linear_q4(x, tiles).double()
+    wd = dequantize_int4(tiles).double()
+    exact = x.double() @ wd.T
+    err = lambda y, cols: ((y[:, cols] - exact[:, cols]).norm() / exact[:, cols].norm()).item()  # noqa: E731
+    assert int8_activations(x)[1].tolist() == [[True, False]] * 4
+    amax = x.view(4, 2, 32).abs().amax(-1, keepdim=True)
+    int8_alone = (torch.round(x.view(4, 2, 32) * 127 / amax) * amax / 127).view(4, 64).double() @ wd.T
+    assert err(y, slice(0, 16)) < err(int8_alone, slice(0, 16)) / 30
+    assert err(y, slice(16, 32)) == pytest.approx(err(int8_alone, slice(16, 32)), rel=1e-3)  # int8 alone there
 
 
 def test_linear_pads_columns_and_matches_pytorch_fallback(monkeypatch):
@@ -72,7 +113,10 @@ def test_linear_pads_columns_and_matches_pytorch_fallback(monkeypatch):
 
 def test_fused_block_matches_the_pytorch_block(llm, monkeypatch):
     """The default model's forward with fused blocks against the same weights through `Block.forward`
-    (the PyTorch ops, native attention): the same math, rounded differently, so close not equal."""
+    (the PyTorch ops, native attention): the same math, rounded differently, so close not equal.
+    How close is set by the int8 activations of the int4 layers: a last-bit difference upstream can
+    move a value across a rounding boundary, one step of max|x| / 127, and 30 layers carry that on
+    (measured: keys 0.9% apart, logits 0.6%, KL 0.0017, 2 of 40 top-1 differ on random tokens)."""
     m = llm.model
     g = torch.Generator().manual_seed(3)
     tokens = torch.randint(0, 49152, (40,), generator=g).tolist()
@@ -85,9 +129,11 @@ def test_fused_block_matches_the_pytorch_block(llm, monkeypatch):
         c2 = m.new_cache(1, 64)
         plain = m(batch(c2), c2)
     assert c1.lengths == c2.lengths == [0]  # the forward writes entries; its caller moves lengths on
-    assert torch.allclose(c1.k[:, 0, :40], c2.k[:, 0, :40], atol=1e-2, rtol=1e-3)
-    assert (fused.argmax(-1) == plain.argmax(-1)).float().mean() >= 0.95
-    assert torch.allclose(fused, plain, atol=0.05, rtol=0.01), (fused - plain).abs().max()
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    assert rel(c1.k[:, 0, :40], c2.k[:, 0, :40]) < 0.03 and rel(fused, plain) < 0.02
+    assert (fused.argmax(-1) == plain.argmax(-1)).float().mean() >= 0.9
+    lp, lq = torch.log_softmax(plain, -1), torch.log_softmax(fused, -1)
+    assert (lp.exp() * (lp - lq)).sum(-1).mean() < 0.01
 
 
 _PRODUCTS = """
