@@ -294,13 +294,17 @@ def test_a_quantized_request_gets_the_same_output_alone_or_in_a_batch(llm):
 
 
 def test_speculative_decoding_under_a_policy_equals_plain_under_it(llm):
+    """Exact, not close: the policy hears the queries of the rows plain decoding would have run (the
+    step's own and the accepted drafts', one at a time), and a draft never runs past the token after
+    which the policy drops entries (the end of the prompt; budget + slack while decoding). A slack of
+    4 makes the policy compact every few tokens while the drafters draft."""
     q = passkey(10)
-    plain = llm.generate(q, max_tokens=32, kv_policy="h2o", kv_budget=160)
-    spec = llm.generate(q, max_tokens=32, kv_policy="h2o", kv_budget=160, drafter="lookup")
-    assert spec.token_ids == plain.token_ids
-    plain = llm.generate(q, max_tokens=32, kv_policy="int8")
-    spec = llm.generate(q, max_tokens=32, kv_policy="int8", drafter="hybrid")  # a tree: quantized entries relaid
-    assert spec.token_ids == plain.token_ids
+    h2o, streaming = KVPolicy("h2o", budget=160, slack=4), KVPolicy("streaming", budget=160, slack=4)
+    for policy, drafter in ((h2o, "lookup"), (h2o, "hybrid"), (streaming, "lookup"), ("int8", "hybrid")):
+        plain = llm.generate(q, max_tokens=48, kv_policy=policy)
+        spec = llm.generate(q, max_tokens=48, kv_policy=policy, drafter=drafter)  # hybrid: a tree
+        assert spec.token_ids == plain.token_ids, (policy, drafter)
+        assert spec.metrics["mat"] > 1.0, (policy, drafter)  # the drafts were used
 
 
 def test_calibrated_duo_heads_keep_the_key(llm, tmp_path):

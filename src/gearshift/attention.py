@@ -113,8 +113,8 @@ class Batch:
             if seg.features:
                 self.feature_rows[i] = slice(len(feature_index), len(feature_index) + len(seg.tokens))
                 feature_index += range(row, row + len(seg.tokens))
-            if seg.capture_from is not None:  # plain rows only: a draft's rows may be rejected
-                self.capture[i] = slice(row + seg.capture_from, row + n_plain)
+            if seg.capture_from is not None:  # drafts too: the engine keeps the accepted path's
+                self.capture[i] = slice(row + seg.capture_from, row + len(seg.tokens))
             write += range(seg.slot * cache.max_len + start, seg.slot * cache.max_len + start + len(seg.tokens))
             first = len(out)
             if seg.logits_from is not None:

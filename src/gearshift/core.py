@@ -184,6 +184,11 @@ class EngineCore:
         seq = task.seq
         if seq.kv is not None and seq.finish_reason is None:
             first = task.start + (task.capture_from or 0)  # token position of its first captured row
+            if queries is not None and task.proposal is not None and task.proposal.tokens:
+                # the rows plain decoding would have run: the step's own and the accepted drafts'
+                own = task.take - (task.capture_from or 0)
+                rows = list(range(own)) + [own + i for i in task.accepted]
+                queries = [q[rows] for q in queries]
             seq.kv.after_step(self.cache, seq.slot, queries, first, seq.computed, seq.prompt_len)
         return out
 
@@ -200,6 +205,7 @@ class EngineCore:
             return None
         root = task.start + task.take - 1
         verdict = seq.strategy.accept(seq, logits, task.proposal, forward_s)
+        task.accepted = verdict.path
         nodes = [0] + [i + 1 for i in verdict.path]  # the rows each new token was chosen at
         self.runner.keep(seq, root, nodes)
         seq.stats.work.target_forwards += 1

@@ -5,6 +5,9 @@ head, and the cache keeps the best within a *budget* (entries per layer and head
 front of the slot (`KVCache.compact`). It runs at the end of the prompt (prefill end) and, for
 policies that keep going, during decoding, each time the slot has grown `slack` entries over its
 budget (so compaction, a gather of the slot, is paid once per `slack` tokens, not per token).
+Speculative decoding under a policy is plain decoding under it, bit for bit: a step's draft stops at
+the token after which the policy would drop entries (`KVState.draft_room`), and the policy hears
+the accepted rows' queries one at a time, as one-token steps would give them.
 
 Each policy is an `Eviction` object in `EVICTIONS`: how it scores entries, its budgets per layer
 and head, and its hooks (`on_prompt_end`, `on_step`), which a sequence's `KVState.after_step`
@@ -258,7 +261,7 @@ class H2O(Eviction):
 
     def on_step(self, state, cache, slot, queries, first):
         if queries is not None:
-            accumulate(slot, state, cache, queries, first)
+            accumulate(slot, state, cache, queries, first, by_row=True)
         super().on_step(state, cache, slot, queries, first)
 
 
@@ -315,6 +318,23 @@ class KVState:
     def capture_from(self, start: int, take: int, prompt_len: int) -> int | None:
         """Of the rows reading tokens start..start+take-1, the first whose queries to keep (None: none)."""
         return self.policy.eviction.capture_from(self.policy, start, take, prompt_len)
+
+    def draft_room(self, cache: KVCache, slot: int) -> int | None:
+        """How many draft tokens a step may add (None: no limit). Plain decoding lets the policy drop
+        entries right after the token that ends the prompt and, while decoding, after the one that
+        takes a head past its budget plus slack; a draft that ran past that token would read entries
+        plain decoding no longer has, so a step stops there and greedy output under a policy stays
+        the output without a drafter."""
+        p = self.policy
+        if not p.evicts:
+            return None
+        if not self.prompt_done:
+            return 0  # the step that ends the prompt
+        if not p.eviction.in_decode:
+            return None
+        budgets = p.head_budgets(cache.k.shape[0], cache.k.shape[3])
+        room = float((budgets + p.slack - _held(cache, slot)).min())
+        return max(0, int(room)) if math.isfinite(room) else None
 
     def absorb(self, queries: list[torch.Tensor], first: int) -> None:
         """Queries of prompt rows from token position `first` on (chunks arrive in order)."""
@@ -381,6 +401,13 @@ def _select(scores: torch.Tensor, live: torch.Tensor, budgets: torch.Tensor, p: 
     return out
 
 
+def _held(cache: KVCache, slot: int) -> torch.Tensor:
+    """[layers, KVH] the entries each head of the slot holds."""
+    n = cache.lengths[slot]
+    h = cache.holes[:, slot].cpu()
+    return n - (h[..., 1].clamp(max=n) - h[..., 0]).clamp(min=0)
+
+
 def compress(seq_slot: int, state: KVState, cache: KVCache, decoding: bool) -> bool:
     """Apply the policy to the slot now if it is due; returns whether entries were dropped."""
     p = state.policy
@@ -389,8 +416,7 @@ def compress(seq_slot: int, state: KVState, cache: KVCache, decoding: bool) -> b
     if not p.evicts:
         return False
     budgets = p.head_budgets(cache.k.shape[0], cache.k.shape[3])
-    h = cache.holes[:, seq_slot].cpu()
-    held = n - (h[..., 1].clamp(max=n) - h[..., 0]).clamp(min=0)  # [layers, KVH] entries each head holds
+    held = _held(cache, seq_slot)
     if decoding:
         if not eviction.in_decode or not bool((held > budgets + p.slack).any()):
             return False
@@ -411,14 +437,19 @@ def compress(seq_slot: int, state: KVState, cache: KVCache, decoding: bool) -> b
     return True
 
 
-def accumulate(seq_slot: int, state: KVState, cache: KVCache, queries: list[torch.Tensor], first: int) -> None:
+def accumulate(
+    seq_slot: int, state: KVState, cache: KVCache, queries: list[torch.Tensor], first: int, by_row: bool = False
+) -> None:
     """H2O: add the attention that queries (rows from token position `first` on) paid to each entry."""
     n = cache.lengths[seq_slot]
     layers, _, _, kvh, _ = cache.k.shape
     if state.acc is None:
         state.acc = torch.zeros(layers, kvh, cache.max_len, device=cache.k.device)
+    start = first - cache.shift[seq_slot]
     for layer, q in enumerate(queries):
         live = _live(cache, layer, seq_slot, n)
-        state.acc[layer, :, :n] += attention_scores(
-            q, cache.k[layer, seq_slot, :n], live, first - cache.shift[seq_slot]
-        )
+        # a decoding step's rows one at a time, each over the keys up to its own: the shapes and sums
+        # of one-token steps, so a speculative step adds the bits plain decoding's steps add
+        for a, b in [(i, i + 1) for i in range(len(q))] if by_row else [(0, len(q))]:
+            m = start + b if by_row else n
+            state.acc[layer, :, :m] += attention_scores(q[a:b], cache.k[layer, seq_slot, :m], live[:, :m], start + a)

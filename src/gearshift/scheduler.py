@@ -34,6 +34,7 @@ class Task:
     take: int
     k: int | None = None  # None: a chunk of what it has to read, no logits
     proposal: Proposal | None = None  # the runner's drafts (an empty one: nothing proposed)
+    accepted: list[int] = field(default_factory=list)  # the draft indices verification kept, root to leaf
 
     @property
     def capture_from(self) -> int | None:
@@ -105,6 +106,8 @@ class Scheduler:
                     0,
                     min(seq.strategy.draft_room(seq, budget - take), seq.remaining - 1, self.max_len - len(seq.tokens)),
                 )
+                if seq.kv is not None and (room := seq.kv.draft_room(self.prefix.cache, seq.slot)) is not None:
+                    k = min(k, room)  # not past the token after which its policy drops entries
             budget -= take + (k or 0)
             reach[seq.id] = start + take
             plan.tasks.append(Task(seq, start, take, k))

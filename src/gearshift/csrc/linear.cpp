@@ -50,6 +50,8 @@
 #include <cstring>
 #include <type_traits>
 
+#include "simd.h"
+
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define GEARSHIFT_LINEAR 1
@@ -143,13 +145,6 @@ inline float hmax_ps(__m256 v) {
   return _mm_cvtss_f32(m);
 }
 
-inline float hsum_ps(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // One block of 32 at a time, in vector instructions (a fixed order per block, so per row): the
 // conversions round to nearest even, as std::nearbyint does.
 void quantize_rows8(const float* x, int64_t M, int64_t K, int8_t* q, int8_t* r, uint8_t* fine, float* scale,
@@ -164,7 +159,7 @@ void quantize_rows8(const float* x, int64_t M, int64_t K, int8_t* q, int8_t* r, 
       amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[u]));
       ss = _mm256_fmadd_ps(v[u], v[u], ss);
     }
-    const float am = hmax_ps(amax), sq = hsum_ps(ss);
+    const float am = hmax_ps(amax), sq = gearshift_simd::hsum(ss);
     const float dx = am / 127.f, inv = am > 0.f ? 127.f / am : 0.f;
     __m256i c[4], sum = _mm256_setzero_si256();
     for (int u = 0; u < 4; ++u) {
