@@ -369,10 +369,9 @@ at::Tensor linear_q4(const at::Tensor& x, const at::Tensor& tiles) {
   auto fine = at::empty({M, nb}, x.options().dtype(at::kByte));
   auto scales = at::empty({2, M, nb}, x.options());
   int8_t* cp = codes.data_ptr<int8_t>();
-  quantize_rows8(x.data_ptr<float>(), M, K, cp, cp + M * K, fine.data_ptr<uint8_t>(), scales[0].data_ptr<float>(),
-                 scales[1].data_ptr<float>());
-  const QuantRows8 rows{cp, cp + M * K, fine.data_ptr<uint8_t>(), scales[0].data_ptr<float>(),
-                        scales[1].data_ptr<float>(), K, nb};
+  float* rs = scales.data_ptr<float>();  // (pointers, not scales[0]: a tensor view per call costs ~1 us)
+  quantize_rows8(x.data_ptr<float>(), M, K, cp, cp + M * K, fine.data_ptr<uint8_t>(), rs, rs + M * nb);
+  const QuantRows8 rows{cp, cp + M * K, fine.data_ptr<uint8_t>(), rs, rs + M * nb, K, nb};
   const uint8_t* wp = tiles.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   run_tiles(M, N / Q4_COLS, std::max<int64_t>(1, grain(M, K) / 2), [&](auto rr, int64_t r0, int64_t t) {
@@ -397,9 +396,9 @@ at::Tensor linear_q8(const at::Tensor& x, const at::Tensor& tiles, const at::Ten
   auto y = at::empty({M, N}, x.options());
   auto xq = at::empty({M, K}, x.options().dtype(at::kShort));
   auto scales = at::empty({2, M, nb}, x.options());
-  quantize_rows(x.data_ptr<float>(), M, K, xq.data_ptr<int16_t>(), scales[0].data_ptr<float>(),
-                scales[1].data_ptr<float>());
-  const QuantRows rows{xq.data_ptr<int16_t>(), scales[0].data_ptr<float>(), scales[1].data_ptr<float>(), K, nb};
+  float* rs = scales.data_ptr<float>();
+  quantize_rows(x.data_ptr<float>(), M, K, xq.data_ptr<int16_t>(), rs, rs + M * nb);
+  const QuantRows rows{xq.data_ptr<int16_t>(), rs, rs + M * nb, K, nb};
   const int8_t* wp = tiles.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
